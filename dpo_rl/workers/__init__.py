@@ -1,0 +1,1 @@
+"""What runs inside Ray actors (or in one process without Ray)."""

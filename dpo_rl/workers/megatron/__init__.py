@@ -1,0 +1,1 @@
+"""The Megatron-core layer: parallel state, CPU shim, model factory, HF interop, log-probs, generation."""

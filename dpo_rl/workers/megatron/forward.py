@@ -1,0 +1,119 @@
+"""Running a GPTModel over padded batches, with or without pipeline parallelism.
+
+Sequences are laid out as ``[prompt (left-padded) | response (right-padded)]`` with an
+``attention_mask`` [b, s] of 1 for real tokens. Attention masks passed to megatron are
+boolean [b, 1, sq, sk] with True where attention is *blocked* (causal or padding key).
+
+:func:`run_microbatches` drives megatron-core's own pipeline schedule
+(``get_forward_backward_func``) for every PP size, so forward-only evaluation and
+training share one path: the caller gives a ``compute`` function that turns the last
+stage's output into ``(loss, outputs)``; outputs are collected on the last stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+ComputeFn = Callable[[torch.Tensor, "Microbatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def blocked_attention(attention_mask: torch.Tensor, query_len: Optional[int] = None) -> torch.Tensor:
+    """Boolean [b, 1, sq, sk] mask (True = blocked) from a [b, sk] padding mask.
+
+    The last ``query_len`` positions are the queries (all of them by default); each
+    query sees itself, earlier positions, and never a padding key.
+    """
+    batch, key_len = attention_mask.shape
+    query_len = key_len if query_len is None else query_len
+    device = attention_mask.device
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)
+    key_pos = torch.arange(key_len, device=device)
+    future = key_pos[None, :] > query_pos[:, None]  # [sq, sk]
+    pad_key = attention_mask[:, None, None, :] == 0  # [b, 1, 1, sk]
+    return future[None, None] | pad_key
+
+
+def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids 0..s-1 for every row (RoPE is relative, so left padding needs no shift)."""
+    batch, seq = input_ids.shape
+    return torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+
+
+@dataclass
+class Microbatch:
+    """One micro-batch as every pipeline stage sees it.
+
+    ``input_ids`` [b, s] long; ``attention_mask`` [b, s] (1 = real token); ``extras``
+    holds per-row tensors the compute function needs (response masks, labels, ...).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def model_forward(model, micro: Microbatch) -> torch.Tensor:
+    """One stage's forward. Returns [b, s, V/TP] logits (or values) on the last stage, hidden
+    states [s, b, h] elsewhere."""
+    return model(
+        micro.input_ids,
+        position_ids_for(micro.input_ids),
+        attention_mask=blocked_attention(micro.attention_mask),
+    )
+
+
+def run_microbatches(
+    model,
+    microbatches: list[Microbatch],
+    compute: ComputeFn,
+    *,
+    forward_only: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """Forward (and backward unless ``forward_only``) over ``microbatches`` with megatron's
+    pipeline schedule. All micro-batches must share one shape (pad them first).
+
+    ``compute(last_stage_output, microbatch) -> (loss, outputs)``. Gradients of ``loss``
+    accumulate in ``.grad`` (megatron divides each micro-batch's loss by their number).
+    Returns each micro-batch's ``outputs`` on the last stage, an empty list elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+    shapes = {tuple(m.input_ids.shape) for m in microbatches}
+    if len(shapes) != 1:
+        raise ValueError(f"all micro-batches must have one shape for the pipeline schedule; got {shapes}")
+    batch, seq = microbatches[0].input_ids.shape
+
+    def forward_step(data_iterator, stage_model):
+        micro = next(data_iterator)
+        output = model_forward(stage_model, micro)
+
+        def loss_func(output_tensor):
+            loss, outputs = compute(output_tensor, micro)
+            return loss, outputs
+
+        return output, loss_func
+
+    forward_backward = get_forward_backward_func()
+    collected = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=forward_only,
+    )
+    return list(collected)

@@ -1,0 +1,222 @@
+"""Batched sampling from a GPTModel with megatron-core's static KV cache, under TP.
+
+Prompts of different lengths are left-padded into one [b, P] block. With the KV cache
+the prompt is run once (prefill) into a ``StaticInferenceContext`` and each new token
+attends to the cached keys/values; without it every step recomputes the whole sequence
+(the reference path the tests compare against). Each step gathers only the *last
+position's* logits over TP, samples on every TP rank with the same seeded generator and
+broadcasts TP rank 0's tokens, so all ranks agree.
+
+Sampling: greedy (``do_sample=False``) or temperature / top-k / top-p. A sequence stops
+at the first of any ``eos_token_ids``; later positions are padding. The returned
+``sample_logprobs`` are the log-probs of each chosen token under the distribution it
+was drawn from (after temperature and filtering; log-softmax of the raw logits when
+greedy). The global torch RNG is never touched: a dedicated generator is seeded from
+``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dpo_rl.workers.megatron.forward import blocked_attention, position_ids_for
+
+
+@dataclass
+class SamplingParams:
+    """How to sample (one object for the whole batch)."""
+
+    max_new_tokens: int = 32
+    """Upper bound on generated tokens per sequence."""
+    do_sample: bool = True
+    """Sample; ``False`` means greedy decoding."""
+    temperature: float = 1.0
+    """Softmax temperature (> 0) when sampling."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = no limit)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p (1.0 = no limit)."""
+    eos_token_ids: Sequence[int] = field(default_factory=tuple)
+    """Generation stops at the first of any of these ids."""
+    pad_token_id: int = 0
+    """Id written after a sequence ended and used for left padding."""
+    seed: int = 0
+    """Seed of the sampler's own generator."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} must be > 0 when do_sample=true")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        return problems
+
+
+@dataclass
+class GenerationOutput:
+    """What :func:`generate` returns (shapes for batch b, prompt block P, N new tokens)."""
+
+    sequences: torch.Tensor
+    """[b, P+N] left-padded prompt followed by the response (padding after EOS)."""
+    attention_mask: torch.Tensor
+    """[b, P+N] 1 for real prompt and response tokens."""
+    response_mask: torch.Tensor
+    """[b, P+N] 1 for response tokens (EOS included)."""
+    sample_logprobs: torch.Tensor
+    """[b, N] log-prob of each generated token under the sampling distribution (0 after EOS)."""
+    ended_with_eos: torch.Tensor
+    """[b] bool, True when the response stopped at an EOS token."""
+    prompt_length: int
+    """P, the width of the left-padded prompt block."""
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """[b, N] the generated block."""
+        return self.sequences[:, self.prompt_length :]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> left-padded ids [b, P] and mask [b, P]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. ``logits`` [b, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (keeps at least one).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from full-vocabulary logits [b, V]; return (tokens, logprobs)."""
+    logits = logits.float()
+    if not params.do_sample:
+        logprobs = logits.log_softmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    logprobs = scaled.log_softmax(dim=-1)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:
+    """Full-vocabulary logits of the last position [b, V] (TP-gathered for that position only)."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    if context is not None:
+        query_len = ids.shape[1]
+        full_mask = mask
+        positions = torch.arange(
+            context.sequence_len_offset, context.sequence_len_offset + query_len, device=ids.device
+        ).expand(ids.shape[0], query_len)
+        logits = model(
+            ids,
+            positions,
+            attention_mask=blocked_attention(full_mask, query_len=query_len),
+            inference_context=context,
+            runtime_gather_output=True,
+        )
+        context.increment_sequence_len_offset(query_len)
+        return logits[:, -1, :]
+    logits = model(ids, position_ids_for(ids), attention_mask=blocked_attention(mask))
+    return gather_from_tensor_model_parallel_region(logits[:, -1, :].contiguous())
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    use_kv_cache: bool = True,
+    device: torch.device | str = "cpu",
+) -> GenerationOutput:
+    """Sample responses for ``prompts`` (token id lists). Collective over the TP group.
+
+    Pipeline parallelism is not supported here: rollout ranks run TP only.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    problems = params.check()
+    if problems:
+        raise ValueError("bad sampling parameters: " + "; ".join(problems))
+    if mpu.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("generate() runs on TP-only rollout ranks; pipeline_model_parallel_size must be 1")
+    was_training = model.training
+    model.eval()
+    prompt_ids, prompt_mask = left_pad(prompts, params.pad_token_id)
+    ids, mask = prompt_ids.to(device), prompt_mask.to(device)
+    batch, prompt_len = ids.shape
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.do_sample else None
+    eos = torch.as_tensor(list(params.eos_token_ids), dtype=torch.long, device=device)
+    context = StaticInferenceContext(batch, prompt_len + params.max_new_tokens) if use_kv_cache else None
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens, new_logprobs, new_mask = [], [], []
+    step_ids = ids
+    for _ in range(params.max_new_tokens):
+        logits = _last_token_logits_full_vocab(model, step_ids, mask, context)
+        tokens, logprobs = choose_tokens(logits, params, generator)
+        tokens = _agree_across_tp(tokens)
+        live = ~done
+        tokens = torch.where(live, tokens, torch.full_like(tokens, params.pad_token_id))
+        new_tokens.append(tokens)
+        new_logprobs.append(torch.where(live, logprobs, torch.zeros_like(logprobs)))
+        new_mask.append(live.long())
+        hit_eos = live & torch.isin(tokens, eos)
+        ended_with_eos |= hit_eos
+        done |= hit_eos
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        mask = torch.cat([mask, live.long()[:, None]], dim=1)
+        step_ids = tokens[:, None] if use_kv_cache else ids
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    response_mask = torch.cat([torch.zeros_like(prompt_mask).to(device), torch.stack(new_mask, 1)], dim=1)
+    return GenerationOutput(
+        sequences=ids,
+        attention_mask=mask,
+        response_mask=response_mask,
+        sample_logprobs=torch.stack(new_logprobs, 1),
+        ended_with_eos=ended_with_eos,
+        prompt_length=prompt_len,
+    )
+
+
+def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
+    """Make every TP rank use TP rank 0's tokens (guards against ties broken differently)."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        return tokens
+    dist.broadcast(tokens, src=mpu.get_tensor_model_parallel_src_rank(), group=mpu.get_tensor_model_parallel_group())
+    return tokens

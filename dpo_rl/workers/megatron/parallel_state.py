@@ -1,0 +1,138 @@
+"""torch.distributed and Megatron parallel state for one role's process group.
+
+Each role (actor, reference, reward) runs in its own set of processes; those processes
+form one torch.distributed world (gloo on CPU, nccl on CUDA, hccl on NPU) and build
+Megatron's TP x PP x DP grid inside it (DP = world / (TP x PP), derived).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.model import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+BACKEND_BY_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class ParallelRanks:
+    """Where this process sits in the Megatron grid."""
+
+    world_size: int
+    rank: int
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_output_rank(self) -> bool:
+        """TP rank 0 of the last pipeline stage: the rank whose outputs are collected."""
+        return self.tp_rank == 0 and self.is_last_stage
+
+
+def torch_device(device: str) -> torch.device:
+    """The torch device this process computes on (``cuda:<local rank>`` on GPU)."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if device == "npu":
+        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    return torch.device("cpu")
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    rank: int,
+    world_size: int,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    timeout_s: float = 600.0,
+) -> ParallelRanks:
+    """Initialise torch.distributed and Megatron's parallel state for this process.
+
+    On CPU the megatron-core CPU shim is applied first. Raises :class:`ConfigError` when
+    the world size is not a multiple of TP x PP.
+    """
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(
+            [f"world size ({world_size}) must be a multiple of tensor_model_parallel_size x "
+             f"pipeline_model_parallel_size ({tp} x {pp}); change the role's process count or TP/PP"]
+        )
+    if parallel.device == "cpu":
+        from dpo_rl.workers.megatron.cpu_shim import apply_cpu_shim
+
+        apply_cpu_shim()
+    elif parallel.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=BACKEND_BY_DEVICE[parallel.device],
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+        )
+    return current_ranks()
+
+
+def current_ranks() -> ParallelRanks:
+    """This process's position in the initialised Megatron grid."""
+    from megatron.core import parallel_state as mpu
+
+    return ParallelRanks(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp_size=mpu.get_tensor_model_parallel_world_size(),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_size=mpu.get_pipeline_model_parallel_world_size(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_size=mpu.get_data_parallel_world_size(),
+        dp_rank=mpu.get_data_parallel_rank(),
+    )
+
+
+def seed_everything(seed: int, device: str) -> None:
+    """Seed torch (and Megatron's CUDA RNG tracker on GPU) identically on every TP rank."""
+    torch.manual_seed(seed)
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the process group (tests, shutdown)."""
+    from megatron.core import parallel_state as mpu
+
+    mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
