@@ -321,14 +321,16 @@ def export_hf_weights(
     pp_rank: int,
     pp_size: int,
     reward: bool = False,
+    tensors: Optional[dict[str, torch.Tensor]] = None,
 ) -> Optional[dict[str, torch.Tensor]]:
     """Gather the model from every TP/PP rank into one HF state dict.
 
     Collective over the model-parallel ranks of one DP replica; returns the full HF state
     dict on (TP rank 0, PP rank 0) and ``None`` elsewhere. Tensors are cloned to the CPU.
+    ``tensors`` (local megatron name -> tensor, e.g. gradients) replaces the weights.
     """
     rules = key_map(config, reward=reward)
-    local = local_mcore_state(model)
+    local = local_mcore_state(model) if tensors is None else tensors
     stage_part: dict[str, torch.Tensor] = {}
     for rule, layer, local_name in local_tensor_names(rules, config, pp_rank, pp_size):
         tensor = local[local_name]
@@ -482,3 +484,48 @@ class SafetensorsCheckpoint:
         if not path.is_file():
             raise ConfigError([f"{self.directory}: no config.json"])
         return model_config_from_hf(json.loads(path.read_text()), source=str(path))
+
+
+# --------------------------------------------------------------------------- current-grid helpers
+def load_into_current_rank(
+    model: torch.nn.Module,
+    source: "SafetensorsCheckpoint | dict[str, torch.Tensor]",
+    config: ModelConfig,
+    *,
+    reward: bool = False,
+) -> dict[str, int]:
+    """:func:`load_hf_weights` for this process's place in the initialised Megatron grid."""
+    from dpo_rl.workers.megatron.parallel_state import current_ranks
+
+    ranks = current_ranks()
+    if isinstance(source, SafetensorsCheckpoint):
+        get, names = source.get, source.names
+    else:
+        get, names = source.__getitem__, set(source)
+    return load_hf_weights(
+        model, get, names, config,
+        tp_rank=ranks.tp_rank, tp_size=ranks.tp_size, pp_rank=ranks.pp_rank, pp_size=ranks.pp_size,
+        reward=reward,
+    )
+
+
+def export_from_current_rank(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    *,
+    reward: bool = False,
+    tensors: Optional[dict[str, torch.Tensor]] = None,
+) -> Optional[dict[str, torch.Tensor]]:
+    """:func:`export_hf_weights` over this process's TP and PP groups."""
+    from megatron.core import parallel_state as mpu
+
+    from dpo_rl.workers.megatron.parallel_state import current_ranks
+
+    ranks = current_ranks()
+    return export_hf_weights(
+        model, config,
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
+        tp_rank=ranks.tp_rank, tp_size=ranks.tp_size, pp_rank=ranks.pp_rank, pp_size=ranks.pp_size,
+        reward=reward, tensors=tensors,
+    )
