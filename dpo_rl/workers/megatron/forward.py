@@ -24,7 +24,8 @@ def blocked_attention(attention_mask: torch.Tensor, query_len: Optional[int] = N
     """Boolean [b, 1, sq, sk] mask (True = blocked) from a [b, sk] padding mask.
 
     The last ``query_len`` positions are the queries (all of them by default); each
-    query sees itself, earlier positions, and never a padding key.
+    query sees earlier real tokens and always itself (so a padding query attends only to
+    itself and no row is fully blocked); a real query never sees a padding key.
     """
     batch, key_len = attention_mask.shape
     query_len = key_len if query_len is None else query_len
@@ -32,8 +33,9 @@ def blocked_attention(attention_mask: torch.Tensor, query_len: Optional[int] = N
     query_pos = torch.arange(key_len - query_len, key_len, device=device)
     key_pos = torch.arange(key_len, device=device)
     future = key_pos[None, :] > query_pos[:, None]  # [sq, sk]
+    itself = key_pos[None, :] == query_pos[:, None]  # [sq, sk]
     pad_key = attention_mask[:, None, None, :] == 0  # [b, 1, 1, sk]
-    return future[None, None] | pad_key
+    return future[None, None] | (pad_key & ~itself[None, None])
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:

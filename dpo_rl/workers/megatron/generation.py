@@ -149,7 +149,6 @@ def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits[:, -1, :].contiguous())
 
 
-@torch.no_grad()
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -160,8 +159,18 @@ def generate(
 ) -> GenerationOutput:
     """Sample responses for ``prompts`` (token id lists). Collective over the TP group.
 
-    Pipeline parallelism is not supported here: rollout ranks run TP only.
+    Runs under ``torch.inference_mode``; the returned tensors are ordinary tensors, usable
+    as inputs to a training forward. Pipeline parallelism is not supported here: rollout
+    ranks run TP only.
     """
+    with torch.inference_mode():
+        out = _generate(model, prompts, params, use_kv_cache=use_kv_cache, device=device)
+    return GenerationOutput(
+        **{k: v.clone() if torch.is_tensor(v) else v for k, v in vars(out).items()}
+    )
+
+
+def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutput:
     from megatron.core import parallel_state as mpu
     from megatron.core.inference.contexts import StaticInferenceContext
 

@@ -366,6 +366,9 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
     if model_type not in _HF_ARCH:
         raise ConfigError([f"{source}: model_type={model_type!r} is not supported; use one of {tuple(_HF_ARCH)}"])
     heads = hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim")
+    if head_dim == hf_config["hidden_size"] // heads:
+        head_dim = None  # the default; keep configs canonical
     values = {
         "family": model_type,
         "num_layers": hf_config["num_hidden_layers"],
@@ -373,7 +376,7 @@ def model_config_from_hf(hf_config: dict, source: str = "config.json") -> ModelC
         "ffn_hidden_size": hf_config["intermediate_size"],
         "num_attention_heads": heads,
         "num_query_groups": hf_config.get("num_key_value_heads") or heads,
-        "kv_channels": hf_config.get("head_dim"),
+        "kv_channels": head_dim,
         "vocab_size": hf_config["vocab_size"],
         "max_position_embeddings": hf_config["max_position_embeddings"],
         "rotary_base": float(hf_config.get("rope_theta") or _rope_parameters(hf_config).get("rope_theta", 10000.0)),

@@ -65,8 +65,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
 
 
 def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = None):
-    """The decoder layer spec: local on CPU, TransformerEngine on GPU when installed."""
+    """The decoder layer spec: TransformerEngine's on GPU when installed, else megatron's
+    local spec with its core attention computed by PyTorch SDPA (:mod:`.sdpa_attention`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from dpo_rl.workers.megatron.sdpa_attention import SDPAttention
 
     if use_transformer_engine is None:
         use_transformer_engine = parallel.device == "cuda" and _transformer_engine_available()
@@ -76,7 +79,9 @@ def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = N
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def _transformer_engine_available() -> bool:

@@ -121,6 +121,19 @@ def test_sample_logprobs_are_log_probs_of_the_chosen_tokens(models):
     assert out.response_mask[:, : out.prompt_length].sum() == 0
 
 
+def test_outputs_feed_a_training_forward(models):
+    """Generation runs in inference mode; its outputs must still work under autograd."""
+    from dpo_rl.workers.megatron.forward import Microbatch, model_forward
+    from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+
+    _, _, model = models
+    out = generate(model, prompts(), SamplingParams(max_new_tokens=6, do_sample=True, seed=1))
+    logits = model_forward(model, Microbatch(out.sequences, out.attention_mask))
+    sequence_logprobs(logits, out.sequences, out.response_mask).summed.sum().backward()
+    assert model.embedding.word_embeddings.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [[False, False, True, True]]
