@@ -532,3 +532,24 @@ def export_from_current_rank(
         tp_rank=ranks.tp_rank, tp_size=ranks.tp_size, pp_rank=ranks.pp_rank, pp_size=ranks.pp_size,
         reward=reward, tensors=tensors,
     )
+
+
+def save_hf_checkpoint(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    *,
+    reward: bool = False,
+    dtype: str = "float32",
+    **extra,
+) -> Path:
+    """Write ``state`` (HF names) as ``model.safetensors`` + ``config.json`` (loadable by transformers)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    config_json = hf_config_dict(config, reward=reward, torch_dtype=dtype, **extra)
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    return directory

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,13 @@ class ParallelRanks:
     def is_output_rank(self) -> bool:
         """TP rank 0 of the last pipeline stage: the rank whose outputs are collected."""
         return self.tp_rank == 0 and self.is_last_stage
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port that is free on this machine now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def torch_device(device: str) -> torch.device:

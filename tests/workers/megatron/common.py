@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, replace, shipped_model_config
 from dpo_rl.workers.megatron import hf_interop
+from dpo_rl.workers.megatron.parallel_state import free_port
 
 VOCAB = 1024
 
@@ -61,12 +61,6 @@ def random_batch(batch: int, seq: int, seed: int = 1, prompt_lens=None):
             attention[row, seq - tail :] = 0
             response[row, seq - tail :] = 0
     return ids, attention, response
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn, args, out_dir: str) -> None:

@@ -1,0 +1,224 @@
+"""Schema of the trainer configs in ``configs/rlxf/`` (seed 001's layout).
+
+```
+defaults: [model: [tiny, tiny-rm], _self_]   # model architecture files, by name
+training:            TrainingConfig          # run-wide settings + defaults for every role
+actor_rollout_ref:
+  actor_rollout:     RoleConfig overrides    # trains and samples
+  ref:               RoleConfig overrides    # frozen reference
+reward:              RoleConfig overrides    # scores samples
+algorithm:           AlgorithmConfig         # DPO loss, pairing
+data:                DataConfig
+resource_pool:       ResourcePoolConfig      # processes per node, per role
+ray:                 RayConfig
+```
+
+A role's effective settings are the role fields of ``training`` overridden by its own
+section (:func:`dpo_rl.config.compose.role_config`). Every field below has a docstring;
+defaults live here only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class RoleConfig:
+    """Settings one role (actor-rollout, reference, reward) runs with."""
+
+    model: str = MISSING
+    """Name of a model architecture listed in ``defaults`` (``configs/rlxf/model/<name>.yaml``)."""
+    load: Optional[str] = None
+    """HF checkpoint directory (safetensors) to load; ``null`` = random init (tests only)."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Local HF tokenizer directory for this role's model."""
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size of this role's model."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (training ranks only; rollout and scoring run TP only)."""
+    params_dtype: str = "fp32"
+    """Precision: ``fp32``, ``bf16`` (``fp16`` on GPU only)."""
+    micro_batch_size: int = 1
+    """Sequences per forward on one data-parallel rank (pairs, for the actor's update)."""
+    num_threads: int = 1
+    """torch intra-op threads per worker process (CPU)."""
+
+    # --- optimisation (actor) ---
+    lr: float = 5e-7
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    lr_decay_style: str = "constant"
+    """``constant``, ``linear`` or ``cosine`` decay after warm-up."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps (optimizer steps)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+
+    # --- actor-rollout keys documented by seed 001 ---
+    do_sample: bool = False
+    """Sample when generating (online DPO needs true; false = greedy)."""
+    ppo_mini_batch_size: int = 1
+    """Pairs per optimizer step (global, over data-parallel ranks)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (tokens) are rejected at data loading."""
+    num_samples_per_step: int = 1
+    """Prompts the actor generates for per inference call (the step's prompts are split into calls of this size)."""
+    ppo_epochs: int = 1
+    """Passes over one step's pairs."""
+    shuffle_minibatch: bool = False
+    """Shuffle pairs (seeded) before splitting them into mini-batches."""
+    num_gpus_for_train: int = 1
+    """Actor processes that train."""
+    num_gpus_for_infer: int = 0
+    """Actor processes that only sample; 0 = colocated (the training ranks sample)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of a response that ends without EOS."""
+    clip_ratio: Optional[float] = None
+    """PPO's clip ratio (seed 001); no meaning in DPO: accepted and reported once as unused."""
+
+    # --- sampling ---
+    max_new_tokens: int = 64
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Top-k filtering (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus filtering (1.0 = off)."""
+    verify_weight_sync: bool = False
+    """Split actor only: compare a checksum of the pushed weights on every infer rank."""
+
+
+#: Keys a role section may carry that DPO does not use (seed 001 copies them from PPO).
+UNUSED_IN_DPO = ("clip_ratio",)
+
+ROLE_FIELDS = tuple(f.name for f in fields(RoleConfig))
+
+
+@dataclass
+class TrainingConfig(RoleConfig):
+    """``training:`` run-wide settings, plus defaults for every role's :class:`RoleConfig` fields."""
+
+    model: Optional[str] = None  # type: ignore[assignment]
+    """Default model name for roles that do not name one."""
+    stage: str = "ray_online_dpo"
+    """Training algorithm; this driver runs ``ray_online_dpo``."""
+    seed: int = 1234
+    """Seed of everything (sampling, shuffling, initialisation)."""
+    device: str = "cpu"
+    """``cpu`` (gloo), ``cuda`` (nccl) or ``npu`` (hccl) for every role."""
+    global_batch_size: int = 16
+    """Prompts per training step (over all data-parallel ranks)."""
+    train_iters: int = 100
+    """Training steps."""
+    eval_interval: int = 0
+    """Evaluate on held-out prompts every N steps (0 = only at the end)."""
+    eval_samples: int = 32
+    """Held-out prompts used by evaluation."""
+    log_interval: int = 1
+    """Print a metrics line every N steps (metrics.jsonl gets every step)."""
+    output_dir: str = "runs/online_dpo"
+    """Run directory: metrics.jsonl, TensorBoard events, plots, resolved config."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``output_dir/tensorboard``."""
+    plot: bool = True
+    """Write ``curves.png`` (reward and loss) at the end."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The DPO objective and how pairs are built from samples."""
+
+    beta: float = 0.1
+    """DPO temperature (strength of the KL anchor to the reference)."""
+    loss_type: str = "sigmoid"
+    """Loss from ``dpo_rl.losses`` (``sigmoid``, ``ipo``)."""
+    label_smoothing: float = 0.0
+    """Conservative-DPO label smoothing (sigmoid loss)."""
+    num_responses_per_prompt: int = 2
+    """Responses sampled per prompt."""
+    pairing_strategy: str = "best_vs_worst"
+    """``best_vs_worst`` (one pair per prompt) or ``all_pairs``."""
+    min_score_margin: float = 0.0
+    """Drop pairs whose score difference is below this."""
+    tie_policy: str = "skip"
+    """When scores tie: ``skip`` the pair, or keep it ``random``-ly oriented (seeded)."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from."""
+
+    train_path: str = MISSING
+    """JSONL file with one ``{"prompt": "..."}`` per line (training prompts)."""
+    eval_path: Optional[str] = None
+    """JSONL of held-out prompts for evaluation (``null`` = no evaluation)."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt text."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded)."""
+
+
+@dataclass
+class ResourcePoolConfig:
+    """Processes per node for each role (seed 001: ``actor_rollout: [2]`` = 2 on one node)."""
+
+    actor_rollout: list[int] = field(default_factory=lambda: [1])
+    """Actor processes per node (train + infer)."""
+    ref: list[int] = field(default_factory=lambda: [1])
+    """Reference processes per node."""
+    reward: list[int] = field(default_factory=lambda: [1])
+    """Reward processes per node."""
+
+
+@dataclass
+class RayConfig:
+    """How the driver reaches (or starts) a Ray cluster."""
+
+    address: Optional[str] = None
+    """Existing cluster (``auto`` or ``host:port``); ``null`` uses ``RAY_ADDRESS`` or starts a local one."""
+    device_resource: str = "CPU"
+    """Resource each worker bundle asks for: ``CPU``, ``GPU`` or ``NPU``."""
+    cpus_per_worker: float = 1.0
+    """CPUs per worker bundle (with ``device_resource: CPU`` the worker's slot)."""
+    num_cpus: Optional[int] = None
+    """CPUs of a local cluster (``null`` = enough for the pools)."""
+    include_dashboard: bool = False
+    """Start Ray's dashboard (local cluster)."""
+    dashboard_host: str = "127.0.0.1"
+    """Dashboard bind address (local cluster)."""
+    resource_timeout_s: float = 60.0
+    """Fail if the placement groups are not ready within this time."""
+    home_dir: Optional[str] = None
+    """HOME for Ray's processes (holds an empty ray_bootstrap_config.yaml; see docs/ray.md).
+    ``null`` = a per-user directory under the system temp dir."""
+
+
+@dataclass
+class OnlineDPOConfig:
+    """The whole ``online_dpo_trainer_<model>.yaml``."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    """Model architectures composed from ``defaults`` (name -> fields)."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    actor_rollout_ref: dict[str, Any] = field(default_factory=dict)
+    """``actor_rollout`` and ``ref`` sections (RoleConfig overrides)."""
+    reward: dict[str, Any] = field(default_factory=dict)
+    """The reward role's RoleConfig overrides."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    resource_pool: ResourcePoolConfig = field(default_factory=ResourcePoolConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -1,0 +1,303 @@
+"""Resolve and validate an online-DPO trainer config before Ray starts.
+
+:func:`resolve` merges every node into its schema, builds each role's effective
+:class:`RoleConfig` (``training`` defaults overridden by the role section), checks every
+cross-field rule, and raises one :class:`ConfigError` listing all problems, each naming
+key, value, rule and fix. Keys that DPO accepts but does not use are returned in
+``ResolvedConfig.unused`` so the driver reports them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
+from dpo_rl.config.schema import (
+    ROLE_FIELDS,
+    UNUSED_IN_DPO,
+    AlgorithmConfig,
+    DataConfig,
+    RayConfig,
+    ResourcePoolConfig,
+    RoleConfig,
+    TrainingConfig,
+)
+
+#: Role name -> where its section lives in the config.
+ROLE_SECTIONS = {
+    "actor_rollout": "actor_rollout_ref.actor_rollout",
+    "ref": "actor_rollout_ref.ref",
+    "reward": "reward",
+}
+TOP_LEVEL_KEYS = {"defaults", "model", "training", "actor_rollout_ref", "reward", "algorithm", "data",
+                  "resource_pool", "ray", "hydra"}
+LOSS_TYPES = ("sigmoid", "ipo")
+PAIRING_STRATEGIES = ("best_vs_worst", "all_pairs")
+TIE_POLICIES = ("skip", "random")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+DEVICE_RESOURCE = {"cpu": "CPU", "cuda": "GPU", "npu": "NPU"}
+
+
+@dataclass
+class ResolvedConfig:
+    """A validated trainer config, ready for the driver."""
+
+    training: TrainingConfig
+    algorithm: AlgorithmConfig
+    data: DataConfig
+    resource_pool: ResourcePoolConfig
+    ray: RayConfig
+    roles: dict[str, RoleConfig]
+    """Effective settings per role (``actor_rollout``, ``ref``, ``reward``)."""
+    models: dict[str, ModelConfig]
+    """Architecture per role."""
+    unused: list[str]
+    """Accepted keys with no meaning in DPO, one message each."""
+
+    def parallel(self, role: str) -> ParallelConfig:
+        """The role's training-rank layout."""
+        r = self.roles[role]
+        return ParallelConfig(r.tensor_model_parallel_size, r.pipeline_model_parallel_size,
+                              r.params_dtype, self.training.device)
+
+    def rollout_parallel(self) -> ParallelConfig:
+        """The sampling ranks' layout: the actor's TP, no PP."""
+        r = self.roles["actor_rollout"]
+        return ParallelConfig(r.tensor_model_parallel_size, 1, r.params_dtype, self.training.device)
+
+    def pool_size(self, role: str) -> int:
+        return sum(getattr(self.resource_pool, "ref" if role == "ref" else role))
+
+    def dp_size(self, role: str) -> int:
+        """Data-parallel size of a role's (training) ranks."""
+        r = self.roles[role]
+        ranks = r.num_gpus_for_train if role == "actor_rollout" else self.pool_size(role)
+        return ranks // (r.tensor_model_parallel_size * r.pipeline_model_parallel_size)
+
+    def rollout_dp_size(self) -> int:
+        r = self.roles["actor_rollout"]
+        ranks = r.num_gpus_for_infer or r.num_gpus_for_train
+        return ranks // r.tensor_model_parallel_size
+
+    @property
+    def colocated(self) -> bool:
+        return self.roles["actor_rollout"].num_gpus_for_infer == 0
+
+
+def _merge(schema_cls, node: Any, key: str, problems: list[str]):
+    """Merge ``node`` into a structured schema; on failure record the problem, return defaults."""
+    schema = OmegaConf.structured(schema_cls)
+    try:
+        merged = OmegaConf.merge(schema, node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        where = f"{key}.{exc.full_key}" if exc.full_key else key
+        problems.append(f"{where}: {exc.msg.splitlines()[0]}; check the spelling and type against "
+                        f"docs/config_reference.md")
+        return None
+
+
+def _section(cfg: DictConfig, dotted: str):
+    return OmegaConf.select(cfg, dotted, default=None)
+
+
+def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[RoleConfig]:
+    """``training``'s role fields overridden by the role's own section."""
+    section_key = ROLE_SECTIONS[role]
+    section = _section(cfg, section_key)
+    training = cfg.get("training") or {}
+    defaults = {k: training[k] for k in ROLE_FIELDS if k in training and training[k] is not None}
+    unknown = [k for k in (section or {}) if k not in ROLE_FIELDS]
+    for key in unknown:
+        problems.append(f"{section_key}.{key} is not a role setting; valid keys are listed in "
+                        f"docs/config_reference.md (RoleConfig)")
+    if unknown:
+        return None
+    merged = _merge(RoleConfig, OmegaConf.merge(OmegaConf.create(defaults), section or {}), section_key, problems)
+    if merged is not None and OmegaConf.is_missing(OmegaConf.structured(merged), "model"):
+        problems.append(f"{section_key}.model is not set (nor training.model); name a model from defaults")
+        return None
+    return merged
+
+
+def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
+    """Validate ``cfg`` (a composed Hydra config) and return its resolved form."""
+    problems: list[str] = []
+    for key in cfg:
+        if key not in TOP_LEVEL_KEYS:
+            problems.append(f"top-level key {key!r} is unknown; expected one of {sorted(TOP_LEVEL_KEYS - {'hydra'})}")
+    training = _merge(TrainingConfig, cfg.get("training"), "training", problems)
+    algorithm = _merge(AlgorithmConfig, cfg.get("algorithm"), "algorithm", problems)
+    data = _merge(DataConfig, cfg.get("data"), "data", problems)
+    pool = _merge(ResourcePoolConfig, cfg.get("resource_pool"), "resource_pool", problems)
+    ray = _merge(RayConfig, cfg.get("ray"), "ray", problems)
+    arf = cfg.get("actor_rollout_ref") or {}
+    for key in arf:
+        if key not in ("actor_rollout", "ref"):
+            problems.append(f"actor_rollout_ref.{key} is unknown; expected actor_rollout and ref")
+    roles = {role: role_config(cfg, role, problems) for role in ROLE_SECTIONS}
+    models: dict[str, ModelConfig] = {}
+    available = cfg.get("model") or {}
+    for role, rc in roles.items():
+        if rc is None:
+            continue
+        if rc.model not in available:
+            problems.append(
+                f"{ROLE_SECTIONS[role]}.model={rc.model!r} is not among the models in defaults "
+                f"{sorted(available)}; add '- model: {rc.model}' to defaults or pick one of those"
+            )
+            continue
+        try:
+            models[role] = model_config_from_dict(
+                OmegaConf.to_container(available[rc.model], resolve=True), source=f"model.{rc.model}"
+            )
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    resolved = ResolvedConfig(training, algorithm, data, pool, ray, roles, models, unused=[])
+    problems.extend(_check_rules(resolved, check_paths))
+    if problems:
+        raise ConfigError(problems)
+    resolved.unused = _unused_keys(cfg)
+    return resolved
+
+
+def _unused_keys(cfg: DictConfig) -> list[str]:
+    messages = []
+    for role, section_key in ROLE_SECTIONS.items():
+        section = _section(cfg, section_key) or {}
+        for key in UNUSED_IN_DPO:
+            if section.get(key) is not None:
+                messages.append(f"{section_key}.{key}={section[key]} has no meaning in online DPO "
+                                f"(a PPO key); it is ignored")
+    training = cfg.get("training") or {}
+    for key in UNUSED_IN_DPO:
+        if training.get(key) is not None:
+            messages.append(f"training.{key}={training[key]} has no meaning in online DPO (a PPO key); it is ignored")
+    return messages
+
+
+def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
+    p: list[str] = []
+    t, a = c.training, c.algorithm
+    if t.stage != "ray_online_dpo":
+        p.append(f"training.stage={t.stage!r}: this driver runs 'ray_online_dpo'")
+    expected_resource = DEVICE_RESOURCE.get(t.device)
+    if expected_resource is None:
+        p.append(f"training.device={t.device!r} is unknown; use cpu, cuda or npu")
+    elif c.ray.device_resource != expected_resource:
+        p.append(f"ray.device_resource={c.ray.device_resource!r} does not match training.device={t.device!r}; "
+                 f"set ray.device_resource: {expected_resource}")
+    if a.loss_type not in LOSS_TYPES:
+        p.append(f"algorithm.loss_type={a.loss_type!r} is unknown; use one of {LOSS_TYPES}")
+    if a.pairing_strategy not in PAIRING_STRATEGIES:
+        p.append(f"algorithm.pairing_strategy={a.pairing_strategy!r} is unknown; use one of {PAIRING_STRATEGIES}")
+    if a.tie_policy not in TIE_POLICIES:
+        p.append(f"algorithm.tie_policy={a.tie_policy!r} is unknown; use one of {TIE_POLICIES}")
+    if a.num_responses_per_prompt < 2:
+        p.append(f"algorithm.num_responses_per_prompt={a.num_responses_per_prompt} must be >= 2 to form pairs")
+    if a.beta <= 0:
+        p.append(f"algorithm.beta={a.beta} must be > 0")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        p.append(f"algorithm.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
+    for role, rc in c.roles.items():
+        key = ROLE_SECTIONS[role]
+        model = c.models[role]
+        parallel = c.parallel(role)
+        p.extend(parallel.check(model, where=key))
+        if rc.lr_decay_style not in LR_DECAY_STYLES:
+            p.append(f"{key}.lr_decay_style={rc.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}")
+        if rc.micro_batch_size < 1:
+            p.append(f"{key}.micro_batch_size={rc.micro_batch_size} must be >= 1")
+        if check_paths:
+            p.extend(_check_path(f"{key}.load", rc.load, "an HF checkpoint directory", directory=True))
+            p.extend(_check_path(f"{key}.tokenizer_name_or_path", rc.tokenizer_name_or_path,
+                                 "a local tokenizer directory", directory=True))
+        if rc.tokenizer_name_or_path is None:
+            p.append(f"{key}.tokenizer_name_or_path is not set (nor training.tokenizer_name_or_path); "
+                     "give a local HF tokenizer directory")
+        if role != "actor_rollout":
+            size = c.pool_size(role)
+            if size % (rc.tensor_model_parallel_size * rc.pipeline_model_parallel_size):
+                p.append(f"resource_pool.{role}={getattr(c.resource_pool, role)} ({size} processes) must be a "
+                         f"multiple of {key} TP x PP ({rc.tensor_model_parallel_size} x "
+                         f"{rc.pipeline_model_parallel_size})")
+            if rc.pipeline_model_parallel_size > 1:
+                p.append(f"{key}.pipeline_model_parallel_size={rc.pipeline_model_parallel_size}: the {role} role "
+                         "runs forward-only with TP; set it to 1")
+    p.extend(_check_actor(c))
+    for name in ("actor_rollout", "ref", "reward"):
+        counts = getattr(c.resource_pool, name)
+        if not counts or any(n < 0 for n in counts) or sum(counts) < 1:
+            p.append(f"resource_pool.{name}={counts} must list >= 0 processes per node, at least 1 in total")
+    if t.global_batch_size < 1 or t.train_iters < 1:
+        p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
+                 f"({t.train_iters}) must be >= 1")
+    if check_paths:
+        p.extend(_check_path("data.train_path", c.data.train_path, "a JSONL prompt file"))
+        p.extend(_check_path("data.eval_path", c.data.eval_path, "a JSONL prompt file"))
+    return p
+
+
+def _check_actor(c: ResolvedConfig) -> list[str]:
+    p: list[str] = []
+    key = ROLE_SECTIONS["actor_rollout"]
+    r, t, a = c.roles["actor_rollout"], c.training, c.algorithm
+    pool = c.pool_size("actor_rollout")
+    tp, pp = r.tensor_model_parallel_size, r.pipeline_model_parallel_size
+    if r.num_gpus_for_train + r.num_gpus_for_infer != pool:
+        p.append(f"{key}.num_gpus_for_train ({r.num_gpus_for_train}) + num_gpus_for_infer "
+                 f"({r.num_gpus_for_infer}) must equal resource_pool.actor_rollout "
+                 f"{c.resource_pool.actor_rollout} = {pool} processes; change one of them")
+    if r.num_gpus_for_train < 1 or r.num_gpus_for_train % (tp * pp):
+        p.append(f"{key}.num_gpus_for_train ({r.num_gpus_for_train}) must be a positive multiple of TP x PP "
+                 f"({tp} x {pp})")
+        return p
+    if r.num_gpus_for_infer % tp:
+        p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of "
+                 f"tensor_model_parallel_size ({tp})")
+        return p
+    if c.colocated and pp > 1:
+        p.append(f"{key}.pipeline_model_parallel_size={pp} with num_gpus_for_infer=0: colocated rollout runs "
+                 "TP only; set PP to 1 or give the actor separate infer ranks (num_gpus_for_infer > 0)")
+    if not r.do_sample and a.num_responses_per_prompt > 1:
+        p.append(f"{key}.do_sample=false would give {a.num_responses_per_prompt} identical responses per prompt; "
+                 "online DPO needs do_sample: true")
+    if r.num_samples_per_step < 1 or t.global_batch_size % r.num_samples_per_step:
+        p.append(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                 f"{key}.num_samples_per_step ({r.num_samples_per_step})")
+    dp_train = c.dp_size("actor_rollout")
+    per_step = dp_train * r.micro_batch_size
+    if r.ppo_mini_batch_size < 1 or r.ppo_mini_batch_size % per_step:
+        p.append(f"{key}.ppo_mini_batch_size ({r.ppo_mini_batch_size}) must be a multiple of data-parallel size x "
+                 f"micro_batch_size ({dp_train} x {r.micro_batch_size} = {per_step})")
+    if r.ppo_epochs < 1:
+        p.append(f"{key}.ppo_epochs={r.ppo_epochs} must be >= 1")
+    if r.max_new_tokens < 1:
+        p.append(f"{key}.max_new_tokens={r.max_new_tokens} must be >= 1")
+    model = c.models["actor_rollout"]
+    if r.max_prompt_length + r.max_new_tokens > model.max_position_embeddings:
+        p.append(f"{key}.max_prompt_length ({r.max_prompt_length}) + max_new_tokens ({r.max_new_tokens}) exceeds "
+                 f"the model's max_position_embeddings ({model.max_position_embeddings})")
+    return p
+
+
+def _check_path(key: str, value: Optional[str], what: str, directory: bool = False) -> list[str]:
+    if value is None:
+        return []
+    path = Path(value)
+    ok = path.is_dir() if directory else path.is_file()
+    if not ok:
+        hint = " (the tiny demo builds it: python examples/tiny_world/build.py)" if "tiny_world" in value else ""
+        return [f"{key}={value!r} does not exist; it must be {what}{hint}"]
+    return []
+
+
+__all__ = ["ResolvedConfig", "resolve", "ROLE_SECTIONS", "LOSS_TYPES"]

@@ -1,0 +1,112 @@
+"""Prompt files for online DPO: JSONL, tokenized at start-up, sampled in seeded epochs.
+
+Each line is a JSON object whose ``prompt_key`` field holds the prompt text. When the
+tokenizer has a chat template the prompt is wrapped as one user turn with the generation
+prompt appended; otherwise the text is encoded as is. Every bad line (invalid JSON, a
+missing or empty prompt, a prompt over ``max_prompt_length`` tokens) is an error naming
+file and line, reported before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dpo_rl.batch import Batch
+from dpo_rl.config.errors import ConfigError
+
+
+@dataclass
+class PromptSet:
+    """Prompt texts and their token ids."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+def load_prompts(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_length: int) -> PromptSet:
+    """Read and tokenize a JSONL prompt file; all problems reported at once (first 20)."""
+    path = Path(path)
+    texts, ids, problems = [], [], []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{line_no}: invalid JSON ({exc.msg}); each line must be one JSON object")
+                continue
+            text = row.get(prompt_key) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                problems.append(f"{path}:{line_no}: field {prompt_key!r} is missing or empty; set data.prompt_key "
+                                "to the column holding the prompt")
+                continue
+            tokens = encode_prompt(tokenizer, text)
+            if len(tokens) > max_prompt_length:
+                problems.append(f"{path}:{line_no}: prompt has {len(tokens)} tokens, over max_prompt_length="
+                                f"{max_prompt_length}; shorten it or raise actor_rollout.max_prompt_length")
+                continue
+            texts.append(text)
+            ids.append(tokens)
+    if not texts and not problems:
+        problems.append(f"{path}: no prompts found")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ConfigError(shown)
+    return PromptSet(texts, ids)
+
+
+class PromptSampler:
+    """Draws prompt indices in seeded epochs (reshuffled each epoch when ``shuffle``)."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.consumed = 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def next(self, count: int) -> list[int]:
+        """The next ``count`` indices, wrapping into new epochs."""
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(self.consumed, self.size)
+            take = min(count - len(out), self.size - offset)
+            out.extend(self._order(epoch)[offset : offset + take].tolist())
+            self.consumed += take
+        return out
+
+
+def prompt_batch(prompts: PromptSet, indices: Sequence[int], repeats: int, pad_token_id: int) -> Batch:
+    """Rows ``prompt_ids``/``prompt_mask`` [len(indices) * repeats, P] left-padded, and ``prompt_index``.
+
+    Each prompt's ``repeats`` rows are adjacent; ``prompt_index`` numbers prompts 0..B-1.
+    """
+    token_lists = [prompts.token_ids[i] for i in indices]
+    width = max(len(t) for t in token_lists)
+    rows = len(token_lists) * repeats
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for p, tokens in enumerate(token_lists):
+        for r in range(repeats):
+            ids[p * repeats + r, width - len(tokens):] = torch.tensor(tokens)
+            mask[p * repeats + r, width - len(tokens):] = 1
+    index = torch.arange(len(token_lists)).repeat_interleave(repeats)
+    return Batch({"prompt_ids": ids, "prompt_mask": mask, "prompt_index": index})

@@ -1,0 +1,101 @@
+"""Start or join a Ray cluster without sending traffic beyond this machine.
+
+Ray's dashboard head asks cloud-metadata addresses (169.254.169.254,
+metadata.google.internal) which cloud it runs on, unless ``~/ray_bootstrap_config.yaml``
+exists (``ray/_common/usage/usage_lib.py: get_cluster_config_to_report``), even with usage
+stats disabled. So every Ray process this project starts runs with ``HOME`` set to a
+project-owned directory holding an empty (``{}``) bootstrap config; that also keeps Ray's
+``~/.ray/auth_token`` out of the user's real home. Usage stats are off
+(``RAY_USAGE_STATS_ENABLED=0``) and a local dashboard binds to 127.0.0.1 unless configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_FILE = "ray_bootstrap_config.yaml"
+
+
+def default_ray_home() -> Path:
+    """A per-user directory under the system temp dir."""
+    return Path(tempfile.gettempdir()) / f"dpo_rl-ray-home-{getpass.getuser()}"
+
+
+def prepare_ray_home(path: Optional[str | Path] = None) -> Path:
+    """Create ``path`` (default :func:`default_ray_home`) holding an empty bootstrap config."""
+    home = Path(path) if path else default_ray_home()
+    home.mkdir(parents=True, exist_ok=True)
+    bootstrap = home / BOOTSTRAP_FILE
+    if not bootstrap.exists():
+        bootstrap.write_text("{}\n")
+    return home
+
+
+@contextlib.contextmanager
+def ray_process_env(home: Path) -> Iterator[None]:
+    """Environment for starting Ray processes: HOME = ``home``, usage stats off.
+
+    Processes started inside (the local cluster's raylet, dashboard and workers) keep it;
+    the driver's own HOME is restored afterwards.
+    """
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["HOME"] = str(home)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+def start_ray(
+    *,
+    address: Optional[str] = None,
+    num_cpus: Optional[int] = None,
+    include_dashboard: bool = False,
+    dashboard_host: str = "127.0.0.1",
+    home_dir: Optional[str] = None,
+) -> dict:
+    """``ray.init`` for this project: join ``address`` (or ``RAY_ADDRESS``), else start locally.
+
+    Returns ``ray.cluster_resources()``. Idempotent when Ray is already initialised.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    home = prepare_ray_home(home_dir)
+    address = address or os.environ.get("RAY_ADDRESS")
+    with ray_process_env(home):
+        if address:
+            logger.info("joining Ray cluster at %s", address)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=include_dashboard,
+                dashboard_host=dashboard_host,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
+            )
+    return ray.cluster_resources()
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

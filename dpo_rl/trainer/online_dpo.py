@@ -1,0 +1,257 @@
+"""The online-DPO loop (driver side).
+
+One step (``train_step``): sample ``n`` responses per prompt from the actor, score them
+with the reward model minus the missing-EOS penalty, pair them, get reference log-probs
+of each pair, update the actor over ``ppo_epochs`` x mini-batches, and push the new
+weights to separate rollout ranks when there are any. Each phase is one worker-group RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from dpo_rl.batch import Batch
+from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.data.prompts import PromptSampler, PromptSet, prompt_batch
+from dpo_rl.pairing import build_pairs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoleGroups:
+    """The worker groups of one run."""
+
+    actor: Any
+    """Trains (ActorWorker); also samples when colocated."""
+    ref: Any
+    """Reference log-probs (PolicyWorker); also samples the initial policy for evaluation."""
+    reward: Any
+    """Scores samples (RewardWorker)."""
+    rollout: Optional[Any] = None
+    """Separate sampling ranks (PolicyWorker) when the actor is split."""
+
+    @property
+    def sampler(self):
+        return self.rollout if self.rollout is not None else self.actor
+
+    def all(self) -> list:
+        return [g for g in (self.actor, self.rollout, self.ref, self.reward) if g is not None]
+
+
+def minibatch_layout(
+    num_pairs: int, *, mini_batch_size: int, dp_size: int, micro_batch_size: int, epochs: int,
+    shuffle: bool, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row order, mini-batch id and weight of every row the actor's DP ranks receive.
+
+    Each epoch's pairs (shuffled with ``seed`` if asked) are cut into mini-batches of
+    ``mini_batch_size``; a mini-batch is padded to a multiple of ``dp_size x
+    micro_batch_size`` with weight-0 rows and dealt to DP ranks in equal contiguous slices.
+    The rows are ordered rank by rank, so splitting the result into ``dp_size`` equal
+    chunks gives each rank its slice of every mini-batch, in order. Real rows weigh
+    ``1 / real rows in their mini-batch``.
+    """
+    per_rank: list[list[tuple[int, int, float]]] = [[] for _ in range(dp_size)]
+    generator = torch.Generator().manual_seed(seed)
+    quantum = dp_size * micro_batch_size
+    minibatch = 0
+    for _ in range(epochs):
+        order = torch.randperm(num_pairs, generator=generator) if shuffle else torch.arange(num_pairs)
+        for start in range(0, num_pairs, mini_batch_size):
+            real = order[start : start + mini_batch_size].tolist()
+            padded = real + [real[0]] * ((-len(real)) % quantum)
+            weights = [1.0 / len(real)] * len(real) + [0.0] * (len(padded) - len(real))
+            share = len(padded) // dp_size
+            for d in range(dp_size):
+                per_rank[d].extend(
+                    (padded[i], minibatch, weights[i]) for i in range(d * share, (d + 1) * share)
+                )
+            minibatch += 1
+    rows = [r for rank_rows in per_rank for r in rank_rows]
+    index = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    ids = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    weight = torch.tensor([r[2] for r in rows], dtype=torch.float32)
+    return index, ids, weight
+
+
+def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -> Batch:
+    """Pair tensors (see :mod:`dpo_rl.batch`) from sample rows."""
+    out = {}
+    for side, index in (("chosen", chosen), ("rejected", rejected)):
+        out[f"{side}_ids"] = samples["sequences"][index]
+        out[f"{side}_attention"] = samples["attention_mask"][index]
+        out[f"{side}_response"] = samples["response_mask"][index]
+    return Batch(out)
+
+
+@dataclass
+class StepTimer:
+    """Wall time of each phase as seen by the driver, and the workers' own compute time."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    compute: dict[str, float] = field(default_factory=dict)
+
+    def run(self, phase: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.wall[phase] = time.perf_counter() - start
+        compute = result.meta.get("compute_s") if isinstance(result, Batch) else (
+            result.get("compute_s") if isinstance(result, dict) else None)
+        self.compute[phase] = float(compute) if compute is not None else self.wall[phase]
+        return result
+
+
+class OnlineDPOTrainer:
+    """Drives the worker groups through ``train_iters`` online-DPO steps."""
+
+    def __init__(self, config: ResolvedConfig, groups: RoleGroups, prompts: PromptSet, *, pad_token_id: int,
+                 tracker, eval_prompts: Optional[PromptSet] = None, decode=None) -> None:
+        self.c, self.groups, self.prompts, self.eval_prompts = config, groups, prompts, eval_prompts
+        self.pad_token_id, self.tracker, self.decode = pad_token_id, tracker, decode
+        self.actor_cfg = config.roles["actor_rollout"]
+        self.sampler = PromptSampler(len(prompts), seed=config.training.seed, shuffle=config.data.shuffle)
+        self.summary: dict[str, Any] = {}
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        initial = self.sample_eval(self.groups.ref) if self.eval_prompts is not None else None
+        t = self.c.training
+        for step in range(1, t.train_iters + 1):
+            metrics = self.train_step(step)
+            if initial is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
+                metrics.update(self.evaluate(initial)[0])
+            self.tracker.log(step, metrics)
+        if initial is not None:
+            final_metrics, final = self.evaluate(initial)
+            self.summary.update(final_metrics)
+            self.summary["samples"] = self.sample_table(initial, final)
+        return self.summary
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timer = StepTimer()
+        start = time.perf_counter()
+        samples = timer.run("generate", self.generate, self.next_prompts(), seed=self.c.training.seed * 7919 + step)
+        scores = timer.run("reward", self.groups.reward.score, samples)["scores"]
+        penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
+        pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
+                            min_score_margin=self.c.algorithm.min_score_margin,
+                            tie_policy=self.c.algorithm.tie_policy, seed=self.c.training.seed + step)
+        metrics = self.sample_metrics(samples, penalized, pairs)
+        if len(pairs):
+            pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected)
+            ref = timer.run("reference", self.groups.ref.pair_logprobs, pair_batch)
+            update = timer.run("update", self.groups.actor.update, self.layout(pair_batch.update(ref), step))
+            metrics.update({k: v for k, v in update.items() if k != "compute_s"})
+            if self.groups.rollout is not None:
+                timer.run("sync", self.sync_weights)
+        step_s = time.perf_counter() - start
+        metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
+        metrics["timing/step"] = step_s
+        metrics["timing/orchestration"] = step_s - sum(timer.compute.values())
+        metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
+        return metrics
+
+    # -- phases -------------------------------------------------------------------------
+    def next_prompts(self) -> Batch:
+        indices = self.sampler.next(self.c.training.global_batch_size)
+        return prompt_batch(self.prompts, indices, self.c.algorithm.num_responses_per_prompt, self.pad_token_id)
+
+    def sampling_params(self) -> dict[str, Any]:
+        a = self.actor_cfg
+        return {"max_new_tokens": a.max_new_tokens, "do_sample": a.do_sample, "temperature": a.temperature,
+                "top_k": a.top_k, "top_p": a.top_p}
+
+    def generate(self, prompts: Batch, *, seed: int, group=None) -> Batch:
+        """Sample in calls of ``num_samples_per_step`` prompts (x n responses each)."""
+        group = group or self.groups.sampler
+        per_call = self.actor_cfg.num_samples_per_step * self.c.algorithm.num_responses_per_prompt
+        outputs, compute = [], 0.0
+        for call, start in enumerate(range(0, len(prompts), per_call)):
+            out = group.generate(prompts.rows(slice(start, start + per_call)), self.sampling_params(), seed + call)
+            compute += out.meta.get("compute_s", 0.0)
+            outputs.append(out)
+        merged = Batch.concat(outputs)
+        merged.meta["compute_s"] = compute
+        return merged
+
+    def layout(self, pairs: Batch, step: int) -> Batch:
+        a = self.actor_cfg
+        index, minibatch, weight = minibatch_layout(
+            len(pairs), mini_batch_size=a.ppo_mini_batch_size, dp_size=self.c.dp_size("actor_rollout"),
+            micro_batch_size=a.micro_batch_size, epochs=a.ppo_epochs, shuffle=a.shuffle_minibatch,
+            seed=self.c.training.seed * 31 + step,
+        )
+        return pairs.rows(index).update({"minibatch": minibatch, "weight": weight})
+
+    def sync_weights(self) -> dict[str, float]:
+        """Push the trained weights to the rollout ranks (split actor), optionally verified."""
+        start = time.perf_counter()
+        state = self.groups.actor.export_weights()
+        received = self.groups.rollout.load_weights(state)
+        if self.actor_cfg.verify_weight_sync:
+            sent = self.groups.actor.checksum()
+            loaded = self.groups.rollout.checksum()
+            if not (sent == received == loaded):
+                raise RuntimeError(f"weight sync checksum mismatch: sent {sent[:12]}, rollout loaded {loaded[:12]}")
+        return {"compute_s": time.perf_counter() - start}
+
+    # -- metrics and evaluation ----------------------------------------------------------
+    def sample_metrics(self, samples: Batch, scores: torch.Tensor, pairs) -> dict[str, float]:
+        response_lengths = samples["response_mask"].sum(-1).float()
+        responses = [tuple(row[m.bool()].tolist()) for row, m in zip(samples["sequences"], samples["response_mask"])]
+        metrics = {
+            "objective/scores": float(scores.mean()),
+            "val/contain_eos_token": float(samples["ended_with_eos"].float().mean()),
+            "response_length/mean": float(response_lengths.mean()),
+            "response/distinct_fraction": len(set(responses)) / len(responses),
+            "pairs/count": float(len(pairs)),
+            "pairs/tie_rate": pairs.tie_rate,
+            "pairs/dropped": float(pairs.dropped_ties + pairs.dropped_margin),
+        }
+        if len(pairs):
+            metrics["objective/scores_margin"] = float((scores[pairs.chosen] - scores[pairs.rejected]).mean())
+        return metrics
+
+    def sample_eval(self, group) -> dict[str, Any]:
+        """Sample one response per held-out prompt with ``group`` (fixed seed) and score it."""
+        count = min(self.c.training.eval_samples, len(self.eval_prompts))
+        prompts = prompt_batch(self.eval_prompts, list(range(count)), 1, self.pad_token_id)
+        samples = self.generate_eval(prompts, group)
+        scores = self.groups.reward.score(samples)["scores"]
+        scores = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
+        return {"samples": samples, "scores": scores}
+
+    def generate_eval(self, prompts: Batch, group) -> Batch:
+        outputs = []
+        for start in range(0, len(prompts), self.c.training.global_batch_size):
+            outputs.append(group.generate(prompts.rows(slice(start, start + self.c.training.global_batch_size)),
+                                          self.sampling_params(), 424242 + start))
+        return Batch.concat(outputs)
+
+    def evaluate(self, initial: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        """RM-judged win rate of the current actor over the initial policy on held-out prompts."""
+        current = self.sample_eval(self.groups.sampler)
+        wins = (current["scores"] > initial["scores"]).float() + 0.5 * (current["scores"] == initial["scores"]).float()
+        metrics = {
+            "eval/scores": float(current["scores"].mean()),
+            "eval/initial_scores": float(initial["scores"].mean()),
+            "eval/win_rate": float(wins.mean()),
+        }
+        return metrics, current
+
+    def sample_table(self, initial: dict[str, Any], final: dict[str, Any], rows: int = 4) -> list[dict[str, Any]]:
+        if self.decode is None:
+            return []
+        table = []
+        for i in range(min(rows, len(initial["scores"]))):
+            def text(s):
+                return self.decode(s["samples"]["sequences"][i][s["samples"]["response_mask"][i].bool()].tolist())
+            table.append({"prompt": self.eval_prompts.texts[i], "before": text(initial), "before_score": float(initial["scores"][i]),
+                          "after": text(final), "after_score": float(final["scores"][i])})
+        return table

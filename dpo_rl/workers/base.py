@@ -1,0 +1,110 @@
+"""What every role worker shares: joining its torch.distributed world, building and loading
+its Megatron-core model, forward-only passes in micro-batches, timing.
+
+Workers are plain classes: a :class:`~dpo_rl.workers.worker_group.RayWorkerGroup` runs them
+as Ray actors; :class:`~dpo_rl.workers.worker_group.LocalWorkerGroup` runs one in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from dpo_rl.batch import Batch
+from dpo_rl.config.model import ModelConfig, ParallelConfig
+from dpo_rl.config.schema import RoleConfig
+
+
+class MegatronWorker:
+    """One rank of a role: a Megatron-core model shard in its own process group."""
+
+    reward_model = False
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        model_config: ModelConfig,
+        parallel: ParallelConfig,
+        role: RoleConfig,
+        seed: int,
+    ) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.model_config, self.parallel, self.role, self.seed = model_config, parallel, role, seed
+        self.model = None
+        self.ranks = None
+
+    # -- set-up -------------------------------------------------------------------------
+    def rendezvous_endpoint(self) -> tuple[str, int]:
+        """Address and a free port of this (rank 0) process for the group's rendezvous."""
+        try:
+            import ray
+
+            address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:  # pragma: no cover - Ray is a dependency
+            address = "127.0.0.1"
+        from dpo_rl.workers.megatron.parallel_state import free_port
+
+        return address, free_port()
+
+    def init_distributed(self, address: str, port: int):
+        """Join the role's process group, build the model and load its weights; returns ranks."""
+        from dpo_rl.workers.megatron.parallel_state import init_distributed, seed_everything
+
+        torch.set_num_threads(self.role.num_threads)
+        self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
+        seed_everything(self.seed, self.parallel.device)
+        self.device = torch.device("cpu") if self.parallel.device == "cpu" else torch.device(
+            self.parallel.device, torch.cuda.current_device()
+        )
+        self.model = self._build_model()
+        if self.role.load:
+            self._load(self.role.load)
+        return self.ranks
+
+    def _build_model(self):
+        from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
+
+        build = build_reward_model if self.reward_model else build_gpt_model
+        return build(self.model_config, self.parallel)
+
+    def _load(self, directory: str) -> None:
+        from dpo_rl.workers.megatron.hf_interop import SafetensorsCheckpoint, load_into_current_rank
+
+        load_into_current_rank(self.model, SafetensorsCheckpoint(directory), self.model_config,
+                               reward=self.reward_model)
+
+    # -- helpers ------------------------------------------------------------------------
+    def forward_only(self, batch: Batch, make_micro: Callable, compute: Callable) -> list[dict]:
+        """Forward ``batch`` in micro-batches of ``role.micro_batch_size`` rows (padded to full)."""
+        from dpo_rl.workers.megatron.forward import run_microbatches
+
+        padded, _ = batch.pad_to_multiple(self.role.micro_batch_size)
+        micros = [make_micro(part) for part in padded.chunk(len(padded) // self.role.micro_batch_size)]
+        self.model.eval()
+        with torch.no_grad():
+            return run_microbatches(self.model, micros, compute, forward_only=True)
+
+    def to_device(self, batch: Batch) -> Batch:
+        return Batch({k: v.to(self.device) for k, v in batch.tensors.items()}, dict(batch.meta))
+
+
+class Stopwatch:
+    """Measures a worker call's own compute time (reported back to the driver)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def sequence_microbatch(batch: Batch, ids: str = "sequences", attention: str = "attention_mask",
+                        extras: Optional[dict[str, str]] = None):
+    from dpo_rl.workers.megatron.forward import Microbatch
+
+    return Microbatch(batch[ids], batch[attention], {k: batch[v] for k, v in (extras or {}).items()})

@@ -1,0 +1,172 @@
+"""Worker groups: N processes of one role, driven by RPCs with declared dispatch.
+
+A worker method declares how a call is spread over the group with :func:`register`:
+
+* ``Dispatch.ALL`` — every rank gets the same arguments; the group returns the result of
+  the first output rank (TP rank 0, last PP stage of DP rank 0).
+* ``Dispatch.DP`` — the first argument is a :class:`~dpo_rl.batch.Batch`; it is padded to
+  a multiple of the data-parallel size, split into contiguous equal shards, and every
+  rank of DP group ``d`` (all its TP/PP ranks) gets shard ``d``. Results come from each
+  DP group's output rank, in DP order: Batches are concatenated and trimmed back to the
+  input's row count; anything else (metrics) comes from DP rank 0.
+
+:class:`RayWorkerGroup` runs the ranks as Ray actors in a :class:`RolePool`'s placement
+groups. :class:`LocalWorkerGroup` wraps one in-process worker (world size 1) with the
+same interface, so drivers and tests can run a role without Ray.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import time
+from typing import Any, Callable
+
+from dpo_rl.batch import Batch
+
+
+class Dispatch(enum.Enum):
+    ALL = "all"
+    DP = "dp"
+
+
+def register(dispatch: Dispatch) -> Callable:
+    """Declare how a worker method's calls are dispatched (see module doc)."""
+
+    def decorate(fn: Callable) -> Callable:
+        fn.dispatch = dispatch  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def dispatch_of(worker_cls: type, method: str) -> Dispatch:
+    fn = getattr(worker_cls, method, None)
+    mode = getattr(fn, "dispatch", None)
+    if mode is None:
+        raise AttributeError(f"{worker_cls.__name__}.{method} is not a registered worker method")
+    return mode
+
+
+def split_for_dp(batch: Batch, dp_size: int) -> tuple[list[Batch], int]:
+    """Pad ``batch`` to a multiple of ``dp_size`` and split it; returns (shards, original rows)."""
+    padded, _ = batch.pad_to_multiple(dp_size)
+    return padded.chunk(dp_size), len(batch)
+
+
+def collect_dp(outputs_by_dp: list[Any], rows: int) -> Any:
+    if outputs_by_dp and isinstance(outputs_by_dp[0], Batch):
+        return Batch.concat(outputs_by_dp).trim(rows)
+    return outputs_by_dp[0]
+
+
+class RayWorkerGroup:
+    """One role's ranks as Ray actors placed in ``pool``'s bundles."""
+
+    def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.worker_cls = worker_cls
+        self.role = pool.role
+        world = pool.world_size
+        remote_cls = ray.remote(worker_cls)
+        self.actors = []
+        for rank, (pg, bundle) in enumerate(pool.slots()):
+            options: dict[str, Any] = {
+                "num_cpus": pool.cpus_per_worker,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=bundle
+                ),
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}},
+                "name": None,
+            }
+            if pool.device_resource == "GPU":
+                options["num_gpus"] = 1
+            elif pool.device_resource != "CPU":
+                options["resources"] = {pool.device_resource: 1}
+            self.actors.append(remote_cls.options(**options).remote(rank=rank, world_size=world, **worker_kwargs))
+        address, port = ray.get(self.actors[0].rendezvous_endpoint.remote())
+        self.ranks = ray.get([a.init_distributed.remote(address, port) for a in self.actors])
+        self.dp_size = self.ranks[0].dp_size
+        self._output_actor_by_dp = {r.dp_rank: a for a, r in zip(self.actors, self.ranks) if r.is_output_rank}
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the group following its declared dispatch; blocks for the result."""
+        return resolve(self.call_async(method, *args, **kwargs))
+
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> "_Pending":
+        """Start ``method`` on every rank; collect it later with :func:`resolve`."""
+        mode = dispatch_of(self.worker_cls, method)
+        if mode is Dispatch.ALL:
+            refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+            return _Pending(refs, [self.actors.index(self._output_actor_by_dp[0])], rows=None)
+        batch, rest = args[0], args[1:]
+        shards, rows = split_for_dp(batch, self.dp_size)
+        refs = [getattr(a, method).remote(shards[r.dp_rank], *rest, **kwargs) for a, r in zip(self.actors, self.ranks)]
+        order = [self.actors.index(self._output_actor_by_dp[d]) for d in range(self.dp_size)]
+        return _Pending(refs, order, rows=rows)
+
+    def __getattr__(self, method: str) -> Callable:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        dispatch_of(self.worker_cls, method)
+        return functools.partial(self.call, method)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class _Pending:
+    """Refs of one group call and how to collect them."""
+
+    def __init__(self, refs: list, output_indices: list[int], rows: int | None) -> None:
+        self.refs, self.output_indices, self.rows = refs, output_indices, rows
+
+
+def resolve(pending: "_Pending") -> Any:
+    """Wait for a :meth:`RayWorkerGroup.call_async` result and collect it."""
+    import ray
+
+    results = ray.get(pending.refs)
+    outputs = [results[i] for i in pending.output_indices]
+    if pending.rows is None:
+        return outputs[0]
+    return collect_dp(outputs, pending.rows)
+
+
+class LocalWorkerGroup:
+    """A single in-process worker (world size 1) with the worker-group interface."""
+
+    def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]) -> None:
+        from dpo_rl.workers.megatron.parallel_state import ParallelRanks
+
+        self.worker_cls = worker_cls
+        self.worker = worker_cls(rank=0, world_size=1, **worker_kwargs)
+        address, port = self.worker.rendezvous_endpoint()
+        ranks: ParallelRanks = self.worker.init_distributed(address, port)
+        self.ranks = [ranks]
+        self.dp_size = 1
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        dispatch_of(self.worker_cls, method)
+        return getattr(self.worker, method)(*args, **kwargs)
+
+    def __getattr__(self, method: str) -> Callable:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        dispatch_of(self.worker_cls, method)
+        return functools.partial(self.call, method)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def timed_call(group, method: str, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """Call and return (result, wall seconds)."""
+    start = time.perf_counter()
+    result = group.call(method, *args, **kwargs)
+    return result, time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""The embedded demo's tiny world: a readable preference (descriptiveness) a tiny RM can learn."""
