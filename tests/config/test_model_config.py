@@ -13,7 +13,7 @@ from dpo_rl.config.model import (
     shipped_model_config,
 )
 
-SHIPPED = ["tiny", "llama32-1b", "llama3-8b", "qwen25-0.5b", "qwen25-7b"]
+SHIPPED = ["tiny", "tiny-rm", "llama32-1b", "llama3-8b", "qwen25-0.5b", "qwen25-7b"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

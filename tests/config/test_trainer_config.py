@@ -1,0 +1,94 @@
+"""Every shipped trainer config composes and validates; each validation rule has its message."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_rl.config.compose import CONFIG_DIR, compose
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.trainer import resolve
+
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("online_dpo_trainer_*.yaml"))
+
+
+def test_the_four_trainer_configs_are_shipped():
+    assert SHIPPED == ["online_dpo_trainer_llama32_1b", "online_dpo_trainer_llama3_8b",
+                       "online_dpo_trainer_qwen25_7b", "online_dpo_trainer_tiny"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_composes_and_validates(name):
+    resolved = resolve(compose(name), check_paths=False)
+    assert set(resolved.roles) == {"actor_rollout", "ref", "reward"}
+    assert resolved.roles["actor_rollout"].do_sample
+
+
+def test_training_defaults_flow_into_roles_and_roles_override():
+    resolved = resolve(compose("online_dpo_trainer_tiny"), check_paths=False)
+    assert resolved.roles["ref"].lr == resolved.training.lr == 5e-5  # inherited
+    assert resolved.roles["ref"].micro_batch_size == 32  # overridden by the role
+    assert resolved.roles["reward"].model == "tiny-rm"
+    assert resolved.models["reward"].hidden_size == 64
+
+
+def test_unused_ppo_key_is_reported_once():
+    resolved = resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)
+    assert resolved.unused == ["actor_rollout_ref.actor_rollout.clip_ratio=0.2 has no meaning in online DPO "
+                               "(a PPO key); it is ignored"]
+
+
+def problems(overrides, check_paths=False):
+    with pytest.raises(ConfigError) as err:
+        resolve(compose("online_dpo_trainer_tiny", overrides), check_paths=check_paths)
+    return err.value.problems
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+training.lrr=1e-4"], "training.lrr: Key 'lrr' not in 'TrainingConfig'"),
+        (["training.lr=fast"], "training.lr: Value 'fast' of type 'str' could not be converted to Float"),
+        (["+actor_rollout_ref.actor_rollout.do_smaple=true"],
+         "actor_rollout_ref.actor_rollout.do_smaple is not a role setting"),
+        (["+bogus=1"], "top-level key 'bogus' is unknown"),
+        (["+actor_rollout_ref.actor_rollout.tensor_model_parallel_size=3",
+          "resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=3"],
+         "model.num_attention_heads (4) must be a multiple of actor_rollout_ref.actor_rollout.tensor_model_parallel_size (3)"),
+        (["actor_rollout_ref.actor_rollout.ppo_mini_batch_size=12"],
+         "ppo_mini_batch_size (12) must be a multiple of data-parallel size x micro_batch_size (1 x 16 = 16)"),
+        (["resource_pool.actor_rollout=[2]"],
+         "num_gpus_for_train (1) + num_gpus_for_infer (0) must equal resource_pool.actor_rollout [2] = 2 processes"),
+        (["algorithm.loss_type=kto"], "algorithm.loss_type='kto' is unknown; use one of ('sigmoid', 'ipo')"),
+        (["algorithm.pairing_strategy=best_of_n"], "algorithm.pairing_strategy='best_of_n' is unknown"),
+        (["algorithm.tie_policy=coin"], "algorithm.tie_policy='coin' is unknown"),
+        (["algorithm.num_responses_per_prompt=1"], "num_responses_per_prompt=1 must be >= 2"),
+        (["actor_rollout_ref.actor_rollout.do_sample=false"], "online DPO needs do_sample: true"),
+        (["training.global_batch_size=20"],
+         "training.global_batch_size (20) must be a multiple of actor_rollout_ref.actor_rollout.num_samples_per_step (16)"),
+        (["actor_rollout_ref.actor_rollout.model=llama9"],
+         "actor_rollout_ref.actor_rollout.model='llama9' is not among the models in defaults"),
+        (["ray.device_resource=GPU"], "ray.device_resource='GPU' does not match training.device='cpu'"),
+        (["training.stage=ppo"], "training.stage='ppo': this driver runs 'ray_online_dpo'"),
+        (["+actor_rollout_ref.actor_rollout.pipeline_model_parallel_size=2", "resource_pool.actor_rollout=[2]",
+          "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
+         "colocated rollout runs TP only"),
+        (["actor_rollout_ref.actor_rollout.max_new_tokens=250"], "exceeds the model's max_position_embeddings (256)"),
+        (["resource_pool.ref=[3]", "+actor_rollout_ref.ref.tensor_model_parallel_size=2"],
+         "resource_pool.ref=[3] (3 processes) must be a multiple of actor_rollout_ref.ref TP x PP (2 x 1)"),
+        (["+actor_rollout_ref.actor_rollout.lr_decay_style=step"], "lr_decay_style='step' is unknown"),
+    ],
+)
+def test_rule_message(overrides, message):
+    assert any(message in p for p in problems(overrides)), problems(overrides)
+
+
+def test_missing_paths_are_named(tmp_path):
+    found = problems([f"data.train_path={tmp_path}/none.jsonl", f"reward.load={tmp_path}/rm"], check_paths=True)
+    assert any(f"data.train_path='{tmp_path}/none.jsonl' does not exist; it must be a JSONL prompt file" in p
+               for p in found)
+    assert any(f"reward.load='{tmp_path}/rm' does not exist; it must be an HF checkpoint directory" in p for p in found)
+
+
+def test_all_problems_are_reported_at_once():
+    found = problems(["algorithm.loss_type=kto", "training.global_batch_size=20", "ray.device_resource=GPU"])
+    assert len(found) == 3
