@@ -21,7 +21,7 @@ defaults live here only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -205,20 +205,3 @@ class RayConfig:
     home_dir: Optional[str] = None
     """HOME for Ray's processes (holds an empty ray_bootstrap_config.yaml; see docs/ray.md).
     ``null`` = a per-user directory under the system temp dir."""
-
-
-@dataclass
-class OnlineDPOConfig:
-    """The whole ``online_dpo_trainer_<model>.yaml``."""
-
-    model: dict[str, Any] = field(default_factory=dict)
-    """Model architectures composed from ``defaults`` (name -> fields)."""
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    actor_rollout_ref: dict[str, Any] = field(default_factory=dict)
-    """``actor_rollout`` and ``ref`` sections (RoleConfig overrides)."""
-    reward: dict[str, Any] = field(default_factory=dict)
-    """The reward role's RoleConfig overrides."""
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    resource_pool: ResourcePoolConfig = field(default_factory=ResourcePoolConfig)
-    ray: RayConfig = field(default_factory=RayConfig)

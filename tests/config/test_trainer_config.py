@@ -92,3 +92,16 @@ def test_missing_paths_are_named(tmp_path):
 def test_all_problems_are_reported_at_once():
     found = problems(["algorithm.loss_type=kto", "training.global_batch_size=20", "ray.device_resource=GPU"])
     assert len(found) == 3
+
+
+def test_every_schema_field_is_documented_and_the_reference_is_current():
+    import dataclasses
+    from pathlib import Path
+
+    from dpo_rl.config import reference
+
+    for _, cls, _ in reference.SECTIONS:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in reference.field_docs(cls)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+    path = Path(__file__).resolve().parents[2] / "docs" / "config_reference.md"
+    assert path.read_text() == reference.render(), "regenerate: python -m dpo_rl.config.reference > docs/config_reference.md"

@@ -1,0 +1,61 @@
+"""Render the config reference (docs/config_reference.md) from the schema's field docstrings.
+
+    python -m dpo_rl.config.reference > docs/config_reference.md
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+
+from dpo_rl.config import model, schema
+
+SECTIONS = [
+    ("`training:`", schema.TrainingConfig, "Run-wide settings; its role fields are defaults for every role."),
+    ("`actor_rollout_ref.actor_rollout:`, `actor_rollout_ref.ref:`, `reward:`", schema.RoleConfig,
+     "Each role's settings (overriding `training`)."),
+    ("`algorithm:`", schema.AlgorithmConfig, ""),
+    ("`data:`", schema.DataConfig, ""),
+    ("`resource_pool:`", schema.ResourcePoolConfig, ""),
+    ("`ray:`", schema.RayConfig, ""),
+    ("`configs/rlxf/model/<name>.yaml`", model.ModelConfig, "One top-level key, the model name, holding these fields."),
+]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each dataclass field (this class and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(inspect.getsource(klass))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def render() -> str:
+    lines = ["# Config reference", "",
+             "Generated from the schema (`python -m dpo_rl.config.reference > docs/config_reference.md`).", ""]
+    for title, cls, intro in SECTIONS:
+        lines += [f"## {title}", ""] + ([intro, ""] if intro else [])
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in docs:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+            default = "required" if str(default) == "???" else f"`{default}`"
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            lines.append(f"| `{f.name}` | `{kind}` | {default} | {docs[f.name].replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

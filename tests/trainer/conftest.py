@@ -1,0 +1,63 @@
+"""A small world for end-to-end runs: the tiny tokenizer, random-init actor and reward model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpo_rl.config.compose import compose
+from dpo_rl.config.model import shipped_model_config
+from dpo_rl.workers.megatron import hf_interop
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from examples.tiny_world import build, world
+
+    root = tmp_path_factory.mktemp("world")
+    tokenizer = build.build_tokenizer(root / "tokenizer")
+    train, held_out = world.split_prompts(build.SEED)
+    build.write_prompts(root / "train.jsonl", train[:40])
+    build.write_prompts(root / "eval.jsonl", held_out[:8])
+    torch.manual_seed(0)
+    actor = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(shipped_model_config("tiny")))
+    actor.save_pretrained(root / "sft")
+    rm_cfg = hf_interop.hf_transformers_config(shipped_model_config("tiny-rm"), reward=True,
+                                              pad_token_id=tokenizer.pad_token_id)
+    AutoModelForSequenceClassification.from_config(rm_cfg).save_pretrained(root / "rm")
+    (root / "info.json").write_text(json.dumps({"tokens": len(tokenizer)}))
+    return root
+
+
+def small_run_overrides(world, output_dir, *extra: str) -> list[str]:
+    """The tiny config shrunk to a few fast steps on ``world``."""
+    return [
+        f"training.tokenizer_name_or_path={world}/tokenizer",
+        f"actor_rollout_ref.actor_rollout.load={world}/sft",
+        f"actor_rollout_ref.ref.load={world}/sft",
+        f"reward.load={world}/rm",
+        f"data.train_path={world}/train.jsonl",
+        f"data.eval_path={world}/eval.jsonl",
+        f"training.output_dir={output_dir}",
+        "training.train_iters=3",
+        "training.global_batch_size=4",
+        "training.eval_interval=2",
+        "training.eval_samples=4",
+        "training.log_interval=1",
+        "training.lr=1e-3",
+        "actor_rollout_ref.actor_rollout.num_samples_per_step=4",
+        "actor_rollout_ref.actor_rollout.ppo_mini_batch_size=2",
+        "actor_rollout_ref.actor_rollout.micro_batch_size=1",
+        "actor_rollout_ref.actor_rollout.max_new_tokens=8",
+        "actor_rollout_ref.ref.micro_batch_size=4",
+        "reward.micro_batch_size=4",
+        *extra,
+    ]
+
+
+def small_config(world, output_dir, *extra: str):
+    return compose("online_dpo_trainer_tiny", small_run_overrides(world, output_dir, *extra))
