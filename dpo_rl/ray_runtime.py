@@ -6,7 +6,8 @@ exists (``ray/_common/usage/usage_lib.py: get_cluster_config_to_report``), even 
 stats disabled. So every Ray process this project starts runs with ``HOME`` set to a
 project-owned directory holding an empty (``{}``) bootstrap config; that also keeps Ray's
 ``~/.ray/auth_token`` out of the user's real home. Usage stats are off
-(``RAY_USAGE_STATS_ENABLED=0``) and a local dashboard binds to 127.0.0.1 unless configured.
+(``RAY_USAGE_STATS_ENABLED=0``), a local cluster lives on 127.0.0.1, and its dashboard
+binds to 127.0.0.1 unless configured.
 """
 
 from __future__ import annotations
@@ -60,6 +61,31 @@ def ray_process_env(home: Path) -> Iterator[None]:
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
+#: Ray's switch for single-machine clusters: with it off, Ray uses the loopback address as
+#: the node IP instead of finding "its" IP by connecting a UDP socket towards a public DNS
+#: server (8.8.8.8), which it would otherwise do in the driver and in its agents.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only_cluster() -> Iterator[None]:
+    """Start a local cluster on 127.0.0.1 only: child processes read the env var, the driver's
+    already-imported constant is switched for the duration of ``ray.init``."""
+    from ray._private import ray_constants
+
+    saved_env, saved_const = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
+
+
 def start_ray(
     *,
     address: Optional[str] = None,
@@ -83,14 +109,15 @@ def start_ray(
             logger.info("joining Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=include_dashboard,
-                dashboard_host=dashboard_host,
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-                runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
-            )
+            with _loopback_only_cluster():
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=include_dashboard,
+                    dashboard_host=dashboard_host,
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                    runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
+                )
     return ray.cluster_resources()
 
 
