@@ -50,7 +50,7 @@ def small_run_overrides(world, output_dir, *extra: str) -> list[str]:
         "training.log_interval=1",
         "training.lr=1e-3",
         "actor_rollout_ref.actor_rollout.num_samples_per_step=4",
-        "actor_rollout_ref.actor_rollout.ppo_mini_batch_size=2",
+        "actor_rollout_ref.actor_rollout.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor_rollout.micro_batch_size=1",
         "actor_rollout_ref.actor_rollout.max_new_tokens=8",
         "actor_rollout_ref.ref.micro_batch_size=4",
