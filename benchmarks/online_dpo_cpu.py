@@ -1,0 +1,127 @@
+"""Online-DPO step time on CPU: this project's three Ray roles vs TRL's OnlineDPOTrainer.
+
+Both run on the embedded tiny world (built if missing) with the same SFT actor (exported to
+HF format), reward model, prompts, batch (16 prompts x 2 completions), 32 max new tokens,
+temperature 0.9, beta 0.1 and missing-EOS penalty 1.0, one after the other in this run.
+Prints per-phase medians (generate, reward, reference, update, sync) for ours,
+orchestration overhead (step wall time minus the workers' own compute), TRL's median
+step time, and the ratio. TRL (``pip install -e ".[bench]"``) runs in this process with
+``--trl-threads`` torch threads (default 1, as each of our workers has).
+
+    python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("generate", "reward", "reference", "update", "sync")
+
+
+def run_ours(steps: int, out: Path) -> list[dict]:
+    from dpo_rl.config.compose import compose
+    from dpo_rl.trainer.run import run
+
+    art = "examples/tiny_world/artifacts"
+    cfg = compose("online_dpo_trainer_tiny", [
+        f"training.train_iters={steps}", f"training.output_dir={out}", "training.eval_interval=0",
+        "training.log_interval=1000", "training.plot=false", "data.eval_path=null",
+        f"training.tokenizer_name_or_path={ROOT / art / 'tokenizer'}",
+        f"actor_rollout_ref.actor_rollout.load={ROOT / art / 'sft'}", f"actor_rollout_ref.ref.load={ROOT / art / 'sft'}",
+        f"reward.load={ROOT / art / 'rm'}", f"data.train_path={ROOT / art / 'prompts_train.jsonl'}",
+    ])
+    run(cfg)
+    return [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+
+
+def run_trl(steps: int, threads: int) -> list[float]:
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback)
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from dpo_rl.data.prompts import encode_prompt
+
+    torch.set_num_threads(threads)
+    art = ROOT / "examples/tiny_world/artifacts"
+    tokenizer = AutoTokenizer.from_pretrained(art / "tokenizer")
+    tokenizer.padding_side = "left"
+    prompts = [json.loads(line)["prompt"] for line in (art / "prompts_train.jsonl").read_text().splitlines()]
+    # The same token ids our loader gives (chat template), passed as text TRL re-tokenizes.
+    texts = [tokenizer.decode(encode_prompt(tokenizer, p)) for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(art / "sft", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(art / "sft", dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(art / "rm", dtype=torch.float32)
+    for m in (model, ref):
+        m.generation_config.eos_token_id = tokenizer.eos_token_id
+        m.generation_config.pad_token_id = tokenizer.pad_token_id
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = OnlineDPOConfig(
+            output_dir=out, use_cpu=True, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+            max_steps=steps, learning_rate=5e-5, beta=[0.1], max_new_tokens=32, temperature=0.9,
+            missing_eos_penalty=1.0, logging_steps=1000, save_strategy="no", report_to=[], seed=1234,
+            dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=rm, args=args,
+                                   train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                                   reward_processing_classes=tokenizer, callbacks=[Timer()])
+        trainer.train()
+    return step_times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="leading steps left out of the medians")
+    parser.add_argument("--trl-threads", type=int, default=1)
+    args = parser.parse_args()
+
+    from examples.tiny_world.build import build
+
+    build()
+    with tempfile.TemporaryDirectory() as out:
+        timing = run_ours(args.steps, Path(out))[args.warmup:]
+    trl_steps = run_trl(args.steps, args.trl_threads)[args.warmup:]
+
+    def med(key):
+        values = [t[key] for t in timing if key in t]
+        return statistics.median(values) if values else None
+
+    ours_step, trl_step = med("timing/step"), statistics.median(trl_steps)
+    overhead = statistics.median(t["timing/orchestration"] / t["timing/step"] for t in timing)
+    print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; "
+          f"medians of {len(timing)} steps after {args.warmup} warm-up\n")
+    print("| phase (ours)          | median s |")
+    print("|-----------------------|----------|")
+    for phase in PHASES:
+        value = med(f"timing/{phase}")
+        print(f"| {phase:<21} | {'-' if value is None else f'{value:.3f}':>8} |")
+    print(f"| orchestration         | {med('timing/orchestration'):>8.3f} |")
+    print(f"| step                  | {ours_step:>8.3f} |")
+    print(f"\norchestration overhead: {overhead:.1%} of the step (goal < 10%)")
+    print(f"TRL OnlineDPOTrainer step: {trl_step:.3f} s ({args.trl_threads} torch thread(s))")
+    ratio = ours_step / trl_step
+    print(f"ours / TRL step time: {ratio:.2f} (goal <= 1.0): {'MET' if ratio <= 1.0 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
