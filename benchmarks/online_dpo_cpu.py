@@ -34,7 +34,7 @@ def run_ours(steps: int, out: Path) -> list[dict]:
     art = "examples/tiny_world/artifacts"
     cfg = compose("online_dpo_trainer_tiny", [
         f"training.train_iters={steps}", f"training.output_dir={out}", "training.eval_interval=0",
-        "training.log_interval=1000", "training.plot=false", "data.eval_path=null",
+        "training.log_interval=1000", "+training.plot=false", "data.eval_path=null",
         f"training.tokenizer_name_or_path={ROOT / art / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ROOT / art / 'sft'}", f"actor_rollout_ref.ref.load={ROOT / art / 'sft'}",
         f"reward.load={ROOT / art / 'rm'}", f"data.train_path={ROOT / art / 'prompts_train.jsonl'}",

@@ -1,8 +1,8 @@
 """The online-DPO loop (driver side).
 
-One step (``train_step``): sample ``n`` responses per prompt from the actor, score them
-with the reward model minus the missing-EOS penalty, pair them, get reference log-probs
-of each pair, update the actor over ``ppo_epochs`` x mini-batches, and push the new
+One step (``train_step``): sample ``n`` responses per prompt from the actor; score them
+with the reward model (minus the missing-EOS penalty) while the reference computes their
+log-probs; pair them; update the actor over ``ppo_epochs`` x mini-batches; push the new
 weights to separate rollout ranks when there are any. Each phase is one worker-group RPC.
 """
 
@@ -19,6 +19,7 @@ from dpo_rl.batch import Batch
 from dpo_rl.config.trainer import ResolvedConfig
 from dpo_rl.data.prompts import PromptSampler, PromptSet, prompt_batch
 from dpo_rl.pairing import build_pairs
+from dpo_rl.workers.worker_group import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +91,47 @@ def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -
     return Batch(out)
 
 
+def _compute_seconds(result: Any) -> Optional[float]:
+    if isinstance(result, Batch):
+        return result.meta.get("compute_s")
+    if isinstance(result, dict):
+        return result.get("compute_s")
+    return None
+
+
 @dataclass
 class StepTimer:
-    """Wall time of each phase as seen by the driver, and the workers' own compute time."""
+    """Wall time of each phase as seen by the driver, and the workers' own compute time.
+
+    ``critical`` holds the compute on the step's critical path: phases that run
+    concurrently count once, with their longest compute.
+    """
 
     wall: dict[str, float] = field(default_factory=dict)
     compute: dict[str, float] = field(default_factory=dict)
+    critical: float = 0.0
 
     def run(self, phase: str, fn, *args, **kwargs):
+        """Run one phase; its result's ``compute_s`` is the worker's own time."""
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.wall[phase] = time.perf_counter() - start
-        compute = result.meta.get("compute_s") if isinstance(result, Batch) else (
-            result.get("compute_s") if isinstance(result, dict) else None)
+        compute = _compute_seconds(result)
         self.compute[phase] = float(compute) if compute is not None else self.wall[phase]
+        self.critical += self.compute[phase]
         return result
+
+    def concurrently(self, name: str, calls: dict[str, tuple[Any, str, tuple]]) -> dict[str, Any]:
+        """Start ``phase -> (group, method, args)`` calls together and wait for all of them."""
+        start = time.perf_counter()
+        pending = {phase: group.call_async(method, *args) for phase, (group, method, args) in calls.items()}
+        results = {phase: resolve(p) for phase, p in pending.items()}
+        self.wall[name] = time.perf_counter() - start
+        for phase, result in results.items():
+            compute = _compute_seconds(result)
+            self.compute[phase] = float(compute) if compute is not None else self.wall[name]
+        self.critical += max(self.compute[phase] for phase in calls)
+        return results
 
 
 class OnlineDPOTrainer:
@@ -137,23 +164,29 @@ class OnlineDPOTrainer:
         timer = StepTimer()
         start = time.perf_counter()
         samples = timer.run("generate", self.generate, self.next_prompts(), seed=self.c.training.seed * 7919 + step)
-        scores = timer.run("reward", self.groups.reward.score, samples)["scores"]
+        # The reference scores every sample while the reward model does; pairs index into both.
+        scored = timer.concurrently("score_and_reference", {
+            "reward": (self.groups.reward, "score", (samples,)),
+            "reference": (self.groups.ref, "sample_logprobs", (samples,)),
+        })
+        scores, ref_logps = scored["reward"]["scores"], scored["reference"]["ref_logps"]
         penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
         pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
                             min_score_margin=self.c.algorithm.min_score_margin,
                             tie_policy=self.c.algorithm.tie_policy, seed=self.c.training.seed + step)
         metrics = self.sample_metrics(samples, penalized, pairs)
         if len(pairs):
-            pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected)
-            ref = timer.run("reference", self.groups.ref.pair_logprobs, pair_batch)
-            update = timer.run("update", self.groups.actor.update, self.layout(pair_batch.update(ref), step))
+            pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected).update(
+                {"ref_chosen_logps": ref_logps[pairs.chosen], "ref_rejected_logps": ref_logps[pairs.rejected]})
+            update = timer.run("update", self.groups.actor.update, self.layout(pair_batch, step))
             metrics.update({k: v for k, v in update.items() if k != "compute_s"})
             if self.groups.rollout is not None:
                 timer.run("sync", self.sync_weights)
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
+        metrics.update({f"timing/{k}": timer.compute[k] for k in ("reward", "reference")})
         metrics["timing/step"] = step_s
-        metrics["timing/orchestration"] = step_s - sum(timer.compute.values())
+        metrics["timing/orchestration"] = step_s - timer.critical
         metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
         return metrics
 

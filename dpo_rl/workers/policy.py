@@ -1,6 +1,6 @@
 """Policy-model workers: sampling and log-probs (reference, rollout) and the trained actor.
 
-* :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``pair_logprobs``; used for
+* :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``sample_logprobs``; used for
   the reference role and for the actor's separate rollout ranks.
 * :class:`ActorWorker` — a PolicyWorker that also trains: ``update`` runs the DPO loss over
   the step's mini-batches; weights can be exported to rollout ranks.
@@ -48,8 +48,7 @@ def _logprobs_compute(output, micro):
     from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 
     lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
-    chosen, rejected = split_pair_halves(lp.summed)
-    return output.sum() * 0, {"chosen": chosen, "rejected": rejected}
+    return output.sum() * 0, {"logps": lp.summed}
 
 
 class PolicyWorker(MegatronWorker):
@@ -95,16 +94,23 @@ class PolicyWorker(MegatronWorker):
         return result
 
     @register(Dispatch.DP)
-    def pair_logprobs(self, pairs: Batch) -> Batch:
-        """Summed response log-probs of each pair: ``ref_chosen_logps``, ``ref_rejected_logps`` [N]."""
+    def sample_logprobs(self, samples: Batch) -> Batch:
+        """Summed response log-probs of each sample: ``ref_logps`` [S].
+
+        Computed once per sample (pairs index into it), so the reference can run while the
+        reward model scores the same samples.
+        """
+        from dpo_rl.workers.base import sequence_microbatch
+
+        def make_micro(part: Batch):
+            return sequence_microbatch(part, extras={"response_mask": "response_mask"})
+
         with Stopwatch() as watch:
-            outputs = self.forward_only(self.to_device(pairs), pair_microbatch, _logprobs_compute)
-            if outputs:
-                chosen = torch.cat([o["chosen"] for o in outputs])[: len(pairs)].cpu()
-                rejected = torch.cat([o["rejected"] for o in outputs])[: len(pairs)].cpu()
-            else:  # not an output rank: the dispatcher ignores this
-                chosen = rejected = torch.zeros(len(pairs))
-        result = Batch({"ref_chosen_logps": chosen, "ref_rejected_logps": rejected})
+            inputs = self.to_device(samples.select(["sequences", "attention_mask", "response_mask"]))
+            outputs = self.forward_only(inputs, make_micro, _logprobs_compute)
+            logps = (torch.cat([o["logps"] for o in outputs])[: len(samples)].cpu()
+                     if outputs else torch.zeros(len(samples)))  # non-output ranks: ignored by the dispatcher
+        result = Batch({"ref_logps": logps})
         result.meta["compute_s"] = watch.seconds
         return result
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import time
 from typing import Any, Callable
 
 from dpo_rl.batch import Batch
@@ -127,8 +126,10 @@ class _Pending:
         self.refs, self.output_indices, self.rows = refs, output_indices, rows
 
 
-def resolve(pending: "_Pending") -> Any:
-    """Wait for a :meth:`RayWorkerGroup.call_async` result and collect it."""
+def resolve(pending: "_Pending | _Done") -> Any:
+    """Wait for a ``call_async`` result and collect it."""
+    if isinstance(pending, _Done):
+        return pending.value
     import ray
 
     results = ray.get(pending.refs)
@@ -136,6 +137,13 @@ def resolve(pending: "_Pending") -> Any:
     if pending.rows is None:
         return outputs[0]
     return collect_dp(outputs, pending.rows)
+
+
+class _Done:
+    """An in-process call's result, already computed."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class LocalWorkerGroup:
@@ -155,6 +163,10 @@ class LocalWorkerGroup:
         dispatch_of(self.worker_cls, method)
         return getattr(self.worker, method)(*args, **kwargs)
 
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> _Done:
+        """Runs the call now (one process); :func:`resolve` returns its result."""
+        return _Done(self.call(method, *args, **kwargs))
+
     def __getattr__(self, method: str) -> Callable:
         if method.startswith("_"):
             raise AttributeError(method)
@@ -165,8 +177,3 @@ class LocalWorkerGroup:
         pass
 
 
-def timed_call(group, method: str, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    """Call and return (result, wall seconds)."""
-    start = time.perf_counter()
-    result = group.call(method, *args, **kwargs)
-    return result, time.perf_counter() - start

@@ -14,7 +14,8 @@ EXPECTED_KEYS = {
     "objective/scores", "objective/scores_margin", "objective/kl", "objective/entropy", "val/contain_eos_token",
     "response_length/mean", "pairs/tie_rate", "loss", "actor/grad_norm", "actor/lr",
 }
-TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference", "timing/update", "timing/step",
+TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference", "timing/score_and_reference",
+               "timing/update", "timing/step",
                "timing/orchestration", "throughput/tokens_per_s"}
 
 
