@@ -121,6 +121,21 @@ class StepTimer:
         self.critical += self.compute[phase]
         return result
 
+    def collect(self, phase: str, pending: list) -> Any:
+        """Wait for started calls of one phase; Batches are concatenated, compute times summed."""
+        start = time.perf_counter()
+        results = [resolve(p) for p in pending]
+        self.wall[phase] = time.perf_counter() - start
+        computes = [_compute_seconds(r) for r in results]
+        self.compute[phase] = sum(c for c in computes if c is not None) if any(
+            c is not None for c in computes) else self.wall[phase]
+        self.critical += self.compute[phase]
+        if isinstance(results[0], Batch):
+            merged = Batch.concat(results)
+            merged.meta["compute_s"] = self.compute[phase]
+            return merged
+        return results[0]
+
     def concurrently(self, name: str, calls: dict[str, tuple[Any, str, tuple]]) -> dict[str, Any]:
         """Start ``phase -> (group, method, args)`` calls together and wait for all of them."""
         start = time.perf_counter()
@@ -144,6 +159,8 @@ class OnlineDPOTrainer:
         self.actor_cfg = config.roles["actor_rollout"]
         self.sampler = PromptSampler(len(prompts), seed=config.training.seed, shuffle=config.data.shuffle)
         self.summary: dict[str, Any] = {}
+        self._prefetched: Optional[list] = None
+        self._last_step_end: Optional[float] = None
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -161,9 +178,19 @@ class OnlineDPOTrainer:
         return self.summary
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One online-DPO step; returns its metrics.
+
+        With a colocated actor the next step's sampling is queued on the actor right behind
+        this step's update (Ray runs one actor's calls in order), so the driver's round trip
+        and bookkeeping between steps overlap with the actor's work.
+        """
         timer = StepTimer()
-        start = time.perf_counter()
-        samples = timer.run("generate", self.generate, self.next_prompts(), seed=self.c.training.seed * 7919 + step)
+        start = self._last_step_end or time.perf_counter()
+        if self._prefetched is not None:
+            samples = timer.collect("generate", self._prefetched)
+            self._prefetched = None
+        else:
+            samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
         # The reference scores every sample while the reward model does; pairs index into both.
         scored = timer.concurrently("score_and_reference", {
             "reward": (self.groups.reward, "score", (samples,)),
@@ -178,17 +205,25 @@ class OnlineDPOTrainer:
         if len(pairs):
             pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected).update(
                 {"ref_chosen_logps": ref_logps[pairs.chosen], "ref_rejected_logps": ref_logps[pairs.rejected]})
-            update = timer.run("update", self.groups.actor.update, self.layout(pair_batch, step))
+            pending_update = self.groups.actor.call_async("update", self.layout(pair_batch, step))
+            if self.groups.rollout is None and step < self.c.training.train_iters:
+                self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
+            update = timer.collect("update", [pending_update])
             metrics.update({k: v for k, v in update.items() if k != "compute_s"})
             if self.groups.rollout is not None:
                 timer.run("sync", self.sync_weights)
-        step_s = time.perf_counter() - start
+        self._last_step_end = time.perf_counter()
+        step_s = self._last_step_end - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
         metrics.update({f"timing/{k}": timer.compute[k] for k in ("reward", "reference")})
+        metrics.update({f"timing/compute/{k}": v for k, v in timer.compute.items()})
         metrics["timing/step"] = step_s
         metrics["timing/orchestration"] = step_s - timer.critical
         metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
         return metrics
+
+    def sample_seed(self, step: int) -> int:
+        return self.c.training.seed * 7919 + step
 
     # -- phases -------------------------------------------------------------------------
     def next_prompts(self) -> Batch:
@@ -200,18 +235,13 @@ class OnlineDPOTrainer:
         return {"max_new_tokens": a.max_new_tokens, "do_sample": a.do_sample, "temperature": a.temperature,
                 "top_k": a.top_k, "top_p": a.top_p}
 
-    def generate(self, prompts: Batch, *, seed: int, group=None) -> Batch:
-        """Sample in calls of ``num_samples_per_step`` prompts (x n responses each)."""
+    def generate_async(self, prompts: Batch, seed: int, group=None) -> list:
+        """Start sampling in calls of ``num_samples_per_step`` prompts (x n responses each)."""
         group = group or self.groups.sampler
         per_call = self.actor_cfg.num_samples_per_step * self.c.algorithm.num_responses_per_prompt
-        outputs, compute = [], 0.0
-        for call, start in enumerate(range(0, len(prompts), per_call)):
-            out = group.generate(prompts.rows(slice(start, start + per_call)), self.sampling_params(), seed + call)
-            compute += out.meta.get("compute_s", 0.0)
-            outputs.append(out)
-        merged = Batch.concat(outputs)
-        merged.meta["compute_s"] = compute
-        return merged
+        return [group.call_async("generate", prompts.rows(slice(start, start + per_call)), self.sampling_params(),
+                                 seed + call)
+                for call, start in enumerate(range(0, len(prompts), per_call))]
 
     def layout(self, pairs: Batch, step: int) -> Batch:
         a = self.actor_cfg
@@ -261,11 +291,7 @@ class OnlineDPOTrainer:
         return {"samples": samples, "scores": scores}
 
     def generate_eval(self, prompts: Batch, group) -> Batch:
-        outputs = []
-        for start in range(0, len(prompts), self.c.training.global_batch_size):
-            outputs.append(group.generate(prompts.rows(slice(start, start + self.c.training.global_batch_size)),
-                                          self.sampling_params(), 424242 + start))
-        return Batch.concat(outputs)
+        return StepTimer().collect("generate", self.generate_async(prompts, 424242, group=group))
 
     def evaluate(self, initial: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         """RM-judged win rate of the current actor over the initial policy on held-out prompts."""
