@@ -59,7 +59,26 @@ def collect_dp(outputs_by_dp: list[Any], rows: int) -> Any:
     return outputs_by_dp[0]
 
 
-class RayWorkerGroup:
+class _WorkerGroup:
+    """What both group kinds share: ``group.method(...)`` calls a registered worker method."""
+
+    worker_cls: type
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on the group following its declared dispatch; blocks for the result."""
+        return resolve(self.call_async(method, *args, **kwargs))
+
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getattr__(self, method: str) -> Callable:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        dispatch_of(self.worker_cls, method)
+        return functools.partial(self.call, method)
+
+
+class RayWorkerGroup(_WorkerGroup):
     """One role's ranks as Ray actors placed in ``pool``'s bundles."""
 
     def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1) -> None:
@@ -78,7 +97,6 @@ class RayWorkerGroup:
                     placement_group=pg, placement_group_bundle_index=bundle
                 ),
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}},
-                "name": None,
             }
             if pool.device_resource == "GPU":
                 options["num_gpus"] = 1
@@ -89,10 +107,6 @@ class RayWorkerGroup:
         self.ranks = ray.get([a.init_distributed.remote(address, port) for a in self.actors])
         self.dp_size = self.ranks[0].dp_size
         self._output_actor_by_dp = {r.dp_rank: a for a, r in zip(self.actors, self.ranks) if r.is_output_rank}
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``method`` on the group following its declared dispatch; blocks for the result."""
-        return resolve(self.call_async(method, *args, **kwargs))
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> "_Pending":
         """Start ``method`` on every rank; collect it later with :func:`resolve`."""
@@ -105,12 +119,6 @@ class RayWorkerGroup:
         refs = [getattr(a, method).remote(shards[r.dp_rank], *rest, **kwargs) for a, r in zip(self.actors, self.ranks)]
         order = [self.actors.index(self._output_actor_by_dp[d]) for d in range(self.dp_size)]
         return _Pending(refs, order, rows=rows)
-
-    def __getattr__(self, method: str) -> Callable:
-        if method.startswith("_"):
-            raise AttributeError(method)
-        dispatch_of(self.worker_cls, method)
-        return functools.partial(self.call, method)
 
     def shutdown(self) -> None:
         import ray
@@ -146,7 +154,7 @@ class _Done:
         self.value = value
 
 
-class LocalWorkerGroup:
+class LocalWorkerGroup(_WorkerGroup):
     """A single in-process worker (world size 1) with the worker-group interface."""
 
     def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]) -> None:
@@ -159,19 +167,10 @@ class LocalWorkerGroup:
         self.ranks = [ranks]
         self.dp_size = 1
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        dispatch_of(self.worker_cls, method)
-        return getattr(self.worker, method)(*args, **kwargs)
-
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> _Done:
         """Runs the call now (one process); :func:`resolve` returns its result."""
-        return _Done(self.call(method, *args, **kwargs))
-
-    def __getattr__(self, method: str) -> Callable:
-        if method.startswith("_"):
-            raise AttributeError(method)
         dispatch_of(self.worker_cls, method)
-        return functools.partial(self.call, method)
+        return _Done(getattr(self.worker, method)(*args, **kwargs))
 
     def shutdown(self) -> None:
         pass
