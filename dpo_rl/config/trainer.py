@@ -9,6 +9,7 @@ key, value, rule and fix. Keys that DPO accepts but does not use are returned in
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -237,6 +238,9 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         counts = getattr(c.resource_pool, name)
         if not counts or any(n < 0 for n in counts) or sum(counts) < 1:
             p.append(f"resource_pool.{name}={counts} must list >= 0 processes per node, at least 1 in total")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        p.append("training.tensorboard=true but the tensorboard package is not installed; "
+                 'pip install -e ".[tensorboard]" or set training.tensorboard: false')
     if t.global_batch_size < 1 or t.train_iters < 1:
         p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
                  f"({t.train_iters}) must be >= 1")
