@@ -52,14 +52,12 @@ class MegatronWorker:
 
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
-        from dpo_rl.workers.megatron.parallel_state import init_distributed, seed_everything
+        from dpo_rl.workers.megatron.parallel_state import init_distributed, seed_everything, torch_device
 
         torch.set_num_threads(self.role.num_threads)
         self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
         seed_everything(self.seed, self.parallel.device)
-        self.device = torch.device("cpu") if self.parallel.device == "cpu" else torch.device(
-            self.parallel.device, torch.cuda.current_device()
-        )
+        self.device = torch_device(self.parallel.device)
         self.model = self._build_model()
         if self.role.load:
             self._load(self.role.load)

@@ -19,9 +19,6 @@ from dpo_rl.losses import PairLogps, compute_dpo_loss
 from dpo_rl.workers.base import MegatronWorker, Stopwatch
 from dpo_rl.workers.worker_group import Dispatch, register
 
-PAIR_SIDES = ("chosen", "rejected")
-
-
 def pair_microbatch(pairs: Batch):
     """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
     from dpo_rl.workers.megatron.forward import Microbatch

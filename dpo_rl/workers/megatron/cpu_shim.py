@@ -53,11 +53,6 @@ PATCHES: dict[str, str] = {
 }
 
 
-def cpu_shim_applied() -> bool:
-    """True once :func:`apply_cpu_shim` has patched this process."""
-    return bool(_APPLIED)
-
-
 def apply_cpu_shim() -> None:
     """Apply every patch in :data:`PATCHES` to this process (CPU runs only)."""
     if _APPLIED:

@@ -120,9 +120,10 @@ def build_gpt_model(
     )
     if model.rope_scaling_type == "llama3":
         _apply_llama3_rope_scaling(gpt, model)
-    device = parallel.device
-    if device != "cpu":
-        gpt = gpt.to(device=torch.cuda.current_device() if device == "cuda" else device)
+    if parallel.device != "cpu":
+        from dpo_rl.workers.megatron.parallel_state import torch_device
+
+        gpt = gpt.to(device=torch_device(parallel.device))
     return gpt
 
 

@@ -59,7 +59,7 @@ def free_port(host: str = "") -> int:
 
 
 def torch_device(device: str) -> torch.device:
-    """The torch device this process computes on (``cuda:<local rank>`` on GPU)."""
+    """The torch device this process computes on (``cuda:<current>`` / ``npu:<current>``)."""
     if device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     if device == "npu":
