@@ -60,7 +60,7 @@ class Handler:
             responses["response"] = get.text("response", required=True)
         elif self.kind in ("pairwise", "reward"):
             for side in ("chosen", "rejected"):
-                responses[side] = _turn_text(get.value(side, required=True), side)
+                responses[side] = _turn_text(get.value(side, required=True), get.column(side))
                 if not responses[side].strip():
                     raise RowError(get.column(side), f"{side} response is empty")
         return conv, responses
@@ -148,12 +148,12 @@ def _role_and_text(turn: Any, column: str) -> tuple[str, str]:
     return role, text
 
 
-def _turn_text(value: Any, side: str) -> str:
+def _turn_text(value: Any, column: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        return _role_and_text(value, side)[1]
-    raise RowError(side, f"must be a string or a turn object, got {type(value).__name__}")
+        return _role_and_text(value, column)[1]
+    raise RowError(column, f"must be a string or a turn object, got {type(value).__name__}")
 
 
 HANDLERS: dict[str, Handler] = {}

@@ -1,0 +1,172 @@
+"""preprocess_data.py: read-back, determinism, --workers parity, length limits, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpo_rl.data.indexed import DataParallelSampler, TokenizedDataset, collate_pairs, collate_prompts
+from dpo_rl.data.preprocess import InputError, PreprocessOptions, preprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = [{"instruction": f"Describe the harbor at dawn {i}.", "good": "The harbor had cold wind." * (1 + i % 3),
+         "bad": "It was fine."} for i in range(40)]
+KEYS = {"prompt": "instruction", "chosen": "good", "rejected": "bad"}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def options(tokenizer_dir, input_path, prefix, **kw) -> PreprocessOptions:
+    return PreprocessOptions(input=str(input_path), tokenizer_name_or_path=str(tokenizer_dir), output_prefix=str(prefix),
+                             handler_name=kw.pop("handler_name", "AlpacaStylePairwiseHandler"),
+                             prompt_type=kw.pop("prompt_type", "chatml"), map_keys=kw.pop("map_keys", KEYS), **kw)
+
+
+def output_bytes(prefix: Path) -> dict[str, bytes]:
+    return {p.name[len(prefix.name):]: p.read_bytes() for p in sorted(prefix.parent.glob(prefix.name + "_*"))}
+
+
+def test_read_back_equals_what_was_written(tokenizer, tokenizer_dir, tmp_path):
+    from dpo_rl.data.templates import Conversation, tokenize_example
+
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    summary = preprocess(options(tokenizer_dir, src, tmp_path / "out" / "pairs"), progress=False)
+    assert summary.written == 40 and summary.rows_read == 40
+    data = TokenizedDataset(tmp_path / "out" / "pairs")
+    assert len(data) == 40 and data.kind == "pairwise"
+    for i in (0, 17, 39):
+        expected = tokenize_example(tokenizer, "chatml", Conversation(ROWS[i]["instruction"]),
+                                    {"chosen": ROWS[i]["good"], "rejected": ROWS[i]["bad"]})
+        item = data[i]
+        assert {k: item[k].tolist() for k in item} == expected
+    pairs = collate_pairs([data[0], data[1]], pad_id=0)
+    p0, c0 = len(data[0]["prompt"]), len(data[0]["chosen"])
+    assert pairs["chosen_response"][0, :p0].sum() == 0 and pairs["chosen_response"][0, p0 : p0 + c0].all()
+    prompts = collate_prompts([data[0], data[1]], pad_id=0)
+    assert prompts["prompt_mask"][:, -1].all()  # left padded
+
+
+def test_same_input_gives_byte_identical_output_and_workers_agree(tokenizer_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    preprocess(options(tokenizer_dir, src, tmp_path / "a" / "d"), progress=False)
+    preprocess(options(tokenizer_dir, src, tmp_path / "b" / "d"), progress=False)
+    preprocess(options(tokenizer_dir, src, tmp_path / "c" / "d", workers=2), progress=False)
+    a, b, c = (output_bytes(tmp_path / x / "d") for x in "abc")
+    assert set(a) == {"_prompt.bin", "_prompt.idx", "_chosen.bin", "_chosen.idx", "_rejected.bin", "_rejected.idx",
+                      "_meta.json"}
+    assert a == b == c
+
+
+def test_parquet_directory_and_prompt_handler_with_seed_map_keys(tokenizer_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "dir").mkdir()
+    pq.write_table(pa.table({"prompt": [r["instruction"] for r in ROWS[:10]]}), tmp_path / "dir" / "a.parquet")
+    pq.write_table(pa.table({"prompt": [r["instruction"] for r in ROWS[10:15]]}), tmp_path / "dir" / "b.parquet")
+    seed_keys = {"prompt": "prompt", "query": "", "response": "prompt", "system": ""}  # seed 001's example
+    summary = preprocess(options(tokenizer_dir, tmp_path / "dir", tmp_path / "p", map_keys=seed_keys,
+                                 handler_name="PPOAlpacaStyleInstructionHandler"), progress=False)
+    assert summary.written == 15
+    assert TokenizedDataset(tmp_path / "p").fields == ("prompt",)
+
+
+def test_length_limits_drop_or_truncate_and_count(tokenizer_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    dropped = preprocess(options(tokenizer_dir, src, tmp_path / "d", max_response_length=12), progress=False)
+    truncated = preprocess(options(tokenizer_dir, src, tmp_path / "t", max_response_length=12, overlength="truncate"),
+                           progress=False)
+    assert dropped.dropped_overlength > 0 and dropped.written == 40 - dropped.dropped_overlength
+    assert truncated.truncated == dropped.dropped_overlength and truncated.written == 40
+    assert max(len(TokenizedDataset(tmp_path / "t")[i]["chosen"]) for i in range(40)) == 12
+
+
+def bad_input_cases(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(ROWS[:5])
+    cases = {}
+    missing = [dict(r) for r in rows]
+    del missing[3]["bad"]
+    cases["missing column"] = (write_jsonl(tmp_path / "missing.jsonl", missing), r"missing\.jsonl: row 4: column 'bad': is missing")
+    wrong = [dict(r) for r in rows]
+    wrong[1]["good"] = ["a list"]
+    cases["wrong type"] = (write_jsonl(tmp_path / "wrong.jsonl", wrong), r"wrong\.jsonl: row 2: column 'good': must be a string")
+    empty_side = [dict(r) for r in rows]
+    empty_side[2]["good"] = ""
+    cases["empty chosen"] = (write_jsonl(tmp_path / "empty_side.jsonl", empty_side), r"row 3: column 'good': chosen response is empty")
+    (tmp_path / "empty.jsonl").write_text("")
+    cases["empty file"] = (tmp_path / "empty.jsonl", r"empty\.jsonl: the file is empty")
+    (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    cases["invalid json"] = (tmp_path / "broken.jsonl", r"broken\.jsonl: row 2: invalid JSON")
+    (tmp_path / "latin.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1"))
+    cases["not utf-8"] = (tmp_path / "latin.jsonl", r"latin\.jsonl: row 2: not UTF-8 text")
+    pq.write_table(pa.table({"instruction": ["x"]}), tmp_path / "ok.parquet")
+    data = (tmp_path / "ok.parquet").read_bytes()
+    (tmp_path / "corrupt.parquet").write_bytes(data[: len(data) // 2])
+    cases["corrupt parquet"] = (tmp_path / "corrupt.parquet", r"corrupt\.parquet: not a readable parquet file")
+    return cases
+
+
+def test_every_bad_input_is_named_and_writes_nothing(tokenizer_dir, tmp_path):
+    for name, (path, message) in bad_input_cases(tmp_path).items():
+        prefix = tmp_path / "out" / name.replace(" ", "_")
+        with pytest.raises(InputError, match=message):
+            preprocess(options(tokenizer_dir, path, prefix), progress=False)
+        assert not list(prefix.parent.glob(prefix.name + "*")), f"{name}: output was written"
+
+
+def test_skip_bad_rows_counts_and_reports(tokenizer_dir, tmp_path):
+    rows = [dict(r) for r in ROWS[:10]]
+    del rows[3]["bad"]
+    rows[7]["good"] = 5
+    summary = preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o",
+                                 skip_bad_rows=True), progress=False)
+    assert summary.skipped_bad_rows == 2 and summary.written == 8
+    assert "row 4: column 'bad'" in summary.skipped_examples[0]
+
+
+def test_an_incomplete_dataset_is_refused(tokenizer_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    preprocess(options(tokenizer_dir, src, tmp_path / "d"), progress=False)
+    (tmp_path / "d_meta.json").unlink()  # as if the run died before its last write
+    with pytest.raises(InputError, match="not a complete preprocessed dataset"):
+        TokenizedDataset(tmp_path / "d")
+
+
+def test_dp_sampler_shares_batches_and_resumes():
+    full = DataParallelSampler(10, global_batch_size=4, dp_rank=0, dp_size=2, seed=3)
+    other = DataParallelSampler(10, global_batch_size=4, dp_rank=1, dp_size=2, seed=3)
+    a, b = iter(full), iter(other)
+    first = [next(a) for _ in range(3)]
+    second = [next(b) for _ in range(3)]
+    # Batch k covers global positions 4k..4k+3: rank 0 the first two, rank 1 the next two.
+    epoch0 = first[0] + second[0] + first[1] + second[1] + first[2]
+    assert sorted(epoch0) == list(range(10))
+    resumed = iter(DataParallelSampler(10, global_batch_size=4, dp_rank=0, dp_size=2, seed=3, consumed_samples=8))
+    assert next(resumed) == first[2]
+
+
+def test_cli_exit_code_and_summary(tokenizer_dir, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS[:5])
+    ok = subprocess.run([sys.executable, str(ROOT / "preprocess_data.py"), "--input", str(src),
+                         "--tokenizer-name-or-path", str(tokenizer_dir), "--output-prefix", str(tmp_path / "o"),
+                         "--tokenizer-type", "PretrainedFromHF", "--handler-name", "AlpacaStylePairwiseHandler",
+                         "--prompt-type", "llama3", "--map-keys", json.dumps(KEYS), "--workers", "1"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "rows read 5, written 5" in ok.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "preprocess_data.py"), "--input", str(src),
+                          "--tokenizer-name-or-path", str(tokenizer_dir), "--output-prefix", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "column 'prompt': is missing" in bad.stderr
+    assert np.asarray(TokenizedDataset(tmp_path / "o")[0]["prompt"]).size > 0
