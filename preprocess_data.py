@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from dpo_rl.data.adapters import ADAPTERS
 from dpo_rl.data.handlers import HANDLERS
 from dpo_rl.data.preprocess import InputError, PreprocessOptions, preprocess
 from dpo_rl.data.templates import TEMPLATE_NAMES
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> PreprocessOptions:
     p.add_argument("--overlength", default="drop", choices=["drop", "truncate"],
                    help="what to do with samples over the length limits (counted either way)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
+    p.add_argument("--dataset-adapter", default=None, choices=sorted(ADAPTERS),
+                   help="map a public dataset's real layout onto canonical rows (use an AlpacaStyle* handler)")
     a = p.parse_args(argv)
     try:
         map_keys = json.loads(a.map_keys)
@@ -47,6 +50,7 @@ def parse_args(argv=None) -> PreprocessOptions:
         handler_name=a.handler_name, prompt_type=a.prompt_type, map_keys=map_keys, workers=a.workers,
         log_interval=a.log_interval, max_prompt_length=a.max_prompt_length,
         max_response_length=a.max_response_length, overlength=a.overlength, skip_bad_rows=a.skip_bad_rows,
+        dataset_adapter=a.dataset_adapter,
     )
 
 

@@ -39,7 +39,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.meta["num_examples"]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {f: np.asarray(d[index]) for f, d in self.parts.items()}
+        # Copies: megatron returns views into a memory map that closes with the dataset.
+        return {f: np.array(d[index], dtype=np.int32, copy=True) for f, d in self.parts.items()}
 
 
 def collate_prompts(items: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from dpo_rl.data.adapters import get_adapter
 from dpo_rl.data.handlers import Handler, RowError, get_handler
 from dpo_rl.data.templates import get_template, tokenize_example
 
@@ -52,6 +53,7 @@ class PreprocessOptions:
     max_response_length: Optional[int] = None
     overlength: str = "drop"
     skip_bad_rows: bool = False
+    dataset_adapter: Optional[str] = None
 
 
 @dataclass
@@ -156,11 +158,12 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str, handler_name: str, prompt_type: str, map_keys: dict[str, str]) -> None:
+def _init_worker(tokenizer_path: str, handler_name: str, prompt_type: str, map_keys: dict[str, str],
+                 adapter: Optional[str]) -> None:
     from transformers import AutoTokenizer
 
     _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_path), handler=get_handler(handler_name),
-                   prompt_type=prompt_type, map_keys=map_keys)
+                   prompt_type=prompt_type, map_keys=map_keys, adapter=get_adapter(adapter) if adapter else None)
 
 
 def _tokenize_row(item: tuple[str, int, dict[str, Any]]) -> tuple[str, int, Any]:
@@ -168,6 +171,8 @@ def _tokenize_row(item: tuple[str, int, dict[str, Any]]) -> tuple[str, int, Any]
     file, number, row = item
     handler: Handler = _WORKER["handler"]
     try:
+        if _WORKER["adapter"] is not None:
+            row = _WORKER["adapter"](row)
         conv, responses = handler.parse(row, _WORKER["map_keys"])
         tokens = tokenize_example(_WORKER["tokenizer"], _WORKER["prompt_type"], conv, responses)
     except RowError as err:
@@ -250,12 +255,18 @@ def preprocess(options: PreprocessOptions, progress: bool = True) -> Summary:
     if unknown:
         raise InputError(f"--map-keys has unknown keys {unknown}; canonical keys are prompt, query, response, "
                          "system, history, chosen, rejected, messages")
+    if options.dataset_adapter:
+        get_adapter(options.dataset_adapter)
+        if handler.style != "alpaca" or options.map_keys:
+            raise InputError(f"--dataset-adapter {options.dataset_adapter} yields canonical alpaca-style rows: use an "
+                             "AlpacaStyle* handler and no --map-keys")
     files = input_files(options.input)
     summary = Summary()
     examples: list[dict[str, np.ndarray]] = []
     bar = _progress(progress)
     start = time.perf_counter()
-    init_args = (options.tokenizer_name_or_path, options.handler_name, options.prompt_type, options.map_keys)
+    init_args = (options.tokenizer_name_or_path, options.handler_name, options.prompt_type, options.map_keys,
+                 options.dataset_adapter)
     if options.workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, init_args)
         results = pool.imap(_tokenize_row, _rows(files), chunksize=64)
@@ -294,6 +305,7 @@ def preprocess(options: PreprocessOptions, progress: bool = True) -> Summary:
     meta = {
         "handler": handler.name, "kind": handler.kind, "fields": list(handler.fields),
         "prompt_type": options.prompt_type, "tokenizer": str(options.tokenizer_name_or_path),
+        "dataset_adapter": options.dataset_adapter,
         "num_examples": summary.written, "summary": summary.lines()[0],
     }
     write_indexed(options.output_prefix, handler.fields, examples, meta)
