@@ -163,9 +163,10 @@ class DataConfig:
     """Where prompts come from."""
 
     train_path: str = MISSING
-    """JSONL file with one ``{"prompt": "..."}`` per line (training prompts)."""
+    """Training prompts: a JSONL file (one ``{"prompt": "..."}`` per line) or the output prefix of
+    ``preprocess_data.py --handler-name PPOAlpacaStyleInstructionHandler``."""
     eval_path: Optional[str] = None
-    """JSONL of held-out prompts for evaluation (``null`` = no evaluation)."""
+    """Held-out prompts for evaluation, same forms (``null`` = no evaluation)."""
     prompt_key: str = "prompt"
     """Field holding the prompt text."""
     shuffle: bool = True

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
+from dpo_rl.data.prompts import is_preprocessed
 from dpo_rl.config.schema import (
     ROLE_FIELDS,
     UNUSED_IN_DPO,
@@ -245,8 +246,9 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
                  f"({t.train_iters}) must be >= 1")
     if check_paths:
-        p.extend(_check_path("data.train_path", c.data.train_path, "a JSONL prompt file"))
-        p.extend(_check_path("data.eval_path", c.data.eval_path, "a JSONL prompt file"))
+        for key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
+            if value is not None and not is_preprocessed(value):
+                p.extend(_check_path(key, value, "a JSONL prompt file or a preprocess_data.py output prefix"))
     return p
 
 

@@ -1,4 +1,5 @@
-"""Prompt files for online DPO: JSONL, tokenized at start-up, sampled in seeded epochs.
+"""Prompts for online DPO: a JSONL file tokenized at start-up, or a dataset preprocessed by
+``preprocess_data.py`` (prompt handler); sampled in seeded epochs.
 
 Each line is a JSON object whose ``prompt_key`` field holds the prompt text. When the
 tokenizer has a chat template the prompt is wrapped as one user turn with the generation
@@ -69,6 +70,32 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_len
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ConfigError(shown)
     return PromptSet(texts, ids)
+
+
+def is_preprocessed(path: str | Path) -> bool:
+    """True when ``path`` is the prefix of a dataset written by preprocess_data.py."""
+    from dpo_rl.data.preprocess import META_SUFFIX
+
+    return Path(str(path) + META_SUFFIX).is_file()
+
+
+def load_prompt_source(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_length: int) -> PromptSet:
+    """Prompts from a JSONL file, or from a preprocessed dataset prefix (its ``prompt`` field)."""
+    if not is_preprocessed(path):
+        return load_prompts(path, tokenizer, prompt_key=prompt_key, max_prompt_length=max_prompt_length)
+    from dpo_rl.data.indexed import TokenizedDataset
+
+    data = TokenizedDataset(path)
+    if data.kind != "prompt":
+        raise ConfigError([f"{path}: a {data.kind!r} dataset (handler {data.meta['handler']}); online DPO needs "
+                           "prompts: preprocess with --handler-name PPOAlpacaStyleInstructionHandler"])
+    ids = [data[i]["prompt"].tolist() for i in range(len(data))]
+    too_long = [i for i, t in enumerate(ids) if len(t) > max_prompt_length]
+    if too_long:
+        raise ConfigError([f"{path}: {len(too_long)} prompts exceed max_prompt_length={max_prompt_length} "
+                           f"(first: example {too_long[0]}, {len(ids[too_long[0]])} tokens); re-run preprocess_data.py "
+                           "with --max-prompt-length or raise actor_rollout.max_prompt_length"])
+    return PromptSet([tokenizer.decode(t) for t in ids], ids)
 
 
 class PromptSampler:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.trainer import ResolvedConfig, resolve
-from dpo_rl.data.prompts import load_prompts
+from dpo_rl.data.prompts import load_prompt_source
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.online_dpo import OnlineDPOTrainer, RoleGroups
 
@@ -118,10 +118,10 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
     actor = c.roles["actor_rollout"]
     tokenizer = load_tokenizer(actor.tokenizer_name_or_path)
     eos_ids, pad_id = special_ids(tokenizer)
-    prompts = load_prompts(c.data.train_path, tokenizer, prompt_key=c.data.prompt_key,
-                           max_prompt_length=actor.max_prompt_length)
-    eval_prompts = (load_prompts(c.data.eval_path, tokenizer, prompt_key=c.data.prompt_key,
-                                 max_prompt_length=actor.max_prompt_length) if c.data.eval_path else None)
+    prompts = load_prompt_source(c.data.train_path, tokenizer, prompt_key=c.data.prompt_key,
+                                 max_prompt_length=actor.max_prompt_length)
+    eval_prompts = (load_prompt_source(c.data.eval_path, tokenizer, prompt_key=c.data.prompt_key,
+                                       max_prompt_length=actor.max_prompt_length) if c.data.eval_path else None)
     out = Path(c.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

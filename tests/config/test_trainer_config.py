@@ -84,7 +84,7 @@ def test_rule_message(overrides, message):
 
 def test_missing_paths_are_named(tmp_path):
     found = problems([f"data.train_path={tmp_path}/none.jsonl", f"reward.load={tmp_path}/rm"], check_paths=True)
-    assert any(f"data.train_path='{tmp_path}/none.jsonl' does not exist; it must be a JSONL prompt file" in p
+    assert any(f"data.train_path='{tmp_path}/none.jsonl' does not exist; it must be a JSONL prompt file or a preprocess_data.py output prefix" in p
                for p in found)
     assert any(f"reward.load='{tmp_path}/rm' does not exist; it must be an HF checkpoint directory" in p for p in found)
 

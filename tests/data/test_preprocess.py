@@ -170,3 +170,53 @@ def test_cli_exit_code_and_summary(tokenizer_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "column 'prompt': is missing" in bad.stderr
     assert np.asarray(TokenizedDataset(tmp_path / "o")[0]["prompt"]).size > 0
+
+
+HANDLER_ROWS = {
+    "PPOAlpacaStyleInstructionHandler": ({"prompt": "Describe the harbor at dawn."}, {}),
+    "AlpacaStyleInstructionHandler": ({"prompt": "Describe the harbor at dawn.", "response": "It was fine."},
+                                      {"response": "It was fine."}),
+    "SharegptStyleInstructionHandler": ({"messages": [{"from": "human", "value": "Describe the harbor at dawn."},
+                                                      {"from": "gpt", "value": "It was fine."}]},
+                                        {"response": "It was fine."}),
+    "AlpacaStylePairwiseHandler": ({"prompt": "Describe the harbor at dawn.", "chosen": "It was fine.",
+                                    "rejected": "Cold wind."}, {"chosen": "It was fine.", "rejected": "Cold wind."}),
+    "SharegptStylePairwiseHandler": ({"messages": [{"from": "human", "value": "Describe the harbor at dawn."}],
+                                      "chosen": {"from": "gpt", "value": "It was fine."},
+                                      "rejected": {"from": "gpt", "value": "Cold wind."}},
+                                     {"chosen": "It was fine.", "rejected": "Cold wind."}),
+    "AlpacaStyleRewardHandler": ({"prompt": "Describe the harbor at dawn.", "chosen": "It was fine.",
+                                  "rejected": "Cold wind."}, {"chosen": "It was fine.", "rejected": "Cold wind."}),
+}
+ONE_TURN_PROMPT = {
+    "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nDescribe the harbor at dawn.<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "chatml": "<|im_start|>user\nDescribe the harbor at dawn.<|im_end|>\n<|im_start|>assistant\n",
+    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.\n\n### Instruction:\nDescribe the harbor at dawn.\n\n### Response:\n"),
+    "empty": "Describe the harbor at dawn.",
+}
+ONE_TURN_RESPONSE = {"llama3": "{}<|eot_id|>", "chatml": "{}<|im_end|>\n", "alpaca": "{}\n\n</s>", "empty": "{}</s>"}
+
+
+@pytest.mark.parametrize("template", sorted(ONE_TURN_PROMPT))
+@pytest.mark.parametrize("handler", sorted(HANDLER_ROWS))
+def test_each_handler_and_template_through_the_pipeline(tokenizer, tokenizer_dir, tmp_path, handler, template):
+    row, responses = HANDLER_ROWS[handler]
+    src = write_jsonl(tmp_path / "in.jsonl", [row])
+    preprocess(options(tokenizer_dir, src, tmp_path / "o", handler_name=handler, prompt_type=template, map_keys={}),
+               progress=False)
+    item = TokenizedDataset(tmp_path / "o")[0]
+    assert item["prompt"].tolist() == tokenizer.encode(ONE_TURN_PROMPT[template], add_special_tokens=False)
+    assert set(item) == {"prompt", *responses}
+    for key, text in responses.items():
+        assert item[key].tolist() == tokenizer.encode(ONE_TURN_RESPONSE[template].format(text), add_special_tokens=False)
+
+
+def test_online_dpo_refuses_a_dataset_of_the_wrong_kind(tokenizer, tokenizer_dir, tmp_path):
+    from dpo_rl.config.errors import ConfigError
+    from dpo_rl.data.prompts import load_prompt_source
+
+    preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", ROWS), tmp_path / "pairs"), progress=False)
+    with pytest.raises(ConfigError, match="a 'pairwise' dataset .* online DPO needs prompts"):
+        load_prompt_source(tmp_path / "pairs", tokenizer, prompt_key="prompt", max_prompt_length=512)

@@ -82,3 +82,16 @@ def test_split_actor_matches_colocated(runs):
                     "+actor_rollout_ref.actor_rollout.verify_weight_sync=true")
     assert (a / "metrics.jsonl").read_text() == (split / "metrics.jsonl").read_text()
     assert all("timing/sync" in t for t in rows(split / "timing.jsonl"))
+
+
+def test_preprocessed_prompt_dataset_gives_the_jsonl_run(runs, world_dir, tmp_path_factory):
+    from dpo_rl.data.preprocess import PreprocessOptions, preprocess
+
+    out = tmp_path_factory.mktemp("prep")
+    for name in ("train", "eval"):
+        preprocess(PreprocessOptions(input=str(world_dir / f"{name}.jsonl"), tokenizer_name_or_path=str(world_dir / "tokenizer"),
+                                     output_prefix=str(out / name), handler_name="PPOAlpacaStyleInstructionHandler",
+                                     prompt_type="auto"), progress=False)
+    local, _ = runs("in_process", use_ray=False)
+    prep, _ = runs("preprocessed", f"data.train_path={out / 'train'}", f"data.eval_path={out / 'eval'}", use_ray=False)
+    assert (local / "metrics.jsonl").read_text() == (prep / "metrics.jsonl").read_text()
