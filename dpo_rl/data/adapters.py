@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from dpo_rl.data.handlers import RowError
+from dpo_rl.data.handlers import RowError, history_pairs
 
 Canonical = dict[str, Any]
 
@@ -44,23 +44,16 @@ def _last_assistant(messages: Any, column: str) -> str:
     raise RowError(column, "has no assistant message")
 
 
-def _history_of(messages: list, column: str) -> list[tuple[str, str]]:
-    """[user, assistant] pairs before the final user turn of a message list."""
+def _history_of(messages: list) -> list[tuple[str, str]]:
+    """(user, assistant) pairs before the final user turn and answer of a message list."""
     turns = [(m.get("role"), m.get("content")) for m in messages if isinstance(m, dict)]
-    history, pending = [], None
-    for role, text in turns[:-2] if len(turns) >= 2 else []:
-        if role == "user":
-            pending = text
-        elif role == "assistant" and pending is not None:
-            history.append((pending, text))
-            pending = None
-    return history
+    return history_pairs(turns[:-2])
 
 
 def _message_lists(row: dict[str, Any]) -> Canonical:
     prompt = _require(row, "prompt", str)
     chosen = _require(row, "chosen", list)
-    return {"prompt": prompt, "history": _history_of(chosen, "chosen"),
+    return {"prompt": prompt, "history": _history_of(chosen),
             "chosen": _last_assistant(chosen, "chosen"),
             "rejected": _last_assistant(_require(row, "rejected", list), "rejected")}
 
@@ -81,14 +74,7 @@ def _from_turns(turns: list[tuple[str, str]], column: str) -> Canonical:
     """Prompt (last user turn) and history from alternating turns."""
     if not turns or turns[-1][0] != "user":
         raise RowError(column, "the prompt must end with a Human turn")
-    history, pending = [], None
-    for role, text in turns[:-1]:
-        if role == "user":
-            pending = text
-        elif pending is not None:
-            history.append((pending, text))
-            pending = None
-    return {"prompt": turns[-1][1], "history": history}
+    return {"prompt": turns[-1][1], "history": history_pairs(turns[:-1])}
 
 
 def hh_rlhf(row: dict[str, Any]) -> Canonical:

@@ -91,14 +91,19 @@ class Handler:
             parsed = parsed[:-1]
         if not parsed or parsed[-1][0] != "user":
             raise RowError(get.column("messages"), "the last turn before the answer must be the user's")
-        history, pending = [], None
-        for role, text in parsed[:-1]:
-            if role == "user":
-                pending = text
-            elif pending is not None:
-                history.append((pending, text))
-                pending = None
-        return Conversation(parsed[-1][1], system, history)
+        return Conversation(parsed[-1][1], system, history_pairs(parsed[:-1]))
+
+
+def history_pairs(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(user, assistant) pairs from alternating (role, text) turns, in order."""
+    history, pending = [], None
+    for role, text in turns:
+        if role == "user":
+            pending = text
+        elif role == "assistant" and pending is not None:
+            history.append((pending, text))
+            pending = None
+    return history
 
 
 class _Getter:
