@@ -33,7 +33,8 @@ class RoleConfig:
     model: str = MISSING
     """Name of a model architecture listed in ``defaults`` (``configs/rlxf/model/<name>.yaml``)."""
     load: Optional[str] = None
-    """HF checkpoint directory (safetensors) to load; ``null`` = random init (tests only)."""
+    """Checkpoint to load: a Megatron-core directory from ``tools/checkpoint/convert_ckpt.py`` (sharded
+    for this role's TP/PP) or an HF directory (safetensors); ``null`` = random init (tests only)."""
     tokenizer_name_or_path: Optional[str] = None
     """Local HF tokenizer directory for this role's model."""
     tensor_model_parallel_size: int = 1

@@ -70,8 +70,16 @@ class MegatronWorker:
         return build(self.model_config, self.parallel)
 
     def _load(self, directory: str) -> None:
+        """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
+        from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
         from dpo_rl.workers.megatron.hf_interop import SafetensorsCheckpoint, load_into_current_rank
 
+        if MegatronCheckpoint.is_checkpoint(directory):
+            r = self.ranks
+            state = load_rank_state(directory, self.model_config, r.tp_rank, r.tp_size, r.pp_rank, r.pp_size,
+                                    self.reward_model)
+            load_into_model(self.model, state)
+            return
         load_into_current_rank(self.model, SafetensorsCheckpoint(directory), self.model_config,
                                reward=self.reward_model)
 

@@ -95,3 +95,15 @@ def test_preprocessed_prompt_dataset_gives_the_jsonl_run(runs, world_dir, tmp_pa
     local, _ = runs("in_process", use_ray=False)
     prep, _ = runs("preprocessed", f"data.train_path={out / 'train'}", f"data.eval_path={out / 'eval'}", use_ray=False)
     assert (local / "metrics.jsonl").read_text() == (prep / "metrics.jsonl").read_text()
+
+
+def test_megatron_checkpoints_load_like_their_hf_sources(runs, world_dir, tmp_path_factory):
+    from dpo_rl.checkpoint.convert import hf_to_megatron
+
+    out = tmp_path_factory.mktemp("mg")
+    hf_to_megatron(str(world_dir / "sft"), str(out / "sft"), tp=1, pp=1)
+    hf_to_megatron(str(world_dir / "rm"), str(out / "rm"), tp=1, pp=1, reward=True)
+    local, _ = runs("in_process", use_ray=False)
+    mg, _ = runs("megatron_ckpt", f"actor_rollout_ref.actor_rollout.load={out / 'sft'}",
+                 f"actor_rollout_ref.ref.load={out / 'sft'}", f"reward.load={out / 'rm'}", use_ray=False)
+    assert (local / "metrics.jsonl").read_text() == (mg / "metrics.jsonl").read_text()

@@ -233,7 +233,8 @@ def local_tensor_names(
             yield rule, global_layer, rule.mcore.format(i=local)
 
 
-def _te_name(name: str) -> str:
+def te_name(name: str) -> str:
+    """The TransformerEngine-spec name of a local-spec tensor name."""
     for local_spec, te in _TE_RENAMES.items():
         if name.endswith(local_spec):
             return name[: -len(local_spec)] + te
@@ -273,7 +274,7 @@ def load_hf_weights(
             continue
         full = combine(rule, [get(n) for n in names], config)
         local = shard(full, rule.tp_split, tp_rank, tp_size)
-        target_name = _te_name(local_name) if uses_te else local_name
+        target_name = te_name(local_name) if uses_te else local_name
         target = params.get(target_name)
         if target is None:
             problems.append(f"model has no parameter {target_name!r}; wrong family or spec?")

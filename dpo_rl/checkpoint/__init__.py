@@ -1,0 +1,1 @@
+"""Checkpoint conversion and (later) training checkpoints."""

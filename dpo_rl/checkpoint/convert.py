@@ -1,0 +1,299 @@
+"""HF <-> Megatron-core checkpoint conversion with TP/PP resharding, one tensor at a time.
+
+Megatron layout (Megatron-LM's per-rank format):
+
+```
+<dir>/latest_checkpointed_iteration.txt          "release" for converted checkpoints
+<dir>/release/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   {"model": local state dict, ...}
+<dir>/dpo_rl_checkpoint.json                     ModelConfig, TP, PP, reward flag, format version
+```
+
+Local state dicts use megatron-core's local-spec names with per-stage layer numbering, and
+each tensor is this rank's TP shard. The key maps of :mod:`dpo_rl.workers.megatron.hf_interop`
+say how each tensor is built and split. Conversion goes rule by rule:
+- HF -> Megatron reads only the HF tensors of one rule (safetensors are memory-mapped) and
+  writes one target rank at a time;
+- Megatron -> HF and Megatron -> Megatron hold one pipeline stage of the source at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.model import ModelConfig, model_config_from_dict
+from dpo_rl.workers.megatron import hf_interop as hi
+
+FORMAT_VERSION = 1
+META_FILE = "dpo_rl_checkpoint.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+@dataclasses.dataclass
+class MegatronCheckpoint:
+    """A converted (or training) checkpoint directory and its layout."""
+
+    directory: Path
+    config: ModelConfig
+    tp: int
+    pp: int
+    reward: bool
+    iteration: str = RELEASE
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.directory / self.iteration / rank_dir_name(tp_rank, pp_rank, self.pp) / "model_optim_rng.pt"
+
+    @staticmethod
+    def is_checkpoint(directory: str | Path) -> bool:
+        return (Path(directory) / META_FILE).is_file()
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "MegatronCheckpoint":
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise ConfigError([f"{directory}: no {META_FILE}; not a checkpoint written by tools/checkpoint"])
+        meta = json.loads(meta_path.read_text())
+        tracker = directory / TRACKER_FILE
+        iteration = tracker.read_text().strip() if tracker.is_file() else RELEASE
+        iteration = iteration if iteration == RELEASE else f"iter_{int(iteration):07d}"
+        ckpt = cls(directory, model_config_from_dict(meta["model"], source=str(meta_path)),
+                   meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"], meta["reward"], iteration)
+        missing = [str(ckpt.rank_file(t, p)) for t in range(ckpt.tp) for p in range(ckpt.pp)
+                   if not ckpt.rank_file(t, p).is_file()]
+        if missing:
+            raise ConfigError([f"{directory}: rank file(s) missing: {missing[:3]}"])
+        return ckpt
+
+    def write_meta(self) -> None:
+        meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(self.config),
+                "tensor_model_parallel_size": self.tp, "pipeline_model_parallel_size": self.pp,
+                "reward": self.reward}
+        (self.directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (self.directory / TRACKER_FILE).write_text(self.iteration.removeprefix("iter_").lstrip("0") or RELEASE)
+
+
+def _check_layout(config: ModelConfig, tp: int, pp: int) -> None:
+    """TP must divide heads, KV groups, vocabulary and MLP width; PP must divide the layers."""
+    problems = [f"--target-tensor-parallel-size {tp} does not divide {name} ({getattr(config, name)}); "
+                f"pick a TP size that divides it"
+                for name in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size")
+                if tp < 1 or getattr(config, name) % tp]
+    if pp < 1 or config.num_layers % pp:
+        problems.append(f"--target-pipeline-parallel-size {pp} does not divide num_layers ({config.num_layers})")
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- full-tensor streams
+FullTensors = Iterator[tuple[hi.TensorRule, Optional[int], torch.Tensor]]
+"""(rule, global layer or None, full megatron tensor)."""
+
+
+def full_tensors_from_hf(get: Callable[[str], torch.Tensor], names: set[str], config: ModelConfig,
+                         reward: bool) -> FullTensors:
+    """In pipeline order: embedding, then layer by layer, then final norm and head."""
+    rules = hi.key_map(config, reward=reward)
+    head = [(r, None) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
+    body = [(r, layer) for layer in range(config.num_layers) for r in rules if r.per_layer]
+    tail = [(r, None) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
+    for rule, layer in head + body + tail:
+        hf_names = [h.format(i=layer) for h in rule.hf]
+        missing = [n for n in hf_names if n not in names]
+        if missing:
+            raise ConfigError([f"HF checkpoint has no tensor {missing[0]!r}; is it a {config.family} "
+                               f"{'reward ' if reward else ''}model with {config.num_layers} layers?"])
+        yield rule, layer, hi.combine(rule, [get(n) for n in hf_names], config)
+
+
+def full_tensors_from_megatron(ckpt: MegatronCheckpoint) -> FullTensors:
+    rules = hi.key_map(ckpt.config, reward=ckpt.reward)
+    for pp_rank in range(ckpt.pp):
+        shards = [torch.load(ckpt.rank_file(t, pp_rank), map_location="cpu", weights_only=True)["model"]
+                  for t in range(ckpt.tp)]
+        for rule, layer, local_name in hi.local_tensor_names(rules, ckpt.config, pp_rank, ckpt.pp):
+            parts = []
+            for t, shard in enumerate(shards):
+                if local_name not in shard:
+                    raise ConfigError([f"{ckpt.rank_file(t, pp_rank)}: no tensor {local_name!r}"])
+                parts.append(shard[local_name])
+            yield rule, layer, hi.unshard(parts, rule.tp_split)
+        del shards
+
+
+# --------------------------------------------------------------------------- writers
+def write_megatron(source: FullTensors, config: ModelConfig, directory: str | Path, tp: int, pp: int,
+                   reward: bool) -> MegatronCheckpoint:
+    """Shard ``source`` (in pipeline order) into ``tp`` x ``pp`` rank files, writing each stage's
+    files as soon as the stream has moved past it."""
+    _check_layout(config, tp, pp)
+    ckpt = MegatronCheckpoint(Path(directory), config, tp, pp, reward)
+    per_stage = config.num_layers // pp
+    stage_states: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    def flush(pp_rank: int) -> None:
+        for tp_rank, state in enumerate(stage_states.pop(pp_rank)):
+            path = ckpt.rank_file(tp_rank, pp_rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": state, "checkpoint_version": 3.0, "iteration": 0}, path)
+
+    for rule, layer, full in source:
+        _check_shape(rule, layer, full, config, reward)
+        if rule.per_layer:
+            stage, local = divmod(layer, per_stage)
+            name = rule.mcore.format(i=local)
+        else:
+            stage = 0 if rule.mcore.startswith("embedding.") else pp - 1
+            name = rule.mcore
+        states = stage_states.setdefault(stage, [{} for _ in range(tp)])
+        for tp_rank in range(tp):
+            states[tp_rank][name] = hi.shard(full, rule.tp_split, tp_rank, tp).clone()
+        for done in [s for s in stage_states if s < stage and stage_states[s]]:
+            flush(done)
+    for stage in sorted(stage_states):
+        flush(stage)
+    ckpt.write_meta()
+    return ckpt
+
+
+def _check_shape(rule: hi.TensorRule, layer: Optional[int], full: torch.Tensor, config: ModelConfig,
+                 reward: bool) -> None:
+    expected = expected_shape(rule, config, reward)
+    if tuple(full.shape) != expected:
+        where = rule.mcore.format(i=layer) if layer is not None else rule.mcore
+        raise ConfigError([f"{where}: checkpoint tensor has shape {tuple(full.shape)} but the config implies "
+                           f"{expected}; the checkpoint's shapes disagree with its config"])
+
+
+def expected_shape(rule: hi.TensorRule, config: ModelConfig, reward: bool) -> tuple[int, ...]:
+    h, d = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_query_groups) * d
+    name = rule.mcore
+    if name.startswith("embedding."):
+        return (config.vocab_size, h)
+    if name == "output_layer.weight":
+        return (1, h) if reward else (config.vocab_size, h)
+    if name.endswith("linear_qkv.weight"):
+        return (qkv, h)
+    if name.endswith("linear_qkv.bias"):
+        return (qkv,)
+    if name.endswith("linear_proj.weight"):
+        return (h, config.num_attention_heads * d)
+    if name.endswith("linear_fc1.weight"):
+        return (2 * config.ffn_hidden_size, h)
+    if name.endswith("linear_fc2.weight"):
+        return (h, config.ffn_hidden_size)
+    return (h,)  # norms
+
+
+def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, reward: bool,
+             tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 2 * 2**30) -> Path:
+    """HF safetensors shards (+ index), config.json and tokenizer files, loadable by transformers."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map = 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    dtype = None
+    for rule, layer, full in source:
+        _check_shape(rule, layer, full, config, reward)
+        dtype = dtype or full.dtype
+        for name, tensor in zip([h.format(i=layer) for h in rule.hf], hi.decompose(rule, full, config)):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[name] = tensor.contiguous().clone()
+            size += nbytes
+    flush()
+    if len(files) == 1:
+        (directory / files[0]).rename(directory / "model.safetensors")
+    else:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    (directory / "config.json").write_text(
+        json.dumps(hi.hf_config_dict(config, reward=reward, torch_dtype=dtype_name), indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, directory / name)
+    return directory
+
+
+# --------------------------------------------------------------------------- entry points
+def hf_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int, reward: bool = False) -> MegatronCheckpoint:
+    source = hi.SafetensorsCheckpoint(load_dir)
+    config = source.config()
+    _check_layout(config, tp, pp)
+    return write_megatron(full_tensors_from_hf(source.get, source.names, config, reward), config, save_dir, tp, pp,
+                          reward)
+
+
+def megatron_to_hf(load_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None) -> Path:
+    ckpt = MegatronCheckpoint.open(load_dir)
+    return write_hf(full_tensors_from_megatron(ckpt), ckpt.config, save_dir, ckpt.reward, tokenizer_dir)
+
+
+def megatron_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int) -> MegatronCheckpoint:
+    ckpt = MegatronCheckpoint.open(load_dir)
+    return write_megatron(full_tensors_from_megatron(ckpt), ckpt.config, save_dir, tp, pp, ckpt.reward)
+
+
+def load_rank_state(directory: str | Path, config: ModelConfig, tp_rank: int, tp: int, pp_rank: int, pp: int,
+                    reward: bool) -> dict[str, torch.Tensor]:
+    """This rank's local state dict from a Megatron checkpoint whose layout must match."""
+    ckpt = MegatronCheckpoint.open(directory)
+    if (ckpt.tp, ckpt.pp) != (tp, pp):
+        raise ConfigError([f"{directory} is sharded TP={ckpt.tp}, PP={ckpt.pp} but the role runs TP={tp}, PP={pp}; "
+                           f"reshard it: python tools/checkpoint/convert_ckpt.py --load-model-type mg "
+                           f"--save-model-type mg --load-dir {directory} --save-dir <new> "
+                           f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}"])
+    if ckpt.config != config or ckpt.reward != reward:
+        raise ConfigError([f"{directory}: its model config or reward flag differs from the role's model"])
+    return torch.load(ckpt.rank_file(tp_rank, pp_rank), map_location="cpu", weights_only=True)["model"]
+
+
+def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a local-spec state dict into ``model`` (TransformerEngine names mapped); every weight must be filled."""
+    params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    uses_te = any(k.endswith("layer_norm_weight") for k in params)
+    filled, problems = set(), []
+    for name, tensor in state.items():
+        target_name = hi.te_name(name) if uses_te else name
+        target = params.get(target_name)
+        if target is None or target.shape != tensor.shape:
+            problems.append(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the model "
+                            f"({None if target is None else tuple(target.shape)})")
+            continue
+        with torch.no_grad():
+            target.copy_(tensor)
+        filled.add(target_name)
+    unfilled = sorted(set(params) - filled)
+    if unfilled:
+        problems.append(f"model parameters not in the checkpoint: {unfilled[:5]}")
+    if problems:
+        raise ConfigError(problems)
