@@ -35,8 +35,8 @@ class MetricsTracker:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps, self.log_interval = total_steps, max(1, log_interval)
-        self.metrics_file = (self.dir / "metrics.jsonl").open("w")
-        self.timing_file = (self.dir / "timing.jsonl").open("w")
+        # Opened on the first row: a fresh run starts the files, a resumed one keeps their early rows.
+        self.metrics_file = self.timing_file = None
         self.history: list[dict[str, float]] = []
         self.writer = None
         if tensorboard:
@@ -51,7 +51,24 @@ class MetricsTracker:
             self.bar = tqdm(total=total_steps, desc="online DPO", unit="step", file=sys.stderr,
                             dynamic_ncols=True, leave=True)
 
+    def resume_from(self, step: int) -> None:
+        """Keep the rows of steps <= ``step`` (a resumed run continues after them)."""
+        for name in ("metrics.jsonl", "timing.jsonl"):
+            path = self.dir / name
+            kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                    if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.metrics_file = (self.dir / "metrics.jsonl").open("a")
+        self.timing_file = (self.dir / "timing.jsonl").open("a")
+        self.history = [{"step": json.loads(line)["step"], **json.loads(line)}
+                        for line in (self.dir / "metrics.jsonl").read_text().splitlines()]
+        if self.bar is not None:
+            self.bar.update(step)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.metrics_file is None:
+            self.metrics_file = (self.dir / "metrics.jsonl").open("w")
+            self.timing_file = (self.dir / "timing.jsonl").open("w")
         values, timing = split_timing(metrics)
         record = {"step": step, **{k: _round(v) for k, v in sorted(values.items())}}
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -117,8 +134,9 @@ class MetricsTracker:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        self.metrics_file.close()
-        self.timing_file.close()
+        for handle in (self.metrics_file, self.timing_file):
+            if handle is not None:
+                handle.close()
 
 
 def _clock(seconds: float) -> str:

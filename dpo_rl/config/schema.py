@@ -137,6 +137,16 @@ class TrainingConfig(RoleConfig):
     """Also write TensorBoard event files to ``output_dir/tensorboard``."""
     plot: bool = True
     """Write ``curves.png`` (reward and loss) at the end."""
+    save_interval: int = 0
+    """Save a training checkpoint (actor model, optimizer, scheduler, RNG, data position) every N steps (0 = never)."""
+    save_dir: Optional[str] = None
+    """Where checkpoints go; ``null`` = ``<output_dir>/checkpoints``."""
+    keep_last_k: int = 2
+    """Checkpoints kept (older ones are deleted after a save; 0 = keep all)."""
+    resume: str = "auto"
+    """``auto`` (the latest checkpoint in save_dir, if any), ``none``, or an ``iter_XXXXXXX`` directory."""
+    export_hf: bool = False
+    """At the end, write the trained actor as an HF checkpoint to ``<output_dir>/hf_actor``."""
 
 
 @dataclass

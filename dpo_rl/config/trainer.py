@@ -242,6 +242,11 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.append("training.tensorboard=true but the tensorboard package is not installed; "
                  'pip install -e ".[tensorboard]" or set training.tensorboard: false')
+    if t.save_interval < 0 or t.keep_last_k < 0:
+        p.append(f"training.save_interval ({t.save_interval}) and training.keep_last_k ({t.keep_last_k}) must be >= 0")
+    if t.resume not in ("auto", "none") and check_paths and not Path(t.resume, "trainer_state.json").is_file():
+        p.append(f"training.resume={t.resume!r} is not auto, none, or a checkpoint directory "
+                 "(an iter_XXXXXXX directory holding trainer_state.json)")
     if t.global_batch_size < 1 or t.train_iters < 1:
         p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
                  f"({t.train_iters}) must be >= 1")

@@ -9,6 +9,7 @@ weights to separate rollout ranks when there are any. Each phase is one worker-g
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -164,13 +165,16 @@ class OnlineDPOTrainer:
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        initial = self.sample_eval(self.groups.ref) if self.eval_prompts is not None else None
         t = self.c.training
-        for step in range(1, t.train_iters + 1):
+        first = self.restore() + 1
+        initial = self.sample_eval(self.groups.ref) if self.eval_prompts is not None else None
+        for step in range(first, t.train_iters + 1):
             metrics = self.train_step(step)
             if initial is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
                 metrics.update(self.evaluate(initial)[0])
             self.tracker.log(step, metrics)
+            if t.save_interval and step % t.save_interval == 0:
+                self.save(step)
         if initial is not None:
             final_metrics, final = self.evaluate(initial)
             self.summary.update(final_metrics)
@@ -224,6 +228,40 @@ class OnlineDPOTrainer:
 
     def sample_seed(self, step: int) -> int:
         return self.c.training.seed * 7919 + step
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @property
+    def save_dir(self) -> str:
+        return self.c.training.save_dir or f"{self.c.training.output_dir}/checkpoints"
+
+    def save(self, step: int) -> None:
+        """Every actor rank writes its state into a staging directory; then it is committed."""
+        from dpo_rl.checkpoint import training as ckpt
+
+        staging = ckpt.staging_dir(self.save_dir, step)
+        shutil.rmtree(staging, ignore_errors=True)
+        self.groups.actor.save_checkpoint(str(staging))
+        state = {"step": step, "consumed_prompts": step * self.c.training.global_batch_size}
+        ckpt.commit(self.save_dir, step, state, self.c.models["actor_rollout"],
+                    self.actor_cfg.tensor_model_parallel_size, self.actor_cfg.pipeline_model_parallel_size,
+                    self.c.training.keep_last_k)
+        logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
+
+    def restore(self) -> int:
+        """Load the checkpoint ``training.resume`` names; returns its step (0 when starting fresh)."""
+        from dpo_rl.checkpoint import training as ckpt
+
+        path = ckpt.resolve_resume(self.c.training.resume, self.save_dir)
+        if path is None:
+            return 0
+        state = ckpt.read_trainer_state(path)
+        self.groups.actor.load_checkpoint(str(path))
+        if self.groups.rollout is not None:
+            self.sync_weights()
+        self.sampler.consumed = state["consumed_prompts"]
+        self.tracker.resume_from(state["step"])
+        logger.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"]
 
     # -- phases -------------------------------------------------------------------------
     def next_prompts(self) -> Batch:

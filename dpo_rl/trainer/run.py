@@ -139,6 +139,8 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
         trainer = OnlineDPOTrainer(c, groups, prompts, pad_token_id=pad_id, tracker=tracker,
                                    eval_prompts=eval_prompts, decode=tokenizer.decode)
         summary = trainer.fit()
+        if c.training.export_hf:
+            summary["hf_actor"] = str(export_actor(c, groups, out / "hf_actor"))
     finally:
         tracker.close()
         if use_ray:
@@ -154,6 +156,22 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
     tracker.write_json("summary.json", summary)
     report(summary, tracker)
     return summary
+
+
+def export_actor(c: ResolvedConfig, groups: RoleGroups, directory: Path) -> Path:
+    """The trained actor as an HF checkpoint (safetensors, config.json, tokenizer files)."""
+    import shutil
+
+    from dpo_rl.checkpoint.convert import TOKENIZER_FILES
+    from dpo_rl.workers.megatron.hf_interop import save_hf_checkpoint
+
+    actor = c.roles["actor_rollout"]
+    save_hf_checkpoint(directory, groups.actor.export_weights(), c.models["actor_rollout"])
+    tokenizer_dir = Path(actor.tokenizer_name_or_path)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, directory / name)
+    return directory
 
 
 def report(summary: dict[str, Any], tracker: MetricsTracker) -> None:

@@ -232,6 +232,27 @@ class ActorWorker(PolicyWorker):
         return norm
 
     @register(Dispatch.ALL)
+    def save_checkpoint(self, directory: str) -> bool:
+        """Write this rank's model shard, optimizer, scheduler and RNG states under ``directory``."""
+        from dpo_rl.checkpoint.training import rank_file, save_rank_state
+
+        r = self.ranks
+        if r.dp_rank == 0:  # DP replicas hold the same state
+            save_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
+                            self.scheduler)
+        return True
+
+    @register(Dispatch.ALL)
+    def load_checkpoint(self, directory: str) -> bool:
+        """Restore what :meth:`save_checkpoint` wrote (same TP/PP layout)."""
+        from dpo_rl.checkpoint.training import load_rank_state, rank_file
+
+        r = self.ranks
+        load_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
+                        self.scheduler)
+        return True
+
+    @register(Dispatch.ALL)
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full HF-named weights on the output rank (collective over TP and PP)."""
         from dpo_rl.workers.megatron.hf_interop import export_from_current_rank

@@ -1,0 +1,134 @@
+"""Training checkpoints: atomic saves every ``save_interval`` steps, the last ``keep_last_k`` kept,
+and resumption (``resume: auto`` = the latest one, if any).
+
+```
+<save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   model, optimizer, scheduler, RNG
+<save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts
+<save_dir>/latest_checkpointed_iteration.txt                              "20"
+<save_dir>/dpo_rl_checkpoint.json                                         model config (convert_ckpt reads it)
+```
+
+Every rank writes into ``iter_XXXXXXX.staging``; the driver then renames that directory and
+replaces the tracker file (each an atomic rename). A crash before the tracker is replaced
+leaves the previous checkpoint as the latest; staging directories are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE, rank_dir_name
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.model import ModelConfig
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+STAGING_SUFFIX = ".staging"
+
+
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def staging_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(str(iteration_dir(save_dir, step)) + STAGING_SUFFIX)
+
+
+def rank_file(directory: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    return Path(directory) / rank_dir_name(tp_rank, pp_rank, pp_size) / "model_optim_rng.pt"
+
+
+def latest_step(save_dir: str | Path) -> Optional[int]:
+    """The step of the latest committed checkpoint, or None."""
+    tracker = Path(save_dir) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    step = int(tracker.read_text().strip())
+    if not iteration_dir(save_dir, step).is_dir():
+        raise ConfigError([f"{tracker} names step {step} but {iteration_dir(save_dir, step)} is missing"])
+    return step
+
+
+def resolve_resume(setting: str, save_dir: str | Path) -> Optional[Path]:
+    """``none`` -> None; ``auto`` -> the latest checkpoint or None; else a checkpoint directory."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        step = latest_step(save_dir)
+        return None if step is None else iteration_dir(save_dir, step)
+    path = Path(setting)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError([f"training.resume={setting!r} is not a checkpoint directory (no trainer_state.json); "
+                           "use auto, none, or an iter_XXXXXXX directory"])
+    return path
+
+
+def save_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+    """One rank's model shard, optimizer and scheduler state, and RNG states."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    from dpo_rl.workers.megatron.hf_interop import local_mcore_state
+
+    state = {
+        "model": local_mcore_state(model),  # local-spec names, so convert_ckpt reads it too
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "checkpoint_version": 3.0,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+    if not path.is_file():
+        raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
+    from dpo_rl.checkpoint.convert import load_into_model
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_into_model(model, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model_config: ModelConfig,
+           tp: int, pp: int, keep_last_k: int) -> Path:
+    """Make the staged checkpoint of ``step`` the latest; drop all but the last ``keep_last_k``."""
+    save_dir = Path(save_dir)
+    staged, final = staging_dir(save_dir, step), iteration_dir(save_dir, step)
+    (staged / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    meta = {"format_version": 1, "model": asdict(model_config), "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp, "reward": False}
+    _atomic_write(save_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _atomic_write(save_dir / TRACKER_FILE, f"{step}\n")
+    if keep_last_k > 0:
+        steps = sorted(int(m.group(1)) for p in save_dir.iterdir() if (m := _ITER.match(p.name)))
+        for old in steps[:-keep_last_k]:
+            shutil.rmtree(iteration_dir(save_dir, old))
+    return final
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / "trainer_state.json").read_text())

@@ -1,0 +1,100 @@
+"""Training checkpoints: resume equals uninterrupted, a crash mid-save keeps the previous one, HF export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_rl.checkpoint import training as ckpt
+from dpo_rl.trainer.run import run
+from tests.trainer.conftest import small_config
+
+COMMON = ("training.eval_interval=0", "+training.export_hf=true")
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def count_steps(monkeypatch) -> list[int]:
+    """Record the steps the trainer really runs."""
+    from dpo_rl.trainer.online_dpo import OnlineDPOTrainer
+
+    steps, real = [], OnlineDPOTrainer.train_step
+
+    def counted(self, step):
+        steps.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(OnlineDPOTrainer, "train_step", counted)
+    return steps
+
+
+def test_resume_gives_the_uninterrupted_run(world_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run(small_config(world_dir, straight, "training.train_iters=4", *COMMON), use_ray=False)
+    resumed = tmp_path / "resumed"
+    run(small_config(world_dir, resumed, "training.train_iters=2", "+training.save_interval=2", *COMMON),
+        use_ray=False)
+    assert ckpt.latest_step(resumed / "checkpoints") == 2
+    from dpo_rl.checkpoint.convert import megatron_to_hf  # a training checkpoint converts like any other
+
+    megatron_to_hf(str(resumed / "checkpoints"), str(tmp_path / "step2_hf"))
+    assert (tmp_path / "step2_hf" / "model.safetensors").is_file()
+    steps = count_steps(monkeypatch)
+    run(small_config(world_dir, resumed, "training.train_iters=4", *COMMON), use_ray=False)  # resume: auto
+    assert steps == [3, 4]
+    assert (resumed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    a, b = weights(straight / "hf_actor"), weights(resumed / "hf_actor")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    first = weights(tmp_path / "resumed" / "hf_actor")  # sanity: training changed the weights
+    from safetensors.torch import load_file
+    sft = load_file(str(world_dir / "sft" / "model.safetensors"))
+    assert any(not torch.equal(first[k], sft[k]) for k in first)
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(world_dir, tmp_path, monkeypatch):
+    out = tmp_path / "crash"
+    real_commit = ckpt.commit
+
+    def commit_then_die(save_dir, step, *args, **kwargs):
+        if step == 3:  # the rank files of step 3 are written; the commit never happens
+            raise KeyboardInterrupt("killed during save")
+        return real_commit(save_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config(world_dir, out, "training.train_iters=3", "+training.save_interval=1",
+                         "+training.keep_last_k=1", *COMMON), use_ray=False)
+    monkeypatch.setattr(ckpt, "commit", real_commit)
+    save_dir = out / "checkpoints"
+    assert ckpt.latest_step(save_dir) == 2
+    assert ckpt.staging_dir(save_dir, 3).is_dir() and not ckpt.iteration_dir(save_dir, 1).exists()  # keep_last_k=1
+    steps = count_steps(monkeypatch)
+    run(small_config(world_dir, out, "training.train_iters=3", *COMMON), use_ray=False)  # auto resumes from 2
+    assert steps == [3]
+    straight = tmp_path / "straight"
+    run(small_config(world_dir, straight, "training.train_iters=3", *COMMON), use_ray=False)
+    assert (out / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+
+
+def test_exported_actor_loads_in_transformers_and_generates(world_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run(small_config(world_dir, tmp_path, "training.train_iters=1", *COMMON), use_ray=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_actor")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf_actor")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Describe the harbor at dawn."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=False)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_resume_setting_is_validated(world_dir, tmp_path):
+    from dpo_rl.config.errors import ConfigError
+    from dpo_rl.config.trainer import resolve
+
+    with pytest.raises(ConfigError, match="training.resume='/nowhere' is not auto, none, or a checkpoint directory"):
+        resolve(small_config(world_dir, tmp_path, "+training.resume=/nowhere"))
