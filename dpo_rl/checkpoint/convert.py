@@ -11,9 +11,9 @@ Megatron layout (Megatron-LM's per-rank format):
 Local state dicts use megatron-core's local-spec names with per-stage layer numbering, and
 each tensor is this rank's TP shard. The key maps of :mod:`dpo_rl.workers.megatron.hf_interop`
 say how each tensor is built and split. Conversion goes rule by rule:
-- HF -> Megatron reads only the HF tensors of one rule (safetensors are memory-mapped) and
-  writes one target rank at a time;
-- Megatron -> HF and Megatron -> Megatron hold one pipeline stage of the source at a time.
+- every target rank file is written on its own, holding only that rank's shards in memory;
+- sources are memory-mapped (safetensors, and ``torch.load(mmap=True)`` rank files) and read
+  one rule at a time, so peak memory stays near one rank's shard plus one full tensor.
 """
 
 from __future__ import annotations
@@ -103,14 +103,19 @@ FullTensors = Iterator[tuple[hi.TensorRule, Optional[int], torch.Tensor]]
 """(rule, global layer or None, full megatron tensor)."""
 
 
+def _wanted(rule: hi.TensorRule, pp_rank: int, pp: int) -> bool:
+    """Whether a non-layer rule belongs to target stage ``pp_rank`` of ``pp``."""
+    return pp_rank == 0 if rule.mcore.startswith("embedding.") else pp_rank == pp - 1
+
+
 def full_tensors_from_hf(get: Callable[[str], torch.Tensor], names: set[str], config: ModelConfig,
-                         reward: bool) -> FullTensors:
-    """In pipeline order: embedding, then layer by layer, then final norm and head."""
+                         reward: bool, pp_rank: int = 0, pp: int = 1) -> FullTensors:
+    """The full tensors of target stage ``pp_rank`` of ``pp``, read one rule at a time."""
     rules = hi.key_map(config, reward=reward)
-    head = [(r, None) for r in rules if not r.per_layer and r.mcore.startswith("embedding.")]
-    body = [(r, layer) for layer in range(config.num_layers) for r in rules if r.per_layer]
-    tail = [(r, None) for r in rules if not r.per_layer and not r.mcore.startswith("embedding.")]
-    for rule, layer in head + body + tail:
+    layers = hi.stage_layers(config, pp_rank, pp)
+    chosen = [(r, None) for r in rules if not r.per_layer and _wanted(r, pp_rank, pp)]
+    chosen += [(r, layer) for layer in layers for r in rules if r.per_layer]
+    for rule, layer in chosen:
         hf_names = [h.format(i=layer) for h in rule.hf]
         missing = [n for n in hf_names if n not in names]
         if missing:
@@ -119,52 +124,50 @@ def full_tensors_from_hf(get: Callable[[str], torch.Tensor], names: set[str], co
         yield rule, layer, hi.combine(rule, [get(n) for n in hf_names], config)
 
 
-def full_tensors_from_megatron(ckpt: MegatronCheckpoint) -> FullTensors:
+def full_tensors_from_megatron(ckpt: MegatronCheckpoint, pp_rank: int = 0, pp: int = 1) -> FullTensors:
+    """The full tensors of target stage ``pp_rank`` of ``pp``; source rank files are memory-mapped."""
     rules = hi.key_map(ckpt.config, reward=ckpt.reward)
-    for pp_rank in range(ckpt.pp):
-        shards = [torch.load(ckpt.rank_file(t, pp_rank), map_location="cpu", weights_only=True)["model"]
+    wanted_layers = set(hi.stage_layers(ckpt.config, pp_rank, pp))
+    for source_stage in range(ckpt.pp):
+        entries = [(rule, layer, name) for rule, layer, name in
+                   hi.local_tensor_names(rules, ckpt.config, source_stage, ckpt.pp)
+                   if (layer in wanted_layers if rule.per_layer else _wanted(rule, pp_rank, pp))]
+        if not entries:
+            continue
+        shards = [torch.load(ckpt.rank_file(t, source_stage), map_location="cpu", weights_only=True, mmap=True)["model"]
                   for t in range(ckpt.tp)]
-        for rule, layer, local_name in hi.local_tensor_names(rules, ckpt.config, pp_rank, ckpt.pp):
+        for rule, layer, local_name in entries:
             parts = []
             for t, shard in enumerate(shards):
                 if local_name not in shard:
-                    raise ConfigError([f"{ckpt.rank_file(t, pp_rank)}: no tensor {local_name!r}"])
+                    raise ConfigError([f"{ckpt.rank_file(t, source_stage)}: no tensor {local_name!r}"])
                 parts.append(shard[local_name])
             yield rule, layer, hi.unshard(parts, rule.tp_split)
         del shards
 
 
+SourceFactory = Callable[[int, int], FullTensors]
+"""(target pp_rank, target pp) -> that stage's full tensors."""
+
+
 # --------------------------------------------------------------------------- writers
-def write_megatron(source: FullTensors, config: ModelConfig, directory: str | Path, tp: int, pp: int,
+def write_megatron(make_source: SourceFactory, config: ModelConfig, directory: str | Path, tp: int, pp: int,
                    reward: bool) -> MegatronCheckpoint:
-    """Shard ``source`` (in pipeline order) into ``tp`` x ``pp`` rank files, writing each stage's
-    files as soon as the stream has moved past it."""
+    """One rank file at a time: stream the rank's stage and keep only its TP shards in memory."""
     _check_layout(config, tp, pp)
     ckpt = MegatronCheckpoint(Path(directory), config, tp, pp, reward)
     per_stage = config.num_layers // pp
-    stage_states: dict[int, list[dict[str, torch.Tensor]]] = {}
-
-    def flush(pp_rank: int) -> None:
-        for tp_rank, state in enumerate(stage_states.pop(pp_rank)):
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            state: dict[str, torch.Tensor] = {}
+            for rule, layer, full in make_source(pp_rank, pp):
+                _check_shape(rule, layer, full, config, reward)
+                name = rule.mcore.format(i=layer - pp_rank * per_stage) if rule.per_layer else rule.mcore
+                state[name] = hi.shard(full, rule.tp_split, tp_rank, tp).clone()
             path = ckpt.rank_file(tp_rank, pp_rank)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": state, "checkpoint_version": 3.0, "iteration": 0}, path)
-
-    for rule, layer, full in source:
-        _check_shape(rule, layer, full, config, reward)
-        if rule.per_layer:
-            stage, local = divmod(layer, per_stage)
-            name = rule.mcore.format(i=local)
-        else:
-            stage = 0 if rule.mcore.startswith("embedding.") else pp - 1
-            name = rule.mcore
-        states = stage_states.setdefault(stage, [{} for _ in range(tp)])
-        for tp_rank in range(tp):
-            states[tp_rank][name] = hi.shard(full, rule.tp_split, tp_rank, tp).clone()
-        for done in [s for s in stage_states if s < stage and stage_states[s]]:
-            flush(done)
-    for stage in sorted(stage_states):
-        flush(stage)
+            del state
     ckpt.write_meta()
     return ckpt
 
@@ -200,7 +203,7 @@ def expected_shape(rule: hi.TensorRule, config: ModelConfig, reward: bool) -> tu
 
 
 def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, reward: bool,
-             tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 2 * 2**30) -> Path:
+             tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 2**30) -> Path:
     """HF safetensors shards (+ index), config.json and tokenizer files, loadable by transformers."""
     from safetensors.torch import save_file
 
@@ -226,7 +229,7 @@ def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, re
             nbytes = tensor.numel() * tensor.element_size()
             if shard and size + nbytes > max_shard_bytes:
                 flush()
-            shard[name] = tensor.contiguous().clone()
+            shard[name] = tensor.contiguous()  # fresh from unshard/decompose, or a read-only mapped source tensor
             size += nbytes
     flush()
     if len(files) == 1:
@@ -249,8 +252,9 @@ def hf_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int, reward: bool 
     source = hi.SafetensorsCheckpoint(load_dir)
     config = source.config()
     _check_layout(config, tp, pp)
-    return write_megatron(full_tensors_from_hf(source.get, source.names, config, reward), config, save_dir, tp, pp,
-                          reward)
+    return write_megatron(lambda stage, stages: full_tensors_from_hf(source.get, source.names, config, reward,
+                                                                      stage, stages),
+                          config, save_dir, tp, pp, reward)
 
 
 def megatron_to_hf(load_dir: str, save_dir: str, tokenizer_dir: Optional[str] = None) -> Path:
@@ -260,7 +264,8 @@ def megatron_to_hf(load_dir: str, save_dir: str, tokenizer_dir: Optional[str] = 
 
 def megatron_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int) -> MegatronCheckpoint:
     ckpt = MegatronCheckpoint.open(load_dir)
-    return write_megatron(full_tensors_from_megatron(ckpt), ckpt.config, save_dir, tp, pp, ckpt.reward)
+    return write_megatron(lambda stage, stages: full_tensors_from_megatron(ckpt, stage, stages), ckpt.config,
+                          save_dir, tp, pp, ckpt.reward)
 
 
 def load_rank_state(directory: str | Path, config: ModelConfig, tp_rank: int, tp: int, pp_rank: int, pp: int,
