@@ -249,7 +249,7 @@ def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, re
 
 # --------------------------------------------------------------------------- entry points
 def hf_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int, reward: bool = False) -> MegatronCheckpoint:
-    source = hi.SafetensorsCheckpoint(load_dir)
+    source = hi.HFCheckpoint(load_dir)
     config = source.config()
     _check_layout(config, tp, pp)
     return write_megatron(lambda stage, stages: full_tensors_from_hf(source.get, source.names, config, reward,

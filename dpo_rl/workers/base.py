@@ -72,7 +72,7 @@ class MegatronWorker:
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
         from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
-        from dpo_rl.workers.megatron.hf_interop import SafetensorsCheckpoint, load_into_current_rank
+        from dpo_rl.workers.megatron.hf_interop import HFCheckpoint, load_into_current_rank
 
         if MegatronCheckpoint.is_checkpoint(directory):
             r = self.ranks
@@ -80,7 +80,7 @@ class MegatronWorker:
                                     self.reward_model)
             load_into_model(self.model, state)
             return
-        load_into_current_rank(self.model, SafetensorsCheckpoint(directory), self.model_config,
+        load_into_current_rank(self.model, HFCheckpoint(directory), self.model_config,
                                reward=self.reward_model)
 
     # -- helpers ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def save_hf(tmp_path, family="qwen2", reward=False, **overrides):
 
 
 def safetensors_state(directory):
-    source = hf_interop.SafetensorsCheckpoint(directory)
+    source = hf_interop.HFCheckpoint(directory)
     return {k: source.get(k) for k in source.names}
 
 
@@ -118,3 +118,16 @@ def test_cli(tmp_path):
     bad = run("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(hf_dir), "--save-dir",
               str(tmp_path / "mg3"), "--target-tensor-parallel-size", "3")
     assert bad.returncode == 2 and "does not divide" in bad.stderr
+
+
+def test_pytorch_bin_checkpoints_convert_too(tmp_path):
+    config = tiny_config("llama")
+    model = tiny_hf_model(config, seed=5)
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the pre-safetensors format
+    hf_to_megatron(str(tmp_path / "bin"), str(tmp_path / "mg"), tp=2, pp=1)
+    megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"))
+    back = safetensors_state(tmp_path / "back")
+    original = {k: v for k, v in model.state_dict().items() if k in back}
+    assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in back)

@@ -7,7 +7,7 @@ is split over tensor-parallel ranks. Layer rules carry ``{i}`` for the layer ind
 pipeline stages own a contiguous block of layers.
 
 Conversion works tensor by tensor through a ``get(hf_name) -> Tensor`` callable, so a
-caller can stream from safetensors shards (``tools/checkpoint`` does) instead of holding
+caller can stream from checkpoint shards (``tools/checkpoint`` does) instead of holding
 the whole checkpoint.
 
 Layouts (megatron-core 0.16.1, local and TransformerEngine specs):
@@ -451,27 +451,28 @@ def hf_transformers_config(config: ModelConfig, *, reward: bool = False, **extra
 
 
 # --------------------------------------------------------------------------- local checkpoint files
-class SafetensorsCheckpoint:
-    """Lazy reader of a local HF checkpoint directory (single file or sharded index)."""
+class HFCheckpoint:
+    """Lazy reader of a local HF checkpoint directory: safetensors (one file or a sharded index) or
+    PyTorch ``.bin`` files (one or sharded), memory-mapped either way."""
 
     def __init__(self, directory: str | Path) -> None:
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ConfigError([f"HF checkpoint directory {str(self.directory)!r} does not exist"])
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+        for index_name, pattern, opener in (("model.safetensors.index.json", "*.safetensors", _open_safetensors),
+                                            ("pytorch_model.bin.index.json", "pytorch_model*.bin", _open_bin)):
+            index = self.directory / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            else:
+                files = [p.name for p in sorted(self.directory.glob(pattern))]
+                weight_map = {}
+            if files:
+                break
         else:
-            files = [p.name for p in sorted(self.directory.glob("*.safetensors"))]
-            if not files:
-                raise ConfigError(
-                    [f"{self.directory}: no *.safetensors files; convert .bin checkpoints to safetensors first"]
-                )
-            weight_map = {}
-        self._handles = {f: safe_open(str(self.directory / f), framework="pt") for f in files}
+            raise ConfigError([f"{self.directory}: no *.safetensors or pytorch_model*.bin weight files"])
+        self._handles = {f: opener(self.directory / f) for f in files}
         if not weight_map:
             weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.weight_map: dict[str, str] = weight_map
@@ -483,6 +484,7 @@ class SafetensorsCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self.weight_map[name]].get_tensor(name)
 
+
     def config(self) -> ModelConfig:
         path = self.directory / "config.json"
         if not path.is_file():
@@ -490,10 +492,33 @@ class SafetensorsCheckpoint:
         return model_config_from_hf(json.loads(path.read_text()), source=str(path))
 
 
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
+class _BinFile:
+    """A ``pytorch_model*.bin`` file with safetensors' handle interface (memory-mapped)."""
+
+    def __init__(self, path: Path) -> None:
+        self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def _open_bin(path: Path) -> _BinFile:
+    return _BinFile(path)
+
+
 # --------------------------------------------------------------------------- current-grid helpers
 def load_into_current_rank(
     model: torch.nn.Module,
-    source: "SafetensorsCheckpoint | dict[str, torch.Tensor]",
+    source: "HFCheckpoint | dict[str, torch.Tensor]",
     config: ModelConfig,
     *,
     reward: bool = False,
@@ -502,7 +527,7 @@ def load_into_current_rank(
     from dpo_rl.workers.megatron.parallel_state import current_ranks
 
     ranks = current_ranks()
-    if isinstance(source, SafetensorsCheckpoint):
+    if isinstance(source, HFCheckpoint):
         get, names = source.get, source.names
     else:
         get, names = source.__getitem__, set(source)

@@ -62,7 +62,7 @@ def test_safetensors_checkpoint_loads_into_model(tmp_path, megatron_single_rank)
     config = tiny_config("qwen2")
     hf_model = tiny_hf_model(config)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    checkpoint = hf_interop.SafetensorsCheckpoint(tmp_path)
+    checkpoint = hf_interop.HFCheckpoint(tmp_path)
     assert checkpoint.config() == config
     model = build_gpt_model(config, ParallelConfig())
     counts = hf_interop.load_into_current_rank(model, checkpoint, config)
@@ -86,7 +86,7 @@ def test_missing_and_mismatched_tensors_are_reported(megatron_single_rank):
 
 def test_missing_checkpoint_directory(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        hf_interop.SafetensorsCheckpoint(tmp_path / "nope")
+        hf_interop.HFCheckpoint(tmp_path / "nope")
     (tmp_path / "config.json").write_text(json.dumps({}))
     with pytest.raises(ConfigError, match="no \\*.safetensors"):
-        hf_interop.SafetensorsCheckpoint(tmp_path)
+        hf_interop.HFCheckpoint(tmp_path)
