@@ -283,22 +283,5 @@ def load_rank_state(directory: str | Path, config: ModelConfig, tp_rank: int, tp
 
 
 def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a local-spec state dict into ``model`` (TransformerEngine names mapped); every weight must be filled."""
-    params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    uses_te = any(k.endswith("layer_norm_weight") for k in params)
-    filled, problems = set(), []
-    for name, tensor in state.items():
-        target_name = hi.te_name(name) if uses_te else name
-        target = params.get(target_name)
-        if target is None or target.shape != tensor.shape:
-            problems.append(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the model "
-                            f"({None if target is None else tuple(target.shape)})")
-            continue
-        with torch.no_grad():
-            target.copy_(tensor)
-        filled.add(target_name)
-    unfilled = sorted(set(params) - filled)
-    if unfilled:
-        problems.append(f"model parameters not in the checkpoint: {unfilled[:5]}")
-    if problems:
-        raise ConfigError(problems)
+    """Copy a rank's local-spec state dict into ``model``; every weight must be filled."""
+    hi.copy_local_state(model, state)

@@ -262,9 +262,8 @@ def load_hf_weights(
     loaded and skipped.
     """
     rules = key_map(config, reward=reward)
-    params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    uses_te = any(k.endswith("layer_norm_weight") for k in params)
-    filled: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    labels: dict[str, str] = {}
     problems: list[str] = []
     for rule, layer, local_name in local_tensor_names(rules, config, pp_rank, pp_size):
         names = [h.format(i=layer) for h in rule.hf]
@@ -272,29 +271,49 @@ def load_hf_weights(
         if missing:
             problems.append(f"HF checkpoint has no tensor {missing[0]!r} (needed for {local_name})")
             continue
-        full = combine(rule, [get(n) for n in names], config)
-        local = shard(full, rule.tp_split, tp_rank, tp_size)
-        target_name = te_name(local_name) if uses_te else local_name
+        state[local_name] = shard(combine(rule, [get(n) for n in names], config), rule.tp_split, tp_rank, tp_size)
+        labels[local_name] = names[0]
+    loaded = copy_local_state(model, state, labels=labels, problems=problems)
+    skipped = sum(1 for n in hf_names if HF_NON_WEIGHTS.match(n))
+    return {"loaded": loaded, "skipped_non_weights": skipped}
+
+
+def copy_local_state(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    labels: Optional[dict[str, str]] = None,
+    problems: Optional[list[str]] = None,
+) -> int:
+    """Copy local-spec tensors into ``model`` (TransformerEngine names mapped) and return how many.
+
+    Every model parameter must be filled and every shape must match; otherwise raises one
+    :class:`ConfigError` with all problems (``labels`` names each tensor's source in messages).
+    """
+    params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    uses_te = any(k.endswith("layer_norm_weight") for k in params)
+    problems = [] if problems is None else problems
+    filled: set[str] = set()
+    for name, tensor in state.items():
+        target_name = te_name(name) if uses_te else name
+        label = (labels or {}).get(name, name)
         target = params.get(target_name)
         if target is None:
-            problems.append(f"model has no parameter {target_name!r}; wrong family or spec?")
+            problems.append(f"model has no parameter {target_name!r} (for {label}); wrong family or spec?")
             continue
-        if target.shape != local.shape:
-            problems.append(
-                f"{names[0]}: shape {tuple(local.shape)} after sharding does not match "
-                f"{target_name} {tuple(target.shape)}; does the model config match the checkpoint?"
-            )
+        if target.shape != tensor.shape:
+            problems.append(f"{label}: shape {tuple(tensor.shape)} after sharding does not match {target_name} "
+                            f"{tuple(target.shape)}; does the model config match the checkpoint?")
             continue
         with torch.no_grad():
-            target.copy_(local)
+            target.copy_(tensor)
         filled.add(target_name)
     unfilled = sorted(set(params) - filled)
     if unfilled:
         problems.append(f"model parameters not filled from the checkpoint: {unfilled[:5]}")
     if problems:
         raise ConfigError(problems)
-    skipped = sum(1 for n in hf_names if HF_NON_WEIGHTS.match(n))
-    return {"loaded": len(filled), "skipped_non_weights": skipped}
+    return len(filled)
 
 
 def local_mcore_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
