@@ -129,7 +129,11 @@ def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[Rol
 
 
 def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
-    """Validate ``cfg`` (a composed Hydra config) and return its resolved form."""
+    """Validate ``cfg`` (a composed Hydra config) and return its resolved form.
+
+    ``check_paths=False`` skips what depends on this machine (files, directories, optional
+    packages), so a config meant for another cluster can be checked anywhere.
+    """
     problems: list[str] = []
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
@@ -239,7 +243,7 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         counts = getattr(c.resource_pool, name)
         if not counts or any(n < 0 for n in counts) or sum(counts) < 1:
             p.append(f"resource_pool.{name}={counts} must list >= 0 processes per node, at least 1 in total")
-    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+    if check_paths and t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.append("training.tensorboard=true but the tensorboard package is not installed; "
                  'pip install -e ".[tensorboard]" or set training.tensorboard: false')
     if t.save_interval < 0 or t.keep_last_k < 0:

@@ -105,3 +105,13 @@ def test_every_schema_field_is_documented_and_the_reference_is_current():
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     path = Path(__file__).resolve().parents[2] / "docs" / "config_reference.md"
     assert path.read_text() == reference.render(), "regenerate: python -m dpo_rl.config.reference > docs/config_reference.md"
+
+
+def test_tensorboard_needs_its_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    found = problems(["training.tensorboard=true"], check_paths=True)
+    assert any('the tensorboard package is not installed; pip install -e ".[tensorboard]"' in p for p in found)
+    resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)  # machine-independent checks pass
