@@ -13,6 +13,7 @@ template, see :func:`auto_prompt_and_response_ids`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -67,14 +68,8 @@ CHATML = Template(
     assistant="<|im_start|>assistant\n",
     end_of_turn="<|im_end|>\n",
 )
-QWEN = Template(
-    name="qwen",
-    prefix=CHATML.prefix,
-    system=CHATML.system,
-    user=CHATML.user,
-    assistant=CHATML.assistant,
-    end_of_turn=CHATML.end_of_turn,
-    default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+QWEN = dataclasses.replace(
+    CHATML, name="qwen", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 )
 ALPACA = Template(
     name="alpaca",
