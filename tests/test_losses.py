@@ -1,4 +1,4 @@
-"""DPO losses against hand-computed values."""
+"""Every preference loss against values computed by hand (with ``math``), plus edge cases."""
 
 from __future__ import annotations
 
@@ -7,48 +7,152 @@ import math
 import pytest
 import torch
 
-from dpo_rl.losses import PairLogps, compute_dpo_loss
+from dpo_rl.losses import LOSSES, LossOptions, LossSpec, PairLogps, compute_preference_loss, preference_losses
 
 
-def logps(c, r, rc, rr, nc=None, nr=None):
-    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    return PairLogps(t(c), t(r), t(rc), t(rr), t(nc or [1.0] * len(c)), t(nr or [1.0] * len(c)))
+def t(values):
+    return torch.tensor(values, dtype=torch.float64)
 
 
-def test_sigmoid_matches_hand_computation():
-    lp = logps([-1.0, -5.0], [-3.0, -2.0], [-2.0, -4.0], [-2.0, -2.0])
-    out = compute_dpo_loss(lp, "sigmoid", beta=0.5)
-    # h = (c - r) - (rc - rr): [2 - 0, -3 - (-2)] = [2, -1]
-    expected = [-math.log(1 / (1 + math.exp(-0.5 * 2))), -math.log(1 / (1 + math.exp(0.5)))]
-    assert torch.allclose(out.losses, torch.tensor(expected, dtype=torch.float64))
-    assert torch.allclose(out.chosen_rewards, torch.tensor([0.5, -0.5], dtype=torch.float64))
-    assert torch.allclose(out.rejected_rewards, torch.tensor([-0.5, 0.0], dtype=torch.float64))
+def logps(c, r, rc=None, rr=None, nc=None, nr=None):
+    return PairLogps(chosen=t(c), rejected=t(r), chosen_tokens=t(nc or [1.0] * len(c)),
+                     rejected_tokens=t(nr or [1.0] * len(c)),
+                     ref_chosen=None if rc is None else t(rc), ref_rejected=None if rr is None else t(rr))
 
 
-def test_sigmoid_equal_logps_is_log2_and_label_smoothing():
-    lp = logps([-1.0], [-1.0], [-1.0], [-1.0])
-    assert compute_dpo_loss(lp, "sigmoid", beta=0.1).losses.item() == pytest.approx(math.log(2))
-    lp = logps([0.0], [-2.0], [0.0], [0.0])  # h = 2, beta h = 2
-    smoothed = compute_dpo_loss(lp, "sigmoid", beta=1.0, label_smoothing=0.1).losses.item()
-    expected = 0.9 * math.log1p(math.exp(-2)) + 0.1 * math.log1p(math.exp(2))
-    assert smoothed == pytest.approx(expected)
+def ls(x):
+    """log sigma(x)."""
+    return -math.log1p(math.exp(-x))
 
 
-def test_sigmoid_large_margins_do_not_overflow():
-    lp = logps([0.0, -1e4], [-1e4, 0.0], [0.0, 0.0], [0.0, 0.0])
-    losses = compute_dpo_loss(lp, "sigmoid", beta=1.0).losses
-    assert torch.isfinite(losses).all()
-    assert losses[0].item() == pytest.approx(0.0, abs=1e-12) and losses[1].item() == pytest.approx(1e4)
+def sig(x):
+    return 1 / (1 + math.exp(-x))
 
 
-def test_ipo_uses_length_averaged_logps():
-    lp = logps([-4.0], [-6.0], [-2.0], [-6.0], nc=[2.0], nr=[3.0])
-    # averaged: c=-2, r=-2, rc=-1, rr=-2 -> h = 0 - 1 = -1; (h - 1/(2*0.5))^2 = (-1 - 1)^2 = 4
-    assert compute_dpo_loss(lp, "ipo", beta=0.5).losses.item() == pytest.approx(4.0)
+# One pair: dc = chosen - ref_chosen = 1.0, dr = rejected - ref_rejected = -2.0, h = 3.0; lengths 2 and 4.
+ONE = dict(c=[-3.0], r=[-8.0], rc=[-4.0], rr=[-6.0], nc=[2.0], nr=[4.0])
+DC, DR, H = 1.0, -2.0, 3.0
+B = 0.5
 
 
-def test_bad_inputs():
+@pytest.mark.parametrize("name, options, expected", [
+    ("sigmoid", {}, -ls(B * H)),
+    ("sigmoid", {"label_smoothing": 0.1}, -0.9 * ls(B * H) - 0.1 * ls(-B * H)),
+    ("hinge", {}, max(0.0, 1 - B * H)),
+    ("ipo", {}, ((DC / 2 - DR / 4) - 1 / (2 * B)) ** 2),
+    ("exo_pair", {"label_smoothing": 1e-3},
+     sig(B * H) * (ls(B * H) - math.log(1 - 1e-3)) + sig(-B * H) * (ls(-B * H) - math.log(1e-3))),
+    ("nca_pair", {}, -ls(B * DC) - 0.5 * ls(-B * DC) - 0.5 * ls(-B * DR)),
+    ("robust", {"label_smoothing": 0.2}, (-0.8 * ls(B * H) + 0.2 * ls(-B * H)) / 0.6),
+    ("bco_pair", {}, -ls(B * DC) - ls(-B * DR)),
+    ("sppo_hard", {}, (DC - 0.5 / B) ** 2 + (DR + 0.5 / B) ** 2),
+    ("apo_zero", {}, 1 - sig(B * DC) + sig(B * DR)),
+    ("apo_down", {}, sig(B * DC) + 1 - sig(B * H)),
+    ("discopop", {"discopop_tau": 0.05},
+     -ls(B * H) * (1 - sig(B * H / 0.05)) + math.exp(-B * H) * sig(B * H / 0.05)),
+    ("sigmoid_norm", {}, -ls(B * (DC / 2 - DR / 4))),
+    ("sft", {}, 3.0 / 2),
+    # single pair: the KL estimates are max(0, dc) = 1 and max(0, dr) = 0
+    ("kto_pair", {}, 0.5 * ((1 - sig(B * (DC - 0.0))) + (1 - sig(B * (1.0 - DR))))),
+    ("simpo", {"simpo_gamma": 0.3}, -ls(B * (-3.0 / 2 - -8.0 / 4) - 0.3)),
+])
+def test_loss_matches_hand_computation(name, options, expected):
+    value = preference_losses(name, logps(**ONE), LossOptions(beta=B, **options))
+    assert value.shape == (1,)
+    assert value.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_orpo_hand_computation():
+    # ac = -0.5, ar = -2.0: log odds(y) = a - log(1 - e^a)
+    ac, ar = -0.5, -2.0
+    log_odds = (ac - math.log(1 - math.exp(ac))) - (ar - math.log(1 - math.exp(ar)))
+    value = preference_losses("orpo", logps([-1.0], [-8.0], nc=[2.0], nr=[4.0]), LossOptions(beta=B))
+    assert value.item() == pytest.approx(-ac - B * ls(log_odds), rel=1e-12)
+
+
+def test_aot_sorts_margins_over_the_batch():
+    # policy margins c - r = [3, -1], reference margins rc - rr = [0, 2]
+    lp = logps([-1.0, -3.0], [-4.0, -2.0], [-2.0, -1.0], [-2.0, -3.0])
+    got = preference_losses("aot", lp, LossOptions(beta=1.0))
+    # sorted: policy [-1, 3], reference [0, 2] -> delta [-1, 1]
+    assert got.tolist() == pytest.approx([-ls(-1.0), -ls(1.0)], rel=1e-12)
+    # unpaired: dc = [1, -2], dr = [-2, 1]; sorted dc [-2, 1], sorted dr [-2, 1] -> delta [0, 0]
+    got = preference_losses("aot_unpaired", lp, LossOptions(beta=1.0))
+    assert got.tolist() == pytest.approx([math.log(2), math.log(2)], rel=1e-12)
+
+
+def test_kto_pair_batch_kl_estimates():
+    lp = logps([-1.0, -3.0], [-4.0, -2.0], [-2.0, -1.0], [-2.0, -3.0])  # dc = [1, -2], dr = [-2, 1]
+    z_c, z_r = max(0.0, -0.5), max(0.0, -0.5)
+    expected = [0.5 * ((1 - sig(dc - z_r)) + (1 - sig(z_c - dr))) for dc, dr in ((1, -2), (-2, 1))]
+    assert preference_losses("kto_pair", lp, LossOptions(beta=1.0)).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_sft_is_the_batch_token_mean():
+    lp = logps([-2.0, -6.0], [-1.0, -1.0], nc=[1.0, 3.0])
+    assert preference_losses("sft", lp, LossOptions()).tolist() == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_equal_logps_are_finite_and_symmetric_losses_at_known_points(name):
+    lp = logps([-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0], [-2.0, -2.0], nc=[2.0, 2.0], nr=[2.0, 2.0])
+    options = LossOptions(beta=0.1, label_smoothing=1e-3 if name == "exo_pair" else 0.0)
+    value = preference_losses(name, lp, options)
+    assert torch.isfinite(value).all()
+    known = {"sigmoid": math.log(2), "sigmoid_norm": math.log(2), "hinge": 1.0, "apo_zero": 1.0, "apo_down": 1.0,
+             "bco_pair": 2 * math.log(2), "aot": math.log(2), "aot_unpaired": math.log(2), "kto_pair": 0.5,
+             "simpo": -ls(-0.5), "ipo": 25.0, "sppo_hard": 2 * 25.0}
+    if name in known:
+        assert value.tolist() == pytest.approx([known[name]] * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_huge_margins_do_not_overflow(name):
+    lp = logps([0.0, -1e4], [-1e4, 0.0], [-1e4, 0.0], [0.0, -1e4], nc=[1e3, 1e3], nr=[1e3, 1e3])
+    lp.chosen = lp.chosen.float()  # fp32 is what training runs in
+    for key in ("rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens"):
+        setattr(lp, key, getattr(lp, key).float())
+    lp.chosen[0] = -1e-3  # keep log p < 0 for the odds-ratio loss
+    value = preference_losses(name, lp, LossOptions(beta=1.0, label_smoothing=1e-3 if name == "exo_pair" else 0.0))
+    assert torch.isfinite(value).all(), (name, value)
+
+
+def test_losses_are_differentiable():
+    for name in sorted(LOSSES):
+        lp = logps(**ONE)
+        lp.chosen.requires_grad_(True)
+        options = LossOptions(beta=B, label_smoothing=1e-3 if name == "exo_pair" else 0.0)
+        preference_losses(name, lp, options).sum().backward()
+        assert lp.chosen.grad is not None and torch.isfinite(lp.chosen.grad).all(), name
+
+
+def test_mixture_and_pref_ftx():
+    spec = LossSpec.create(["sigmoid", "bco_pair"], [0.8, 0.2], pref_ftx=0.5, beta=B)
+    out = compute_preference_loss(logps(**ONE), spec)
+    expected = 0.8 * -ls(B * H) + 0.2 * (-ls(B * DC) - ls(-B * DR)) + 0.5 * (3.0 / 2)
+    assert out.losses.item() == pytest.approx(expected, rel=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(B * DC) and out.rejected_rewards.item() == pytest.approx(B * DR)
+
+
+def test_reference_free_rewards_are_length_normalised():
+    spec = LossSpec.create("simpo", beta=2.0)
+    out = compute_preference_loss(logps([-3.0], [-8.0], nc=[2.0], nr=[4.0]), spec)
+    assert out.chosen_rewards.item() == pytest.approx(2.0 * -1.5) and out.rejected_rewards.item() == pytest.approx(-4.0)
+    assert not spec.needs_reference and LossSpec.create(["simpo", "sigmoid"]).needs_reference
+
+
+def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
-        compute_dpo_loss(logps([0.0], [0.0], [0.0], [0.0]), "kto", beta=0.1)
+        LossSpec.create("kto")
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+        preference_losses("kto", logps(**ONE), LossOptions())
+    with pytest.raises(ValueError, match="2 entries for 1 loss types"):
+        LossSpec.create("sigmoid", [1.0, 2.0])
     with pytest.raises(ValueError, match="at least one token"):
-        compute_dpo_loss(logps([0.0], [0.0], [0.0], [0.0], nc=[0.0]), "sigmoid", beta=0.1)
+        preference_losses("sigmoid", logps(**{**ONE, "nr": [0.0]}), LossOptions())
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        preference_losses("sigmoid", logps([-1.0], [-2.0]), LossOptions())
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        compute_preference_loss(logps([-1.0], [-2.0]), LossSpec.create(["simpo", "ipo"]))
+    with pytest.raises(ValueError, match="label_smoothing > 0"):
+        preference_losses("exo_pair", logps(**ONE), LossOptions())

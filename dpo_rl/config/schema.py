@@ -21,7 +21,7 @@ defaults live here only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -116,19 +116,21 @@ class TrainingConfig(RoleConfig):
     model: Optional[str] = None  # type: ignore[assignment]
     """Default model name for roles that do not name one."""
     stage: str = "ray_online_dpo"
-    """Training algorithm; this driver runs ``ray_online_dpo``."""
+    """What to train: ``ray_online_dpo`` (sample, score, pair, update), ``dpo`` (offline, from preference
+    pairs), ``reward`` (Bradley-Terry reward model) or ``sft`` (supervised fine-tuning of the actor)."""
     seed: int = 1234
     """Seed of everything (sampling, shuffling, initialisation)."""
     device: str = "cpu"
     """``cpu`` (gloo), ``cuda`` (nccl) or ``npu`` (hccl) for every role."""
     global_batch_size: int = 16
-    """Prompts per training step (over all data-parallel ranks)."""
+    """Examples per training step over all data-parallel ranks: prompts (online DPO), pairs (dpo, reward)
+    or sequences (sft); offline stages take one optimizer step per global batch."""
     train_iters: int = 100
-    """Training steps."""
+    """Training steps (offline stages cycle through the data in seeded epochs)."""
     eval_interval: int = 0
-    """Evaluate on held-out prompts every N steps (0 = only at the end)."""
+    """Evaluate on held-out data every N steps (0 = only at the start and the end)."""
     eval_samples: int = 32
-    """Held-out prompts used by evaluation."""
+    """Held-out prompts (online) or examples (offline) used by evaluation."""
     log_interval: int = 1
     """Print a metrics line every N steps (metrics.jsonl gets every step)."""
     output_dir: str = "runs/online_dpo"
@@ -146,42 +148,72 @@ class TrainingConfig(RoleConfig):
     resume: str = "auto"
     """``auto`` (the latest checkpoint in save_dir, if any), ``none``, or an ``iter_XXXXXXX`` directory."""
     export_hf: bool = False
-    """At the end, write the trained actor as an HF checkpoint to ``<output_dir>/hf_actor``."""
+    """At the end, write the trained model as an HF checkpoint to ``<output_dir>/hf_actor`` (``hf_reward`` for the
+    reward stage)."""
 
 
 @dataclass
 class AlgorithmConfig:
-    """The DPO objective and how pairs are built from samples."""
+    """The preference objective (online and offline DPO) and how online pairs are built from samples."""
 
     beta: float = 0.1
-    """DPO temperature (strength of the KL anchor to the reference)."""
-    loss_type: str = "sigmoid"
-    """Loss from ``dpo_rl.losses`` (``sigmoid``, ``ipo``)."""
+    """DPO temperature (strength of the KL anchor to the reference); ORPO's odds-ratio weight, SimPO's scale."""
+    loss_type: Any = "sigmoid"
+    """A loss from ``dpo_rl.losses`` (table in docs/offline_training.md), or a list of them mixed with
+    ``loss_weights`` (TRL's ``loss_type: [sigmoid, bco_pair]``)."""
+    loss_weights: Optional[list[float]] = None
+    """Weight of each ``loss_type`` entry (``null`` = 1.0 each)."""
     label_smoothing: float = 0.0
-    """Conservative-DPO label smoothing (sigmoid loss)."""
+    """Label smoothing / flip rate for the losses that define one (sigmoid, robust, exo_pair, aot, aot_unpaired)."""
+    pref_ftx: float = 0.0
+    """Weight of an SFT term (length-averaged NLL of the chosen response) added to the preference loss."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin."""
+    reference: str = "model"
+    """Where reference log-probs come from: ``model`` (the ref role, live; its ``load`` defaults to the actor's
+    initial weights), ``precomputed`` (offline DPO: the ref role scores the dataset once, the result is cached
+    and training runs without a reference model in memory) or ``none`` (reference-free losses only: orpo,
+    simpo, sft)."""
     num_responses_per_prompt: int = 2
-    """Responses sampled per prompt."""
+    """Online DPO: responses sampled per prompt."""
     pairing_strategy: str = "best_vs_worst"
-    """``best_vs_worst`` (one pair per prompt) or ``all_pairs``."""
+    """Online DPO: ``best_vs_worst`` (one pair per prompt) or ``all_pairs``."""
     min_score_margin: float = 0.0
-    """Drop pairs whose score difference is below this."""
+    """Online DPO: drop pairs whose score difference is below this."""
     tie_policy: str = "skip"
-    """When scores tie: ``skip`` the pair, or keep it ``random``-ly oriented (seeded)."""
+    """Online DPO: when scores tie, ``skip`` the pair, or keep it ``random``-ly oriented (seeded)."""
+
+    def loss_spec(self):
+        """The :class:`dpo_rl.losses.LossSpec` this section describes."""
+        from dpo_rl.losses import LossSpec
+
+        return LossSpec.create(self.loss_type, self.loss_weights, self.pref_ftx, beta=self.beta,
+                               label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+                               simpo_gamma=self.simpo_gamma)
 
 
 @dataclass
 class DataConfig:
-    """Where prompts come from."""
+    """Where the training data comes from."""
 
     train_path: str = MISSING
-    """Training prompts: a JSONL file (one ``{"prompt": "..."}`` per line) or the output prefix of
-    ``preprocess_data.py --handler-name PPOAlpacaStyleInstructionHandler``."""
+    """Online DPO: prompts, a JSONL file (one ``{"prompt": "..."}`` per line) or the output prefix of
+    ``preprocess_data.py --handler-name PPOAlpacaStyleInstructionHandler``. Offline stages: a
+    ``preprocess_data.py`` output prefix of the stage's kind (``dpo``/``reward``: pairwise or reward
+    handlers; ``sft``: instruction handlers)."""
     eval_path: Optional[str] = None
-    """Held-out prompts for evaluation, same forms (``null`` = no evaluation)."""
+    """Held-out data of the same form (``null`` = none, or ``eval_fraction`` of the training data)."""
+    eval_fraction: float = 0.0
+    """Offline stages: hold out this fraction of ``train_path`` (seeded) for evaluation when ``eval_path`` is null."""
     prompt_key: str = "prompt"
-    """Field holding the prompt text."""
+    """Online DPO, JSONL prompts: the field holding the prompt text."""
     shuffle: bool = True
-    """Shuffle prompts each epoch (seeded)."""
+    """Shuffle the training data each epoch (seeded)."""
+    ref_logps_cache_dir: Optional[str] = None
+    """Offline DPO with ``algorithm.reference: precomputed``: where cached reference log-probs live
+    (``null`` = ``<output_dir>/ref_logps_cache``); a cache is reused when dataset and reference match."""
 
 
 @dataclass

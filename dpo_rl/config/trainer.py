@@ -1,4 +1,4 @@
-"""Resolve and validate an online-DPO trainer config before Ray starts.
+"""Resolve and validate a trainer config (any stage) before Ray starts.
 
 :func:`resolve` merges every node into its schema, builds each role's effective
 :class:`RoleConfig` (``training`` defaults overridden by the role section), checks every
@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
-from dpo_rl.data.prompts import is_preprocessed
+from dpo_rl.data.prompts import is_preprocessed, preprocessed_kind
 from dpo_rl.config.schema import (
     ROLE_FIELDS,
     UNUSED_IN_DPO,
@@ -39,7 +39,18 @@ ROLE_SECTIONS = {
 }
 TOP_LEVEL_KEYS = {"defaults", "model", "training", "actor_rollout_ref", "reward", "algorithm", "data",
                   "resource_pool", "ray", "hydra"}
-LOSS_TYPES = ("sigmoid", "ipo")
+#: Stage -> the roles it places (the first one trains). ``dpo`` drops ``ref`` when no reference is used.
+STAGE_ROLES = {
+    "ray_online_dpo": ("actor_rollout", "ref", "reward"),
+    "dpo": ("actor_rollout", "ref"),
+    "reward": ("reward",),
+    "sft": ("actor_rollout",),
+}
+#: Offline stage -> the preprocessed dataset kinds it trains on (``preprocess_data.py`` handler kinds).
+STAGE_DATA_KINDS = {"dpo": ("pairwise", "reward"), "reward": ("reward", "pairwise"), "sft": ("sft",)}
+REFERENCES = ("model", "precomputed", "none")
+#: Fields the reference inherits from the actor's section when its own section does not set them.
+REF_INHERITS = ("model", "load", "tokenizer_name_or_path")
 PAIRING_STRATEGIES = ("best_vs_worst", "all_pairs")
 TIE_POLICIES = ("skip", "random")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -56,11 +67,23 @@ class ResolvedConfig:
     resource_pool: ResourcePoolConfig
     ray: RayConfig
     roles: dict[str, RoleConfig]
-    """Effective settings per role (``actor_rollout``, ``ref``, ``reward``)."""
+    """Effective settings of each role the stage places (``actor_rollout``, ``ref``, ``reward``)."""
     models: dict[str, ModelConfig]
     """Architecture per role."""
     unused: list[str]
     """Accepted keys with no meaning in DPO, one message each."""
+
+    @property
+    def stage(self) -> str:
+        return self.training.stage
+
+    @property
+    def offline(self) -> bool:
+        return self.training.stage != "ray_online_dpo"
+
+    @property
+    def trained_role(self) -> str:
+        return STAGE_ROLES[self.training.stage][0]
 
     def parallel(self, role: str) -> ParallelConfig:
         """The role's training-rank layout."""
@@ -79,7 +102,7 @@ class ResolvedConfig:
     def dp_size(self, role: str) -> int:
         """Data-parallel size of a role's (training) ranks."""
         r = self.roles[role]
-        ranks = r.num_gpus_for_train if role == "actor_rollout" else self.pool_size(role)
+        ranks = r.num_gpus_for_train if role == "actor_rollout" and not self.offline else self.pool_size(role)
         return ranks // (r.tensor_model_parallel_size * r.pipeline_model_parallel_size)
 
     def rollout_dp_size(self) -> int:
@@ -110,11 +133,19 @@ def _section(cfg: DictConfig, dotted: str):
 
 
 def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[RoleConfig]:
-    """``training``'s role fields overridden by the role's own section."""
+    """``training``'s role fields overridden by the role's own section.
+
+    The reference also inherits ``model``, ``load`` and ``tokenizer_name_or_path`` from the
+    actor's section where its own section leaves them out: by default the reference is the
+    actor's initial weights.
+    """
     section_key = ROLE_SECTIONS[role]
     section = _section(cfg, section_key)
     training = cfg.get("training") or {}
     defaults = {k: training[k] for k in ROLE_FIELDS if k in training and training[k] is not None}
+    if role == "ref":
+        actor = _section(cfg, ROLE_SECTIONS["actor_rollout"]) or {}
+        defaults.update({k: actor[k] for k in REF_INHERITS if actor.get(k) is not None and k not in (section or {})})
     unknown = [k for k in (section or {}) if k not in ROLE_FIELDS]
     for key in unknown:
         problems.append(f"{section_key}.{key} is not a role setting; valid keys are listed in "
@@ -126,6 +157,21 @@ def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[Rol
         problems.append(f"{section_key}.model is not set (nor training.model); name a model from defaults")
         return None
     return merged
+
+
+def stage_roles(training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]:
+    """The roles a run places: the stage's, without ``ref`` when offline DPO uses no reference model."""
+    roles = STAGE_ROLES[training.stage]
+    if training.stage == "dpo" and (algorithm.reference == "none" or not _needs_reference(algorithm)):
+        roles = tuple(r for r in roles if r != "ref")
+    return roles
+
+
+def _needs_reference(algorithm: AlgorithmConfig) -> bool:
+    try:
+        return algorithm.loss_spec().needs_reference
+    except ValueError:
+        return True  # reported by the loss checks
 
 
 def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
@@ -147,7 +193,12 @@ def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
     for key in arf:
         if key not in ("actor_rollout", "ref"):
             problems.append(f"actor_rollout_ref.{key} is unknown; expected actor_rollout and ref")
-    roles = {role: role_config(cfg, role, problems) for role in ROLE_SECTIONS}
+    if training is not None and training.stage not in STAGE_ROLES:
+        problems.append(f"training.stage={training.stage!r} is unknown; use one of {tuple(STAGE_ROLES)}")
+    if problems:
+        raise ConfigError(problems)
+    placed = stage_roles(training, algorithm)
+    roles = {role: role_config(cfg, role, problems) for role in placed}
     models: dict[str, ModelConfig] = {}
     available = cfg.get("model") or {}
     for role, rc in roles.items():
@@ -171,11 +222,11 @@ def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
     problems.extend(_check_rules(resolved, check_paths))
     if problems:
         raise ConfigError(problems)
-    resolved.unused = _unused_keys(cfg)
+    resolved.unused = _unused_keys(cfg, resolved)
     return resolved
 
 
-def _unused_keys(cfg: DictConfig) -> list[str]:
+def _unused_keys(cfg: DictConfig, c: ResolvedConfig) -> list[str]:
     messages = []
     for role, section_key in ROLE_SECTIONS.items():
         section = _section(cfg, section_key) or {}
@@ -183,6 +234,11 @@ def _unused_keys(cfg: DictConfig) -> list[str]:
             if section.get(key) is not None:
                 messages.append(f"{section_key}.{key}={section[key]} has no meaning in online DPO "
                                 f"(a PPO key); it is ignored")
+        if role not in c.roles and role != "actor_rollout" and _section(cfg, section_key) is not None and (
+                role != "reward" or c.stage != "ray_online_dpo"):
+            messages.append(f"{section_key} is not used by stage {c.stage!r}"
+                            + (f" with algorithm.reference={c.algorithm.reference!r} and loss_type="
+                               f"{c.algorithm.loss_type!r}" if role == "ref" else "") + "; it is ignored")
     training = cfg.get("training") or {}
     for key in UNUSED_IN_DPO:
         if training.get(key) is not None:
@@ -192,27 +248,15 @@ def _unused_keys(cfg: DictConfig) -> list[str]:
 
 def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     p: list[str] = []
-    t, a = c.training, c.algorithm
-    if t.stage != "ray_online_dpo":
-        p.append(f"training.stage={t.stage!r}: this driver runs 'ray_online_dpo'")
+    t = c.training
     expected_resource = DEVICE_RESOURCE.get(t.device)
     if expected_resource is None:
         p.append(f"training.device={t.device!r} is unknown; use cpu, cuda or npu")
     elif c.ray.device_resource != expected_resource:
         p.append(f"ray.device_resource={c.ray.device_resource!r} does not match training.device={t.device!r}; "
                  f"set ray.device_resource: {expected_resource}")
-    if a.loss_type not in LOSS_TYPES:
-        p.append(f"algorithm.loss_type={a.loss_type!r} is unknown; use one of {LOSS_TYPES}")
-    if a.pairing_strategy not in PAIRING_STRATEGIES:
-        p.append(f"algorithm.pairing_strategy={a.pairing_strategy!r} is unknown; use one of {PAIRING_STRATEGIES}")
-    if a.tie_policy not in TIE_POLICIES:
-        p.append(f"algorithm.tie_policy={a.tie_policy!r} is unknown; use one of {TIE_POLICIES}")
-    if a.num_responses_per_prompt < 2:
-        p.append(f"algorithm.num_responses_per_prompt={a.num_responses_per_prompt} must be >= 2 to form pairs")
-    if a.beta <= 0:
-        p.append(f"algorithm.beta={a.beta} must be > 0")
-    if not 0.0 <= a.label_smoothing < 0.5:
-        p.append(f"algorithm.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
+    if t.stage in ("ray_online_dpo", "dpo"):
+        p.extend(_check_loss(c))
     for role, rc in c.roles.items():
         key = ROLE_SECTIONS[role]
         model = c.models[role]
@@ -229,20 +273,26 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         if rc.tokenizer_name_or_path is None:
             p.append(f"{key}.tokenizer_name_or_path is not set (nor training.tokenizer_name_or_path); "
                      "give a local HF tokenizer directory")
-        if role != "actor_rollout":
-            size = c.pool_size(role)
-            if size % (rc.tensor_model_parallel_size * rc.pipeline_model_parallel_size):
-                p.append(f"resource_pool.{role}={getattr(c.resource_pool, role)} ({size} processes) must be a "
-                         f"multiple of {key} TP x PP ({rc.tensor_model_parallel_size} x "
-                         f"{rc.pipeline_model_parallel_size})")
-            if rc.pipeline_model_parallel_size > 1:
-                p.append(f"{key}.pipeline_model_parallel_size={rc.pipeline_model_parallel_size}: the {role} role "
-                         "runs forward-only with TP; set it to 1")
-    p.extend(_check_actor(c))
-    for name in ("actor_rollout", "ref", "reward"):
-        counts = getattr(c.resource_pool, name)
+        size = c.pool_size(role)
+        if role != "actor_rollout" and size % (rc.tensor_model_parallel_size * rc.pipeline_model_parallel_size):
+            p.append(f"resource_pool.{role}={getattr(c.resource_pool, role)} ({size} processes) must be a "
+                     f"multiple of {key} TP x PP ({rc.tensor_model_parallel_size} x "
+                     f"{rc.pipeline_model_parallel_size})")
+        if role not in ("actor_rollout", c.trained_role) and rc.pipeline_model_parallel_size > 1:
+            p.append(f"{key}.pipeline_model_parallel_size={rc.pipeline_model_parallel_size}: the {role} role "
+                     "runs forward-only with TP; set it to 1")
+        counts = getattr(c.resource_pool, role)
         if not counts or any(n < 0 for n in counts) or sum(counts) < 1:
-            p.append(f"resource_pool.{name}={counts} must list >= 0 processes per node, at least 1 in total")
+            p.append(f"resource_pool.{role}={counts} must list >= 0 processes per node, at least 1 in total")
+    if "ref" in c.roles and c.roles["ref"].tokenizer_name_or_path != c.roles["actor_rollout"].tokenizer_name_or_path:
+        p.append(f"actor_rollout_ref.ref.tokenizer_name_or_path={c.roles['ref'].tokenizer_name_or_path!r} differs "
+                 f"from the actor's ({c.roles['actor_rollout'].tokenizer_name_or_path!r}): the reference scores the "
+                 "actor's token ids, so it needs the same tokenizer; pick a reference model of the actor's family")
+    if t.stage == "ray_online_dpo":
+        p.extend(_check_actor(c))
+        p.extend(_check_online(c, check_paths))
+    else:
+        p.extend(_check_offline(c, check_paths))
     if check_paths and t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.append("training.tensorboard=true but the tensorboard package is not installed; "
                  'pip install -e ".[tensorboard]" or set training.tensorboard: false')
@@ -254,10 +304,100 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     if t.global_batch_size < 1 or t.train_iters < 1:
         p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
                  f"({t.train_iters}) must be >= 1")
+    return p
+
+
+def _check_loss(c: ResolvedConfig) -> list[str]:
+    """The preference objective: loss names, weights, their options and the reference they need."""
+    a, p = c.algorithm, []
+    from dpo_rl.losses import LOSSES
+
+    names = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return [f"algorithm.loss_type={a.loss_type!r} must be a loss name or a non-empty list of them"]
+    unknown = [n for n in names if n not in LOSSES]
+    for name in unknown:
+        p.append(f"algorithm.loss_type={name!r} is unknown; use one of {tuple(LOSSES)}")
+    if a.loss_weights is not None and len(a.loss_weights) != len(names):
+        p.append(f"algorithm.loss_weights has {len(a.loss_weights)} entries for {len(names)} loss_type entries; "
+                 "give one weight per loss or null")
+    if unknown:
+        return p
+    if a.beta <= 0:
+        p.append(f"algorithm.beta={a.beta} must be > 0")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        p.append(f"algorithm.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
+    if a.label_smoothing > 0 and not any(LOSSES[n].uses_label_smoothing for n in names):
+        p.append(f"algorithm.label_smoothing={a.label_smoothing} has no effect on loss_type {names}; only "
+                 f"{tuple(n for n, i in LOSSES.items() if i.uses_label_smoothing)} use it; set it to 0")
+    if "exo_pair" in names and a.label_smoothing <= 0:
+        p.append("algorithm.loss_type exo_pair needs algorithm.label_smoothing > 0 (the EXO paper suggests 1e-3)")
+    if a.discopop_tau <= 0:
+        p.append(f"algorithm.discopop_tau={a.discopop_tau} must be > 0")
+    if a.reference not in REFERENCES:
+        p.append(f"algorithm.reference={a.reference!r} is unknown; use one of {REFERENCES}")
+    needs = [n for n in names if LOSSES[n].needs_reference]
+    if a.reference == "none" and needs:
+        p.append(f"algorithm.loss_type {needs} needs a reference model but algorithm.reference=none; use a "
+                 "reference-free loss (orpo, simpo, sft) or set algorithm.reference: model")
+    if c.stage == "ray_online_dpo" and a.reference != "model":
+        p.append(f"algorithm.reference={a.reference!r}: online DPO scores fresh samples, so its reference is a "
+                 "live model; set algorithm.reference: model")
+    return p
+
+
+def _check_online(c: ResolvedConfig, check_paths: bool) -> list[str]:
+    a, p = c.algorithm, []
+    if a.pairing_strategy not in PAIRING_STRATEGIES:
+        p.append(f"algorithm.pairing_strategy={a.pairing_strategy!r} is unknown; use one of {PAIRING_STRATEGIES}")
+    if a.tie_policy not in TIE_POLICIES:
+        p.append(f"algorithm.tie_policy={a.tie_policy!r} is unknown; use one of {TIE_POLICIES}")
+    if a.num_responses_per_prompt < 2:
+        p.append(f"algorithm.num_responses_per_prompt={a.num_responses_per_prompt} must be >= 2 to form pairs")
     if check_paths:
         for key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
             if value is not None and not is_preprocessed(value):
                 p.extend(_check_path(key, value, "a JSONL prompt file or a preprocess_data.py output prefix"))
+    return p
+
+
+def _check_offline(c: ResolvedConfig, check_paths: bool) -> list[str]:
+    """Offline stages (dpo, reward, sft): the trained role's layout and the dataset's kind."""
+    p: list[str] = []
+    role = c.trained_role
+    key, r = ROLE_SECTIONS[role], c.roles[role]
+    if role == "actor_rollout":
+        pool = c.pool_size(role)
+        if r.num_gpus_for_infer:
+            p.append(f"{key}.num_gpus_for_infer={r.num_gpus_for_infer}: stage {c.stage!r} does not sample; set it to 0")
+        if pool % (r.tensor_model_parallel_size * r.pipeline_model_parallel_size):
+            p.append(f"resource_pool.actor_rollout={c.resource_pool.actor_rollout} ({pool} processes) must be a "
+                     f"multiple of {key} TP x PP ({r.tensor_model_parallel_size} x {r.pipeline_model_parallel_size})")
+            return p
+    per_step = c.dp_size(role) * r.micro_batch_size
+    if c.training.global_batch_size % per_step:
+        p.append(f"training.global_batch_size ({c.training.global_batch_size}) must be a multiple of data-parallel "
+                 f"size x {key}.micro_batch_size ({c.dp_size(role)} x {r.micro_batch_size} = {per_step})")
+    if not 0.0 <= c.data.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction={c.data.eval_fraction} must be in [0, 1)")
+    if c.stage != "dpo" and c.algorithm.reference == "precomputed":
+        p.append(f"algorithm.reference=precomputed has no meaning for stage {c.stage!r}; it is for offline DPO")
+    if check_paths:
+        kinds = STAGE_DATA_KINDS[c.stage]
+        for field_key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
+            if value is None:
+                continue
+            if not is_preprocessed(value):
+                p.append(f"{field_key}={value!r} is not a preprocess_data.py output prefix (no {value}_meta.json); "
+                         f"stage {c.stage!r} trains on preprocessed {' or '.join(kinds)} data")
+                continue
+            kind = preprocessed_kind(value)
+            if kind not in kinds:
+                handlers = {"sft": "AlpacaStyleInstructionHandler", "pairwise": "AlpacaStylePairwiseHandler",
+                            "reward": "AlpacaStyleRewardHandler"}
+                p.append(f"{field_key}={value!r} holds {kind!r} data, but stage {c.stage!r} trains on "
+                         f"{' or '.join(kinds)} data; preprocess it with --handler-name {handlers[kinds[0]]} "
+                         "(or its Sharegpt variant)")
     return p
 
 
@@ -315,4 +455,4 @@ def _check_path(key: str, value: Optional[str], what: str, directory: bool = Fal
     return []
 
 
-__all__ = ["ResolvedConfig", "resolve", "ROLE_SECTIONS", "LOSS_TYPES"]
+__all__ = ["ResolvedConfig", "resolve", "ROLE_SECTIONS", "STAGE_ROLES"]

@@ -79,6 +79,15 @@ def is_preprocessed(path: str | Path) -> bool:
     return Path(str(path) + META_SUFFIX).is_file()
 
 
+def preprocessed_kind(path: str | Path) -> str:
+    """The handler kind (prompt, sft, pairwise, reward) recorded in a preprocessed prefix's meta file."""
+    import json
+
+    from dpo_rl.data.preprocess import META_SUFFIX
+
+    return json.loads(Path(str(path) + META_SUFFIX).read_text())["kind"]
+
+
 def load_prompt_source(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_length: int) -> PromptSet:
     """Prompts from a JSONL file, or from a preprocessed dataset prefix (its ``prompt`` field)."""
     if not is_preprocessed(path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
     policy = {"eos_token_ids": eos_ids, "pad_token_id": pad_id}
     specs = {
         "actor": (ActorWorker, dict(model_config=c.models["actor_rollout"], parallel=c.parallel("actor_rollout"),
-                                    role=actor, seed=seed, algorithm=asdict(c.algorithm), total_steps=total_steps,
+                                    role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_steps=total_steps,
                                     **policy)),
         "ref": (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
                                    seed=seed, **policy)),

@@ -2,22 +2,24 @@
 
 * :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``sample_logprobs``; used for
   the reference role and for the actor's separate rollout ranks.
-* :class:`ActorWorker` — a PolicyWorker that also trains: ``update`` runs the DPO loss over
-  the step's mini-batches; weights can be exported to rollout ranks.
+* :class:`ActorWorker` — a PolicyWorker that also trains (:class:`TrainableWorker`): ``update``
+  runs the preference loss (online and offline DPO) or the SFT loss over the step's
+  mini-batches; weights can be exported to rollout ranks.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from dpo_rl.batch import Batch
-from dpo_rl.losses import PairLogps, compute_dpo_loss
+from dpo_rl.losses import LossSpec, PairLogps, PreferenceLossOutput, compute_preference_loss
 from dpo_rl.workers.base import MegatronWorker, Stopwatch
+from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.workers.worker_group import Dispatch, register
+
 
 def pair_microbatch(pairs: Batch):
     """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
@@ -137,49 +139,37 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class ActorWorker(PolicyWorker):
-    """The trained policy: DPO updates, and weight export for separate rollout ranks."""
+class ActorWorker(PolicyWorker, TrainableWorker):
+    """The trained policy: preference (DPO-family) or SFT updates; weights export to rollout ranks.
 
-    def __init__(self, *, algorithm: dict, total_steps: int, **kwargs: Any) -> None:
+    ``objective`` is ``preference`` (rows are pairs, see :func:`pair_microbatch`) or ``sft``
+    (rows are sequences with a ``response_mask``; ``weight`` is 1 / response tokens of the
+    mini-batch, so the loss is the token mean).
+    """
+
+    def __init__(self, *, loss_spec: Optional[LossSpec] = None, objective: str = "preference", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.algorithm, self.total_steps = algorithm, total_steps
-
-    def init_distributed(self, address: str, port: int):
-        from dpo_rl.optim import build_optimizer
-
-        ranks = super().init_distributed(address, port)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.role, self.total_steps)
-        return ranks
+        if objective not in ("preference", "sft"):
+            raise ValueError(f"unknown objective {objective!r}")
+        self.loss_spec, self.objective = loss_spec or LossSpec(), objective
 
     @register(Dispatch.DP)
-    def update(self, pairs: Batch) -> dict[str, float]:
-        """One step of DPO training over this rank's share of the step's pairs.
+    def update(self, rows: Batch) -> dict[str, float]:
+        """One training step over this rank's share of the step's rows.
 
-        ``pairs`` carries ``minibatch`` (optimizer step index) and ``weight`` (1 / real pairs in
-        that mini-batch, 0 on padding) so gradients summed over DP ranks equal the mean loss.
+        ``rows`` carries ``minibatch`` (optimizer step index) and ``weight`` (the row's share of
+        its mini-batch's mean loss, 0 on padding) so gradients summed over DP ranks equal the mean.
         """
-        from dpo_rl.workers.megatron.forward import run_microbatches
-
         with Stopwatch() as watch:
-            self.model.train()
-            pairs = self.to_device(pairs)
-            stats = _StatSums(self.device)
-            grad_norms = []
-            for minibatch in torch.unique(pairs["minibatch"], sorted=True).tolist():
-                rows = pairs.rows(torch.nonzero(pairs["minibatch"] == minibatch).flatten())
-                micros = [pair_microbatch(p) for p in rows.chunk(len(rows) // self.role.micro_batch_size)]
-                outputs = run_microbatches(self.model, micros, self._loss(len(micros)), forward_only=False)
-                for out in outputs:
-                    stats.add(out)
-                grad_norms.append(self._step())
-            metrics = stats.reduce()
-        metrics["actor/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
-        metrics["actor/lr"] = float(self.scheduler.get_last_lr()[0])
+            if self.objective == "sft":
+                metrics = self.train_minibatches(rows, sft_microbatch, self._sft_loss, SFT_STAT_KEYS)
+            else:
+                metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss, STAT_KEYS)
         metrics["compute_s"] = watch.seconds
         return metrics
 
-    def _loss(self, num_micro: int):
-        algorithm = self.algorithm
+    def _preference_loss(self, num_micro: int):
+        spec = self.loss_spec
 
         def compute(output, micro):
             from dpo_rl.workers.megatron.logprobs import sequence_logprobs
@@ -188,15 +178,18 @@ class ActorWorker(PolicyWorker):
             chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
             weight = micro.extras["weight"]
-            logps = PairLogps(chosen, rejected, micro.extras["ref_chosen_logps"], micro.extras["ref_rejected_logps"],
-                              chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1))
-            out = compute_dpo_loss(logps, algorithm["loss_type"], algorithm["beta"], algorithm["label_smoothing"])
+            real = weight > 0
+            logps = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens,
+                              rejected_tokens=rejected_tokens, ref_chosen=micro.extras.get("ref_chosen_logps"),
+                              ref_rejected=micro.extras.get("ref_rejected_logps"))
+            out = real_rows_loss(logps, spec, real)
             # megatron's schedule divides each micro-batch loss by their number; weights already average.
             loss = (out.losses * weight).sum() * num_micro
             entropy_c, entropy_r = split_pair_halves(lp.mean_entropy())
-            real = (weight > 0).float()
+            kl = (0.5 * ((chosen - logps.ref_chosen) + (rejected - logps.ref_rejected)) if logps.has_reference
+                  else torch.zeros_like(chosen))
             detached = {
-                "count": real,
+                "count": real.float(),
                 "loss": out.losses.detach(),
                 "rewards/chosen": out.chosen_rewards,
                 "rewards/rejected": out.rejected_rewards,
@@ -204,104 +197,55 @@ class ActorWorker(PolicyWorker):
                 "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
                 "logps/chosen": chosen.detach(),
                 "logps/rejected": rejected.detach(),
-                "objective/kl": 0.5 * ((chosen - logps.ref_chosen) + (rejected - logps.ref_rejected)).detach(),
+                "objective/kl": kl.detach(),
                 "objective/entropy": 0.5 * (entropy_c + entropy_r).detach(),
             }
             return loss, detached
 
         return compute
 
-    def _step(self) -> float:
-        """All-reduce gradients over DP, clip by the global norm, step optimizer and schedule."""
-        from megatron.core import parallel_state as mpu
+    def _sft_loss(self, num_micro: int):
+        def compute(output, micro):
+            from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.ranks.dp_size > 1:
-            grads = [p.grad for p in params]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=mpu.get_data_parallel_group())
-            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(synced)
-        norm = global_grad_norm(params)
-        if self.role.clip_grad > 0 and norm > self.role.clip_grad:
-            for p in params:
-                p.grad.mul_(self.role.clip_grad / (norm + 1e-6))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
+            weight = micro.extras["weight"]
+            nll = -lp.summed
+            loss = (nll * weight).sum() * num_micro
+            tokens = lp.num_tokens.clamp(min=1)
+            detached = {"count": (weight > 0).float(), "loss": (nll / tokens).detach(), "tokens": lp.num_tokens}
+            return loss, detached
 
-    @register(Dispatch.ALL)
-    def save_checkpoint(self, directory: str) -> bool:
-        """Write this rank's model shard, optimizer, scheduler and RNG states under ``directory``."""
-        from dpo_rl.checkpoint.training import rank_file, save_rank_state
-
-        r = self.ranks
-        if r.dp_rank == 0:  # DP replicas hold the same state
-            save_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
-                            self.scheduler)
-        return True
-
-    @register(Dispatch.ALL)
-    def load_checkpoint(self, directory: str) -> bool:
-        """Restore what :meth:`save_checkpoint` wrote (same TP/PP layout)."""
-        from dpo_rl.checkpoint.training import load_rank_state, rank_file
-
-        r = self.ranks
-        load_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
-                        self.scheduler)
-        return True
-
-    @register(Dispatch.ALL)
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named weights on the output rank (collective over TP and PP)."""
-        from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
-
-        return export_from_current_rank(self.model, self.model_config)
-
-
-def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm of the full model's gradient: TP-sharded grads once per shard, replicated once."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    device = params[0].grad.device if params else torch.device("cpu")
-    square = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        if param_is_not_tensor_parallel_duplicate(p):
-            square += p.grad.detach().double().pow(2).sum()
-    if mpu.get_model_parallel_group() is not None and dist.get_world_size(mpu.get_model_parallel_group()) > 1:
-        dist.all_reduce(square, group=mpu.get_model_parallel_group())
-    return float(square.sqrt())
+        return compute
 
 
 STAT_KEYS = (
-    "count", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "objective/kl", "objective/entropy",
 )
+SFT_STAT_KEYS = ("loss", "tokens")
 
 
-class _StatSums:
-    """Sums of per-pair statistics over real pairs, reduced over DP ranks.
+def real_rows_loss(logps: PairLogps, spec: LossSpec, real: torch.Tensor) -> PreferenceLossOutput:
+    """The loss of the real (weight > 0) pairs; padding rows get 0.
 
-    Every rank holds the same keys (ranks without outputs, e.g. early pipeline stages, hold
-    zeros) so the all-reduce lines up.
+    Batch-coupled losses (aot, kto_pair, sft) must not see padding rows, so they run on the
+    real rows only and are scattered back.
     """
+    if not spec.batch_coupled or bool(real.all()):
+        return compute_preference_loss(logps, spec)
+    index = torch.nonzero(real).flatten()
+    out = compute_preference_loss(logps.select(index), spec)
 
-    def __init__(self, device) -> None:
-        self.sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(real.shape[0], dtype=values.dtype, device=values.device)
+        return full.index_put((index,), values)
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
-        real = out["count"]
-        self.sums += torch.stack([
-            real.sum().double() if key == "count" else (out[key] * real).sum().double() for key in STAT_KEYS
-        ])
+    return PreferenceLossOutput(scatter(out.losses), scatter(out.chosen_rewards), scatter(out.rejected_rewards))
 
-    def reduce(self) -> dict[str, float]:
-        from megatron.core import parallel_state as mpu
 
-        if mpu.get_data_parallel_world_size() > 1:
-            dist.all_reduce(self.sums, group=mpu.get_data_parallel_group())
-        values = dict(zip(STAT_KEYS, self.sums.tolist()))
-        count = values.pop("count")
-        return {k: v / count if count else 0.0 for k, v in values.items()}
+def sft_microbatch(rows: Batch):
+    from dpo_rl.workers.megatron.forward import Microbatch
+
+    return Microbatch(rows["sequences"], rows["attention_mask"],
+                      {"response_mask": rows["response_mask"], "weight": rows["weight"]})

@@ -33,7 +33,7 @@ def update_case(parallel: ParallelConfig) -> dict:
     role = RoleConfig(model="tiny", lr=1e-3, micro_batch_size=1, ppo_mini_batch_size=2, clip_grad=0.5)
     worker = ActorWorker(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                          model_config=config, parallel=parallel, role=role, seed=0,
-                         algorithm=vars(AlgorithmConfig()), total_steps=10, eos_token_ids=(1,), pad_token_id=0)
+                         loss_spec=AlgorithmConfig().loss_spec(), total_steps=10, eos_token_ids=(1,), pad_token_id=0)
     worker.init_distributed("127.0.0.1", 0)  # the world already exists; this builds model and optimizer
     hf_interop.load_into_current_rank(worker.model, tiny_hf_model(config, seed=11).state_dict(), config)
     metrics = worker.update(fixed_pairs())
