@@ -107,8 +107,9 @@ class MetricsTracker:
         path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return path
 
-    def plot(self, name: str = "curves.png") -> Optional[Path]:
-        """Reward and loss curves over steps."""
+    def plot(self, name: str = "curves.png",
+             keys: tuple[str, ...] = ("objective/scores", "loss", "rewards/margins")) -> Optional[Path]:
+        """Curves of ``keys`` over steps (by default online DPO's reward, loss and margin)."""
         if not self.history:
             return None
         import matplotlib
@@ -117,8 +118,8 @@ class MetricsTracker:
         import matplotlib.pyplot as plt
 
         steps = [h["step"] for h in self.history]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, key in zip(axes, ("objective/scores", "loss", "rewards/margins")):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
             ax.plot(steps, [h.get(key, float("nan")) for h in self.history], lw=1)
             ax.set_title(key)
             ax.set_xlabel("step")

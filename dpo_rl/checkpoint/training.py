@@ -105,7 +105,7 @@ def load_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
 
 
 def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model_config: ModelConfig,
-           tp: int, pp: int, keep_last_k: int) -> Path:
+           tp: int, pp: int, keep_last_k: int, reward: bool = False) -> Path:
     """Make the staged checkpoint of ``step`` the latest; drop all but the last ``keep_last_k``."""
     save_dir = Path(save_dir)
     staged, final = staging_dir(save_dir, step), iteration_dir(save_dir, step)
@@ -114,7 +114,7 @@ def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model
         shutil.rmtree(final)
     os.replace(staged, final)
     meta = {"format_version": 1, "model": asdict(model_config), "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": pp, "reward": False}
+            "pipeline_model_parallel_size": pp, "reward": reward}
     _atomic_write(save_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _atomic_write(save_dir / TRACKER_FILE, f"{step}\n")
     if keep_last_k > 0:
@@ -132,3 +132,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "trainer_state.json").read_text())
+
+
+def save_group_checkpoint(group, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                          model_config: ModelConfig, tp: int, pp: int, keep_last_k: int, reward: bool = False) -> Path:
+    """Every rank of a trained worker group writes into a staging directory; then it is committed."""
+    staging = staging_dir(save_dir, step)
+    shutil.rmtree(staging, ignore_errors=True)
+    group.save_checkpoint(str(staging))
+    return commit(save_dir, step, trainer_state, model_config, tp, pp, keep_last_k, reward)
+
+
+def restore_group_checkpoint(group, resume: str, save_dir: str | Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Load the checkpoint ``resume`` names (auto, none or a directory) into ``group``; (path, trainer state)."""
+    path = resolve_resume(resume, save_dir)
+    if path is None:
+        return None
+    group.load_checkpoint(str(path))
+    return path, read_trainer_state(path)

@@ -38,6 +38,16 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.meta["num_examples"]
 
+    def max_token_id(self) -> int:
+        """The largest token id in any field (one pass over the memory-mapped ``.bin`` files)."""
+        largest = -1
+        for name, part in self.parts.items():
+            tokens = np.memmap(f"{self.prefix}_{name}.bin", dtype=part.index.dtype, mode="r")
+            if tokens.size:
+                largest = max(largest, int(tokens.max()))
+            del tokens
+        return largest
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         # Copies: megatron returns views into a memory map that closes with the dataset.
         return {f: np.array(d[index], dtype=np.int32, copy=True) for f, d in self.parts.items()}
@@ -70,6 +80,20 @@ def collate_pairs(items: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, 
             response[row, p : p + r] = 1
         out.update({f"{side}_ids": ids, f"{side}_attention": attention, f"{side}_response": response})
     return out
+
+
+def collate_sequences(items: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """SFT examples: ``sequences`` (prompt + response, right-padded), ``attention_mask``, ``response_mask``."""
+    width = max(len(i["prompt"]) + len(i["response"]) for i in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids)
+    for row, item in enumerate(items):
+        p, r = len(item["prompt"]), len(item["response"])
+        ids[row, : p + r] = torch.from_numpy(np.concatenate([item["prompt"], item["response"]]).astype(np.int64))
+        attention[row, : p + r] = 1
+        response[row, p : p + r] = 1
+    return {"sequences": ids, "attention_mask": attention, "response_mask": response}
 
 
 class DataParallelSampler:

@@ -9,7 +9,6 @@ weights to separate rollout ranks when there are any. Each phase is one worker-g
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -236,26 +235,22 @@ class OnlineDPOTrainer:
 
     def save(self, step: int) -> None:
         """Every actor rank writes its state into a staging directory; then it is committed."""
-        from dpo_rl.checkpoint import training as ckpt
+        from dpo_rl.checkpoint.training import save_group_checkpoint
 
-        staging = ckpt.staging_dir(self.save_dir, step)
-        shutil.rmtree(staging, ignore_errors=True)
-        self.groups.actor.save_checkpoint(str(staging))
         state = {"step": step, "consumed_prompts": step * self.c.training.global_batch_size}
-        ckpt.commit(self.save_dir, step, state, self.c.models["actor_rollout"],
-                    self.actor_cfg.tensor_model_parallel_size, self.actor_cfg.pipeline_model_parallel_size,
-                    self.c.training.keep_last_k)
+        save_group_checkpoint(self.groups.actor, self.save_dir, step, state, self.c.models["actor_rollout"],
+                              self.actor_cfg.tensor_model_parallel_size, self.actor_cfg.pipeline_model_parallel_size,
+                              self.c.training.keep_last_k)
         logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
 
     def restore(self) -> int:
         """Load the checkpoint ``training.resume`` names; returns its step (0 when starting fresh)."""
-        from dpo_rl.checkpoint import training as ckpt
+        from dpo_rl.checkpoint.training import restore_group_checkpoint
 
-        path = ckpt.resolve_resume(self.c.training.resume, self.save_dir)
-        if path is None:
+        restored = restore_group_checkpoint(self.groups.actor, self.c.training.resume, self.save_dir)
+        if restored is None:
             return 0
-        state = ckpt.read_trainer_state(path)
-        self.groups.actor.load_checkpoint(str(path))
+        path, state = restored
         if self.groups.rollout is not None:
             self.sync_weights()
         self.sampler.consumed = state["consumed_prompts"]

@@ -81,39 +81,85 @@ def role_pools(c: ResolvedConfig):
     return pools
 
 
-def build_groups_ray(c: ResolvedConfig, specs) -> tuple[RoleGroups, list]:
-    from dpo_rl.ray_runtime import start_ray
-    from dpo_rl.workers.resource_pool import create_pools, total_demand
-    from dpo_rl.workers.worker_group import RayWorkerGroup
+class GroupFactory:
+    """Creates a run's worker groups, as Ray actors in placement groups or in this process, and releases them.
 
-    pools = role_pools(c)
-    demand = total_demand(list(pools.values()))
-    start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
-              include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host, home_dir=c.ray.home_dir)
-    create_pools(list(pools.values()), c.ray.resource_timeout_s)
-    groups = {name: RayWorkerGroup(cls, pools[name], kwargs, num_threads=kwargs["role"].num_threads)
-              for name, (cls, kwargs) in specs.items()}
-    return RoleGroups(**groups), list(pools.values())
+    Used as a context manager: Ray starts on entry (sized for every pool of the run) and every
+    group still alive, its placement group and Ray itself are released on exit.
+    """
+
+    def __init__(self, c: ResolvedConfig, pools: dict, *, use_ray: bool) -> None:
+        self.c, self.pools, self.use_ray = c, pools, use_ray
+        self.groups: dict[str, Any] = {}
+
+    def __enter__(self) -> "GroupFactory":
+        if self.use_ray:
+            from dpo_rl.ray_runtime import start_ray
+            from dpo_rl.workers.resource_pool import total_demand
+
+            demand = total_demand(list(self.pools.values()))
+            c = self.c
+            start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
+                      include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host,
+                      home_dir=c.ray.home_dir)
+        return self
+
+    def create(self, name: str, worker_cls: type, kwargs: dict[str, Any]):
+        if self.use_ray:
+            from dpo_rl.workers.resource_pool import create_pools
+            from dpo_rl.workers.worker_group import RayWorkerGroup
+
+            create_pools([self.pools[name]], self.c.ray.resource_timeout_s)
+            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=kwargs["role"].num_threads)
+        else:
+            from dpo_rl.workers.worker_group import LocalWorkerGroup
+
+            p = kwargs["parallel"]
+            if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
+                raise ConfigError([f"running {name} in-process needs TP = PP = 1; use Ray for parallel roles"])
+            group = LocalWorkerGroup(worker_cls, kwargs)
+        self.groups[name] = group
+        return group
+
+    def release(self, name: str) -> None:
+        """Shut a group down and free its placement group (its devices are free for the next group)."""
+        group = self.groups.pop(name)
+        group.shutdown()
+        if self.use_ray:
+            from dpo_rl.workers.resource_pool import remove_pools
+
+            remove_pools([self.pools[name]])
+
+    def __exit__(self, *exc) -> None:
+        for name in list(self.groups):
+            self.release(name)
+        if self.use_ray:
+            from dpo_rl.ray_runtime import stop_ray
+
+            stop_ray()
 
 
-def build_groups_local(c: ResolvedConfig, specs) -> RoleGroups:
-    """Every role in this process (world size 1 each); for tests and debugging without Ray."""
-    from dpo_rl.workers.worker_group import LocalWorkerGroup
-
-    for name, (_, kwargs) in specs.items():
-        p = kwargs["parallel"]
-        if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
-            raise ConfigError([f"running {name} in-process needs TP = PP = 1; use Ray for parallel roles"])
-    if not c.colocated:
-        raise ConfigError(["running in-process needs a colocated actor (num_gpus_for_infer: 0)"])
-    return RoleGroups(**{name: LocalWorkerGroup(cls, kwargs) for name, (cls, kwargs) in specs.items()})
+def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
+    out = Path(c.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    return out
 
 
 def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
-    """Validate ``cfg`` and run online DPO; returns the final summary (also in summary.json)."""
+    """Validate ``cfg`` and run its stage; returns the final summary (also in summary.json)."""
     c = resolve(cfg)
     for message in c.unused:
         logger.warning("unused config key: %s", message)
+    if c.offline:
+        from dpo_rl.trainer.run_offline import run_offline
+
+        return run_offline(cfg, c, use_ray=use_ray)
+    return run_online(cfg, c, use_ray=use_ray)
+
+
+def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
     actor = c.roles["actor_rollout"]
     tokenizer = load_tokenizer(actor.tokenizer_name_or_path)
     eos_ids, pad_id = special_ids(tokenizer)
@@ -121,35 +167,22 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
                                  max_prompt_length=actor.max_prompt_length)
     eval_prompts = (load_prompt_source(c.data.eval_path, tokenizer, prompt_key=c.data.prompt_key,
                                        max_prompt_length=actor.max_prompt_length) if c.data.eval_path else None)
-    out = Path(c.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-
+    if not use_ray and not c.colocated:
+        raise ConfigError(["running in-process needs a colocated actor (num_gpus_for_infer: 0)"])
+    out = prepare_output(cfg, c)
     specs = worker_specs(c, eos_ids, pad_id)
     tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
                              tensorboard=c.training.tensorboard)
-    groups, pools = None, []
     try:
-        if use_ray:
-            groups, pools = build_groups_ray(c, specs)
-        else:
-            groups = build_groups_local(c, specs)
-        trainer = OnlineDPOTrainer(c, groups, prompts, pad_token_id=pad_id, tracker=tracker,
-                                   eval_prompts=eval_prompts, decode=tokenizer.decode)
-        summary = trainer.fit()
-        if c.training.export_hf:
-            summary["hf_actor"] = str(export_actor(c, groups, out / "hf_actor"))
+        with GroupFactory(c, role_pools(c), use_ray=use_ray) as factory:
+            groups = RoleGroups(**{name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()})
+            trainer = OnlineDPOTrainer(c, groups, prompts, pad_token_id=pad_id, tracker=tracker,
+                                       eval_prompts=eval_prompts, decode=tokenizer.decode)
+            summary = trainer.fit()
+            if c.training.export_hf:
+                summary["hf_actor"] = str(export_model(c, groups.actor, out / "hf_actor", "actor_rollout", tokenizer))
     finally:
         tracker.close()
-        if use_ray:
-            from dpo_rl.ray_runtime import stop_ray
-            from dpo_rl.workers.resource_pool import remove_pools
-
-            for group in groups.all() if groups is not None else []:
-                group.shutdown()
-            remove_pools(pools)
-            stop_ray()
     if c.training.plot:
         summary["plot"] = str(tracker.plot())
     tracker.write_json("summary.json", summary)
@@ -157,16 +190,18 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
     return summary
 
 
-def export_actor(c: ResolvedConfig, groups: RoleGroups, directory: Path) -> Path:
-    """The trained actor as an HF checkpoint (safetensors, config.json, tokenizer files)."""
+def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> Path:
+    """A trained role's model as an HF checkpoint (safetensors, config.json, tokenizer files)."""
     import shutil
 
     from dpo_rl.checkpoint.convert import TOKENIZER_FILES
     from dpo_rl.workers.megatron.hf_interop import save_hf_checkpoint
 
-    actor = c.roles["actor_rollout"]
-    save_hf_checkpoint(directory, groups.actor.export_weights(), c.models["actor_rollout"])
-    tokenizer_dir = Path(actor.tokenizer_name_or_path)
+    reward = role == "reward"
+    save_hf_checkpoint(directory, group.export_weights(), c.models[role], reward=reward,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    tokenizer_dir = Path(c.roles[role].tokenizer_name_or_path)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, directory / name)

@@ -114,3 +114,25 @@ def sequence_microbatch(batch: Batch, ids: str = "sequences", attention: str = "
     from dpo_rl.workers.megatron.forward import Microbatch
 
     return Microbatch(batch[ids], batch[attention], {k: batch[v] for k, v in (extras or {}).items()})
+
+
+def pair_microbatch(pairs: Batch):
+    """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
+    from dpo_rl.workers.megatron.forward import Microbatch
+
+    ids = torch.cat([pairs["chosen_ids"], pairs["rejected_ids"]])
+    attention = torch.cat([pairs["chosen_attention"], pairs["rejected_attention"]])
+    response = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])
+    extras = {"response_mask": response}
+    if "weight" in pairs:
+        extras["weight"] = pairs["weight"]
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in pairs:
+            extras[key] = pairs[key]
+    return Microbatch(ids, attention, extras)
+
+
+def split_pair_halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pair_microbatch`'s row layout: (chosen rows, rejected rows)."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]

@@ -16,31 +16,9 @@ import torch
 
 from dpo_rl.batch import Batch
 from dpo_rl.losses import LossSpec, PairLogps, PreferenceLossOutput, compute_preference_loss
-from dpo_rl.workers.base import MegatronWorker, Stopwatch
+from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, split_pair_halves
 from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.workers.worker_group import Dispatch, register
-
-
-def pair_microbatch(pairs: Batch):
-    """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
-    from dpo_rl.workers.megatron.forward import Microbatch
-
-    ids = torch.cat([pairs["chosen_ids"], pairs["rejected_ids"]])
-    attention = torch.cat([pairs["chosen_attention"], pairs["rejected_attention"]])
-    response = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])
-    extras = {"response_mask": response}
-    if "weight" in pairs:
-        extras["weight"] = pairs["weight"]
-    for key in ("ref_chosen_logps", "ref_rejected_logps"):
-        if key in pairs:
-            extras[key] = pairs[key]
-    return Microbatch(ids, attention, extras)
-
-
-def split_pair_halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pair_microbatch`'s row layout: (chosen rows, rejected rows)."""
-    half = values.shape[0] // 2
-    return values[:half], values[half:]
 
 
 def _logprobs_compute(output, micro):

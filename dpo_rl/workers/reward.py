@@ -1,5 +1,8 @@
 """The reward role: a scalar-head Megatron model scoring prompt + response at its last real token.
 
+:class:`RewardWorker` scores (online DPO, evaluation); :class:`RewardTrainerWorker` also
+trains it with the Bradley-Terry loss (``stage: reward``).
+
 When the reward model has its own tokenizer (``reward.tokenizer_name_or_path`` differs from
 the actor's), samples are decoded with the actor's tokenizer and re-encoded with the
 reward model's before scoring.
@@ -12,7 +15,8 @@ from typing import Any, Optional
 import torch
 
 from dpo_rl.batch import Batch
-from dpo_rl.workers.base import MegatronWorker, Stopwatch, sequence_microbatch
+from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, sequence_microbatch, split_pair_halves
+from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.workers.worker_group import Dispatch, register
 
 
@@ -73,3 +77,37 @@ class RewardWorker(MegatronWorker):
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         return Batch({"sequences": ids, "attention_mask": mask})
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per-pair -log sigma(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1)."""
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores)
+
+
+REWARD_STAT_KEYS = ("loss", "accuracy", "margin", "scores/chosen", "scores/rejected")
+
+
+class RewardTrainerWorker(RewardWorker, TrainableWorker):
+    """Trains the reward model on preference pairs (chosen should score higher)."""
+
+    @register(Dispatch.DP)
+    def update(self, rows: Batch) -> dict[str, float]:
+        """One Bradley-Terry step over this rank's share of the step's pairs (``minibatch``/``weight`` as the actor's)."""
+        with Stopwatch() as watch:
+            metrics = self.train_minibatches(rows, pair_microbatch, self._loss, REWARD_STAT_KEYS)
+        metrics["compute_s"] = watch.seconds
+        return metrics
+
+    def _loss(self, num_micro: int):
+        def compute(output, micro):
+            values = output[..., 0].float()
+            scores = values.gather(1, last_token_index(micro.attention_mask)[:, None])[:, 0]
+            chosen, rejected = split_pair_halves(scores)
+            weight = micro.extras["weight"]
+            losses = bradley_terry_loss(chosen, rejected)
+            detached = {"count": (weight > 0).float(), "loss": losses.detach(),
+                        "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
+                        "scores/chosen": chosen.detach(), "scores/rejected": rejected.detach()}
+            return (losses * weight).sum() * num_micro, detached
+
+        return compute

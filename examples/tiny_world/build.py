@@ -1,17 +1,22 @@
-"""Build the embedded demo's tiny world, deterministically, in about 1.5 minutes on 2 CPU cores.
+"""Build the embedded demo's tiny world, deterministically, in about 2 minutes on 2 CPU cores.
 
 Writes ``examples/tiny_world/artifacts/``:
 
 * ``tokenizer/``  a byte-level BPE tokenizer (1k tokens) trained on the synthetic corpus,
-  with a chat template ``<s>{prompt}\\n``;
-* ``sft/``        the tiny actor (configs/rlxf/model/tiny.yaml) after a short SFT on a 70/30
-  plain/descriptive mix (HF Llama safetensors);
-* ``rm/``         the tiny reward model (tiny-rm.yaml) trained with a Bradley-Terry loss on
-  pairs where the more descriptive answer wins (HF LlamaForSequenceClassification);
+  with a chat template ``<s>{prompt}\\n{answer}</s>``;
+* ``raw/``        the world's datasets as JSONL: SFT examples (a 70/30 plain/descriptive mix)
+  and preference pairs (the more descriptive answer wins), train and held-out;
+* ``data/``       the same, tokenized by ``preprocess_data.py``'s pipeline (Megatron indexed datasets);
+* ``sft/``        the tiny actor (configs/rlxf/model/tiny.yaml) after ``stage: sft``
+  (``configs/rlxf/sft_trainer_tiny.yaml``), exported as HF Llama safetensors;
+* ``rm/``         the tiny reward model (tiny-rm.yaml) after ``stage: reward``
+  (``configs/rlxf/rm_trainer_tiny.yaml``, Bradley-Terry), as HF LlamaForSequenceClassification;
+* ``runs/``       the two stages' run directories (metrics.jsonl, summary.json);
 * ``prompts_train.jsonl`` / ``prompts_eval.jsonl`` (held-out prompts never trained on);
-* ``build_info.json`` with the losses and the RM's held-out pair accuracy.
+* ``build_info.json`` with the stages' losses and the RM's held-out pair accuracy.
 
-Both models are Megatron-core GPTModels trained in this process (gloo world of one).
+Both models are trained by the project's own stages (``dpo_rl.trainer.run``) on Ray, as
+``python ray_gpt.py --config-name sft_trainer_tiny`` would.
 
     python examples/tiny_world/build.py [--force]
 """
@@ -21,22 +26,24 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dpo_rl.config.model import ParallelConfig, shipped_model_config  # noqa: E402
 from examples.tiny_world import world  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SEED = 1234
-CHAT_TEMPLATE = "{{ bos_token }}{{ messages[0]['content'] }}\n"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n"
+                 "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+SFT_EXAMPLES = 8000
+PAIR_EXAMPLES = 6000
+HELD_OUT_PAIRS = 512
 
 
 def build_tokenizer(out: Path):
@@ -63,118 +70,53 @@ def build_tokenizer(out: Path):
     return hf
 
 
-def encode_pair_text(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """Token ids of prompt (chat template) + response + EOS, and the prompt length."""
-    from dpo_rl.data.prompts import encode_prompt
-
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    return prompt_ids + tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id], len(prompt_ids)
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def cosine_optimizer(model, lr: float, steps: int):
-    from dpo_rl.optim import lr_factor
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=20, total=steps, style="cosine", min_ratio=0.05))
-    return optimizer, schedule
-
-
-def train_sft(tokenizer, prompts: list[str], steps: int, batch: int, out: Path) -> dict:
-    from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
-    from dpo_rl.workers.megatron.hf_interop import export_from_current_rank, save_hf_checkpoint
-    from dpo_rl.workers.megatron.logprobs import sequence_logprobs
-    from dpo_rl.workers.megatron.model_factory import build_gpt_model
-
-    config = shipped_model_config("tiny")
-    torch.manual_seed(SEED)
-    model = build_gpt_model(config, ParallelConfig())
-    optimizer, schedule = cosine_optimizer(model, 3e-3, steps)
+def write_datasets(root: Path, train_prompts: list[str], eval_prompts: list[str], *, sft_examples: int,
+                   pair_examples: int, held_out_pairs: int) -> dict[str, Path]:
+    """Raw JSONL of the world's SFT examples and preference pairs (seeded); returns name -> path."""
     rng = random.Random(SEED + 1)
+    sft = [{"prompt": p, "response": world.sft_example(p, rng)} for p in rng.choices(train_prompts, k=sft_examples)]
+    sft_eval = [{"prompt": p, "response": world.sft_example(p, rng)} for p in rng.choices(eval_prompts, k=256)]
 
-    def loss_fn(logits, micro):
-        lp = sequence_logprobs(logits, micro.input_ids, micro.extras["response_mask"])
-        return -lp.summed.sum() / lp.num_tokens.sum(), {"loss": (-lp.summed.sum() / lp.num_tokens.sum()).detach()}
+    def pairs(prompts, count, seed):
+        pair_rng = random.Random(seed)
+        rows = []
+        for p in pair_rng.choices(prompts, k=count):
+            chosen, rejected = world.preference_pair(p, pair_rng)
+            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        return rows
 
-    model.train()
-    losses = []
-    for step in range(steps):
-        rows, prompt_lens = zip(*(encode_pair_text(tokenizer, p, world.sft_example(p, rng))
-                                  for p in rng.choices(prompts, k=batch)))
-        ids, mask = right_padded(list(rows), tokenizer.pad_token_id)
-        response = mask.clone()
-        for i, n in enumerate(prompt_lens):
-            response[i, :n] = 0
-        out_ = run_microbatches(model, [Microbatch(ids, mask, {"response_mask": response})], loss_fn, forward_only=False)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out_[0]["loss"]))
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  sft step {step:4d} loss {losses[-1]:.3f}", flush=True)
-    save_hf_checkpoint(out, export_from_current_rank(model, config), config,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    return {"sft_final_loss": sum(losses[-20:]) / 20}
+    files = {"sft_train": sft, "sft_eval": sft_eval, "pairs_train": pairs(train_prompts, pair_examples, SEED + 3),
+             "pairs_eval": pairs(eval_prompts, held_out_pairs, SEED + 4)}
+    for name, rows in files.items():
+        write_jsonl(root / f"{name}.jsonl", rows)
+    return {name: root / f"{name}.jsonl" for name in files}
 
 
-def rm_batch(tokenizer, prompts: list[str], count: int, rng: random.Random):
-    chosen, rejected = [], []
-    for prompt in rng.choices(prompts, k=count):
-        good, bad = world.preference_pair(prompt, rng)
-        chosen.append(encode_pair_text(tokenizer, prompt, good)[0])
-        rejected.append(encode_pair_text(tokenizer, prompt, bad)[0])
-    return right_padded(chosen + rejected, tokenizer.pad_token_id)
+def preprocess_datasets(raw: dict[str, Path], tokenizer_dir: Path, out: Path) -> dict[str, int]:
+    """Tokenize the raw files with the chat template (``--prompt-type auto``); returns examples per dataset."""
+    from dpo_rl.data.preprocess import PreprocessOptions, preprocess
+
+    counts = {}
+    for name, path in raw.items():
+        handler = "AlpacaStyleInstructionHandler" if name.startswith("sft") else "AlpacaStylePairwiseHandler"
+        summary = preprocess(PreprocessOptions(input=str(path), tokenizer_name_or_path=str(tokenizer_dir),
+                                               output_prefix=str(out / name), handler_name=handler,
+                                               prompt_type="auto", log_interval=0), progress=False)
+        counts[name] = summary.written
+    return counts
 
 
-def train_rm(tokenizer, train_prompts: list[str], eval_prompts: list[str], steps: int, batch: int, out: Path) -> dict:
-    from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
-    from dpo_rl.workers.megatron.hf_interop import export_from_current_rank, save_hf_checkpoint
-    from dpo_rl.workers.megatron.model_factory import build_reward_model
-    from dpo_rl.workers.reward import last_token_index
+def run_stage(config_name: str, *overrides: str) -> dict:
+    """Run one training stage through the project's driver (Ray), as ray_gpt.py does."""
+    from dpo_rl.config.compose import compose
+    from dpo_rl.trainer.run import run
 
-    config = shipped_model_config("tiny-rm")
-    torch.manual_seed(SEED + 2)
-    model = build_reward_model(config, ParallelConfig())
-    optimizer, schedule = cosine_optimizer(model, 2e-3, steps)
-    rng = random.Random(SEED + 3)
-
-    def scores_of(values, mask):
-        return values[..., 0].gather(1, last_token_index(mask)[:, None])[:, 0]
-
-    def loss_fn(values, micro):
-        scores = scores_of(values, micro.attention_mask)
-        half = scores.shape[0] // 2
-        margin = scores[:half] - scores[half:]
-        loss = -torch.nn.functional.logsigmoid(margin).mean()
-        return loss, {"loss": loss.detach(), "accuracy": (margin > 0).float().mean()}
-
-    model.train()
-    for step in range(steps):
-        ids, mask = rm_batch(tokenizer, train_prompts, batch, rng)
-        out_ = run_microbatches(model, [Microbatch(ids, mask)], loss_fn, forward_only=False)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 200 == 0 or step == steps - 1:
-            print(f"  rm step {step:4d} loss {float(out_[0]['loss']):.3f} acc {float(out_[0]['accuracy']):.2f}", flush=True)
-    model.eval()
-    ids, mask = rm_batch(tokenizer, eval_prompts, 512, random.Random(SEED + 4))
-    with torch.no_grad():
-        out_ = run_microbatches(model, [Microbatch(ids, mask)], loss_fn, forward_only=True)
-    save_hf_checkpoint(out, export_from_current_rank(model, config, reward=True), config, reward=True,
-                       pad_token_id=tokenizer.pad_token_id)
-    return {"rm_heldout_pair_accuracy": float(out_[0]["accuracy"])}
+    return run(compose(config_name, list(overrides)))
 
 
 def write_prompts(path: Path, prompts: list[str]) -> None:
@@ -188,9 +130,6 @@ def build(force: bool = False, sft_steps: int = 400, rm_steps: int = 400) -> dic
         if info.get("version") == BUILD_VERSION:
             print(f"tiny world already built in {ARTIFACTS} (use --force to rebuild)")
             return info
-    from dpo_rl.workers.megatron.parallel_state import destroy_distributed, free_port, init_distributed
-
-    torch.set_num_threads(2)
     start = time.perf_counter()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     train_prompts, eval_prompts = world.split_prompts(SEED)
@@ -198,15 +137,26 @@ def build(force: bool = False, sft_steps: int = 400, rm_steps: int = 400) -> dic
     write_prompts(ARTIFACTS / "prompts_eval.jsonl", eval_prompts)
     tokenizer = build_tokenizer(ARTIFACTS / "tokenizer")
     print(f"tokenizer: {len(tokenizer)} tokens; {len(train_prompts)} train / {len(eval_prompts)} held-out prompts")
-    init_distributed(ParallelConfig(), 0, 1, master_port=free_port())
-    try:
-        info = {"version": BUILD_VERSION, "seed": SEED}
-        print("SFT of the tiny actor:")
-        info.update(train_sft(tokenizer, train_prompts, sft_steps, 64, ARTIFACTS / "sft"))
-        print("Bradley-Terry training of the tiny reward model:")
-        info.update(train_rm(tokenizer, train_prompts, eval_prompts, rm_steps, 32, ARTIFACTS / "rm"))
-    finally:
-        destroy_distributed()
+    raw = write_datasets(ARTIFACTS / "raw", train_prompts, eval_prompts, sft_examples=SFT_EXAMPLES,
+                         pair_examples=PAIR_EXAMPLES, held_out_pairs=HELD_OUT_PAIRS)
+    counts = preprocess_datasets(raw, ARTIFACTS / "tokenizer", ARTIFACTS / "data")
+    print(f"datasets: {counts}")
+    info = {"version": BUILD_VERSION, "seed": SEED, "examples": counts}
+    root = str(ARTIFACTS)
+    common = [f"training.tokenizer_name_or_path={root}/tokenizer"]
+    print("stage sft (configs/rlxf/sft_trainer_tiny.yaml):")
+    sft = run_stage("sft_trainer_tiny", *common, f"training.train_iters={sft_steps}",
+                    f"training.output_dir={root}/runs/sft", f"data.train_path={root}/data/sft_train",
+                    f"data.eval_path={root}/data/sft_eval")
+    print("stage reward (configs/rlxf/rm_trainer_tiny.yaml):")
+    rm = run_stage("rm_trainer_tiny", *common, f"training.train_iters={rm_steps}",
+                   f"training.output_dir={root}/runs/rm", f"data.train_path={root}/data/pairs_train",
+                   f"data.eval_path={root}/data/pairs_eval")
+    for name, summary in (("sft", sft), ("rm", rm)):
+        shutil.rmtree(ARTIFACTS / name, ignore_errors=True)
+        shutil.copytree(summary["hf_model"], ARTIFACTS / name)
+    info.update({"sft_eval_loss": sft["eval/loss"], "rm_heldout_pair_accuracy": rm["eval/accuracy"],
+                 "rm_heldout_pair_accuracy_initial": rm["eval/accuracy_initial"]})
     info["build_seconds"] = round(time.perf_counter() - start, 1)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     print(f"built in {info['build_seconds']} s: {info}")

@@ -61,3 +61,42 @@ def small_run_overrides(world, output_dir, *extra: str) -> list[str]:
 
 def small_config(world, output_dir, *extra: str):
     return compose("online_dpo_trainer_tiny", small_run_overrides(world, output_dir, *extra))
+
+
+@pytest.fixture(scope="session")
+def offline_data(world_dir):
+    """The world's SFT examples and preference pairs, preprocessed as the offline stages read them."""
+    from examples.tiny_world import build, world
+
+    train, held_out = world.split_prompts(build.SEED)
+    raw = build.write_datasets(world_dir / "raw", train, held_out, sft_examples=64, pair_examples=64,
+                               held_out_pairs=32)
+    build.preprocess_datasets(raw, world_dir / "tokenizer", world_dir / "data")
+    return world_dir / "data"
+
+
+def offline_config(name: str, world, output_dir, *extra: str):
+    """A shipped tiny offline config (dpo/rm/sft_trainer_tiny) pointed at ``world`` and shrunk to a few steps."""
+    data = world / "data"
+    train, held_out = ("sft_train", "sft_eval") if name.startswith("sft") else ("pairs_train", "pairs_eval")
+    overrides = [
+        f"training.tokenizer_name_or_path={world}/tokenizer",
+        f"data.train_path={data}/{train}",
+        f"data.eval_path={data}/{held_out}",
+        f"training.output_dir={output_dir}",
+        "training.train_iters=4",
+        "training.global_batch_size=8",
+        "training.eval_interval=2",
+        "training.eval_samples=16",
+        "training.log_interval=1",
+        "training.num_threads=1",
+        "training.lr=1e-3",
+    ]
+    if name.startswith("dpo"):
+        overrides += [f"actor_rollout_ref.actor_rollout.load={world}/sft", "actor_rollout_ref.actor_rollout.micro_batch_size=4",
+                      "actor_rollout_ref.ref.micro_batch_size=8"]
+    elif name.startswith("sft"):
+        overrides += ["actor_rollout_ref.actor_rollout.micro_batch_size=4"]
+    else:
+        overrides += ["reward.micro_batch_size=4"]
+    return compose(name, overrides + list(extra))

@@ -1,0 +1,257 @@
+"""Offline stages on the online loop's worker groups: DPO from preference pairs, reward-model
+training (Bradley-Terry) and SFT.
+
+One step: take the next ``global_batch_size`` examples (seeded epochs), collate them into the
+:class:`~dpo_rl.batch.Batch` layout online DPO uses, add the reference's log-probs (DPO: live
+from the ref group, or from the precomputed cache), and call the trained group's ``update``
+RPC once (one optimizer step). Evaluation runs at the start, every ``eval_interval`` steps
+and at the end on the held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from dpo_rl.batch import Batch
+from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
+from dpo_rl.data.prompts import PromptSampler
+from dpo_rl.losses import PairLogps, compute_preference_loss
+from dpo_rl.trainer.online_dpo import StepTimer, minibatch_layout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Some rows of a preprocessed dataset (train or eval)."""
+
+    dataset: TokenizedDataset
+    rows: list[int]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def items(self, positions: Sequence[int]) -> list[dict]:
+        return [self.dataset[self.rows[i]] for i in positions]
+
+
+def make_splits(train: TokenizedDataset, eval_dataset: Optional[TokenizedDataset], *, eval_fraction: float,
+                eval_samples: int, seed: int) -> tuple[Split, Optional[Split]]:
+    """Train rows and (at most ``eval_samples``) eval rows: ``eval_dataset``'s, else a seeded ``eval_fraction`` of ``train``."""
+    if eval_dataset is not None:
+        return Split(train, list(range(len(train))), "train"), Split(
+            eval_dataset, list(range(min(eval_samples, len(eval_dataset)))), "eval")
+    if eval_fraction <= 0:
+        return Split(train, list(range(len(train))), "train"), None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = max(1, round(eval_fraction * len(train)))
+    if held_out >= len(train):
+        raise ValueError(f"data.eval_fraction={eval_fraction} leaves no training rows of {len(train)}")
+    return (Split(train, sorted(order[held_out:]), "train"),
+            Split(train, sorted(order[:held_out])[:eval_samples], "eval"))
+
+
+def pairs_batch(items: list[dict], pad_id: int) -> Batch:
+    return Batch(collate_pairs(items, pad_id))
+
+
+def sequences_batch(items: list[dict], pad_id: int) -> Batch:
+    return Batch(collate_sequences(items, pad_id))
+
+
+def pairs_as_samples(pairs: Batch) -> Batch:
+    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sample_logprobs``/``score`` read."""
+    width = max(pairs["chosen_ids"].shape[1], pairs["rejected_ids"].shape[1])
+
+    def both(side_key: str) -> torch.Tensor:
+        c, r = pairs[f"chosen_{side_key}"], pairs[f"rejected_{side_key}"]
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        return torch.cat([pad(c), pad(r)])
+
+    return Batch({"sequences": both("ids"), "attention_mask": both("attention"), "response_mask": both("response")})
+
+
+def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
+    """Target tokens per row as log-prob code counts them (the first token is never a target)."""
+    return response_mask[:, 1:].sum(-1).to(torch.float32)
+
+
+def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model."""
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), chunk):
+        part = pairs.rows(slice(start, start + chunk))
+        logps = group.sample_logprobs(pairs_as_samples(part))["ref_logps"]
+        chosen.append(logps[: len(part)])
+        rejected.append(logps[len(part):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+class OfflineTrainer:
+    """Drives one trained worker group (and the DPO reference) through ``train_iters`` steps."""
+
+    def __init__(self, config: ResolvedConfig, trained, train: Split, eval_split: Optional[Split], *, pad_token_id: int,
+                 tracker, ref=None, ref_cache: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+        """``ref_cache`` maps a dataset prefix to the reference's (chosen, rejected) log-probs of all its rows."""
+        self.c, self.trained, self.ref, self.ref_cache = config, trained, ref, ref_cache
+        self.train, self.eval_split, self.pad_token_id, self.tracker = train, eval_split, pad_token_id, tracker
+        self.stage = config.stage
+        self.role = config.roles[config.trained_role]
+        self.spec = config.algorithm.loss_spec() if self.stage == "dpo" else None
+        self.uses_reference = self.stage == "dpo" and self.spec.needs_reference and config.algorithm.reference != "none"
+        self.sampler = PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle)
+        self.chunk = max(config.training.global_batch_size, 1)
+        self.summary: dict[str, Any] = {}
+        self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.c.training
+        first = self.restore() + 1
+        if self.eval_split is not None:
+            initial = {f"{k}_initial": v for k, v in self.evaluate().items()}
+            self.summary.update(initial)
+            self.tracker.print("initial evaluation: " + _format(initial))
+        for step in range(first, t.train_iters + 1):
+            metrics = self.train_step(step)
+            if self.eval_split is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
+                metrics.update(self.evaluate())
+            self.tracker.log(step, metrics)
+            if t.save_interval and step % t.save_interval == 0:
+                self.save(step)
+        if self.eval_split is not None:
+            final = self.evaluate()
+            self.summary.update(final)
+            self.tracker.print("final evaluation: " + _format(final))
+        self.summary["epochs"] = self.sampler.consumed / len(self.train)
+        return self.summary
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timer = StepTimer()
+        start = time.perf_counter()
+        positions = self.sampler.next(self.c.training.global_batch_size)
+        rows = self.collate(self.train, positions)
+        if self.uses_reference:
+            ref_c, ref_r = timer.run("reference", self.reference_logps, self.train, positions, rows)
+            rows = rows.update({"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r})
+        rows = self.layout(rows, step)
+        metrics = timer.run("update", self.trained.update, rows)
+        metrics = {k: v for k, v in metrics.items() if k != "compute_s"}
+        metrics["epoch"] = self.sampler.consumed / len(self.train)
+        step_s = time.perf_counter() - start
+        metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
+        metrics["timing/step"] = step_s
+        metrics["timing/orchestration"] = step_s - timer.critical
+        return metrics
+
+    def collate(self, split: Split, positions: Sequence[int]) -> Batch:
+        items = split.items(positions)
+        return (sequences_batch if self.stage == "sft" else pairs_batch)(items, self.pad_token_id)
+
+    def reference_logps(self, split: Split, positions: Sequence[int], rows: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref_cache is not None:
+            chosen, rejected = self.ref_cache[split.dataset.prefix]
+            index = torch.tensor([split.rows[i] for i in positions], dtype=torch.long)
+            return chosen[index], rejected[index]
+        return pair_logps(self.ref, rows, self.chunk)
+
+    def layout(self, rows: Batch, step: int) -> Batch:
+        """One mini-batch of the whole step, dealt to DP ranks; SFT rows weigh 1 / the step's response tokens."""
+        index, minibatch, weight = minibatch_layout(
+            len(rows), mini_batch_size=len(rows), dp_size=self.c.dp_size(self.c.trained_role),
+            micro_batch_size=self.role.micro_batch_size, epochs=1, shuffle=False, seed=step)
+        if self.stage == "sft":
+            weight = (weight > 0).float() / float(response_tokens(rows["response_mask"]).sum().clamp(min=1))
+        return rows.rows(index).update({"minibatch": minibatch, "weight": weight})
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        split = self.eval_split
+        rows = self.collate(split, range(len(split)))
+        if self.stage == "reward":
+            return reward_metrics(self.trained, rows, self.chunk)
+        if self.stage == "sft":
+            return sft_metrics(self.trained, rows, self.chunk)
+        chosen, rejected = pair_logps(self.trained, rows, self.chunk)
+        ref_c = ref_r = None
+        if self.uses_reference:
+            if self._eval_ref is None:  # the reference is frozen: score the eval split once
+                self._eval_ref = self.reference_logps(split, range(len(split)), rows)
+            ref_c, ref_r = self._eval_ref
+        lp = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=response_tokens(rows["chosen_response"]),
+                       rejected_tokens=response_tokens(rows["rejected_response"]), ref_chosen=ref_c,
+                       ref_rejected=ref_r)
+        out = compute_preference_loss(lp, self.spec)
+        return {
+            "eval/loss": float(out.losses.mean()),
+            "eval/rewards/accuracies": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
+            "eval/rewards/margins": float((out.chosen_rewards - out.rejected_rewards).mean()),
+            "eval/logps_accuracy": float((lp.chosen_mean > lp.rejected_mean).float().mean()),
+            "eval/logps/chosen": float(chosen.mean()),
+            "eval/logps/rejected": float(rejected.mean()),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @property
+    def save_dir(self) -> str:
+        return self.c.training.save_dir or f"{self.c.training.output_dir}/checkpoints"
+
+    def save(self, step: int) -> None:
+        from dpo_rl.checkpoint.training import save_group_checkpoint
+
+        state = {"step": step, "consumed_samples": self.sampler.consumed}
+        save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.c.trained_role],
+                              self.role.tensor_model_parallel_size, self.role.pipeline_model_parallel_size,
+                              self.c.training.keep_last_k, reward=self.stage == "reward")
+        logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
+
+    def restore(self) -> int:
+        from dpo_rl.checkpoint.training import restore_group_checkpoint
+
+        restored = restore_group_checkpoint(self.trained, self.c.training.resume, self.save_dir)
+        if restored is None:
+            return 0
+        path, state = restored
+        self.sampler.consumed = state["consumed_samples"]
+        self.tracker.resume_from(state["step"])
+        logger.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"]
+
+
+def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:
+    """Pair accuracy, mean margin and Bradley-Terry loss of a reward model on ``pairs``."""
+    from dpo_rl.workers.reward import bradley_terry_loss
+
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), chunk):
+        part = pairs.rows(slice(start, start + chunk))
+        scores = group.score(pairs_as_samples(part))["scores"]
+        chosen.append(scores[: len(part)])
+        rejected.append(scores[len(part):])
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"eval/accuracy": float((chosen > rejected).float().mean()),
+            "eval/margin": float((chosen - rejected).mean()),
+            "eval/loss": float(bradley_terry_loss(chosen, rejected).mean())}
+
+
+def sft_metrics(group, rows: Batch, chunk: int) -> dict[str, float]:
+    """Token-mean negative log-likelihood of the responses (and its perplexity)."""
+    total, tokens = 0.0, 0.0
+    for start in range(0, len(rows), chunk):
+        part = rows.rows(slice(start, start + chunk))
+        total += float(group.sample_logprobs(part)["ref_logps"].sum())
+        tokens += float(response_tokens(part["response_mask"]).sum())
+    nll = -total / max(tokens, 1.0)
+    return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))

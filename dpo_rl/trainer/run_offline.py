@@ -1,0 +1,143 @@
+"""``run(cfg)`` for the offline stages (dpo, reward, sft): data, worker groups, training, export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.data.indexed import TokenizedDataset
+from dpo_rl.tracking import MetricsTracker
+from dpo_rl.trainer.offline import OfflineTrainer, make_splits
+from dpo_rl.trainer.run import GroupFactory, export_model, load_tokenizer, prepare_output
+
+logger = logging.getLogger("dpo_rl")
+
+PLOT_KEYS = {
+    "dpo": ("loss", "rewards/margins", "rewards/accuracies"),
+    "reward": ("loss", "accuracy", "margin"),
+    "sft": ("loss",),
+}
+EXPORT_DIRS = {"dpo": "hf_actor", "sft": "hf_actor", "reward": "hf_reward"}
+
+
+def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict[str, tuple[type, dict]]:
+    """Group name (``trained``, ``ref``) -> (worker class, constructor kwargs)."""
+    from dpo_rl.workers.policy import ActorWorker, PolicyWorker
+    from dpo_rl.workers.reward import RewardTrainerWorker
+
+    role = c.trained_role
+    common = dict(model_config=c.models[role], parallel=c.parallel(role), role=c.roles[role], seed=c.training.seed,
+                  total_steps=c.training.train_iters)
+    if c.stage == "reward":
+        specs = {"trained": (RewardTrainerWorker, dict(common, pad_token_id=pad_id))}
+    else:
+        specs = {"trained": (ActorWorker, dict(
+            common, objective="sft" if c.stage == "sft" else "preference",
+            loss_spec=c.algorithm.loss_spec() if c.stage == "dpo" else None, eos_token_ids=eos_ids,
+            pad_token_id=pad_id))}
+    if "ref" in c.roles:
+        specs["ref"] = (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"),
+                                           role=c.roles["ref"], seed=c.training.seed, eos_token_ids=eos_ids,
+                                           pad_token_id=pad_id))
+    return specs
+
+
+def offline_pools(c: ResolvedConfig) -> dict:
+    from dpo_rl.workers.resource_pool import RolePool
+
+    def pool(role):
+        return RolePool(role, list(getattr(c.resource_pool, role)), c.ray.device_resource, c.ray.cpus_per_worker)
+
+    pools = {"trained": pool(c.trained_role)}
+    if "ref" in c.roles:
+        pools["ref"] = pool("ref")
+    return pools
+
+
+def token_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id); a tokenizer without EOS or pad falls back to 0 for padding."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return ((int(eos),) if eos is not None else ()), int(pad)
+
+
+def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
+    """The preprocessed datasets, checked against the models' vocabularies before any worker starts."""
+    train = TokenizedDataset(c.data.train_path)
+    eval_dataset = TokenizedDataset(c.data.eval_path) if c.data.eval_path else None
+    vocab = min(c.models[role].vocab_size for role in c.roles)
+    for key, dataset in (("data.train_path", train), ("data.eval_path", eval_dataset)):
+        if dataset is None:
+            continue
+        largest = dataset.max_token_id()
+        if largest >= vocab:
+            raise ConfigError([f"{key}={dataset.prefix!r} holds token id {largest}, but the model's vocabulary has "
+                               f"{vocab} entries; preprocess it with the model's tokenizer"])
+        if len(dataset) == 0:
+            raise ConfigError([f"{key}={dataset.prefix!r} holds no examples"])
+    return train, eval_dataset
+
+
+def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
+    tokenizer = load_tokenizer(c.roles[c.trained_role].tokenizer_name_or_path)
+    eos_ids, pad_id = token_ids(tokenizer)
+    train_dataset, eval_dataset = load_datasets(c)
+    try:
+        train, eval_split = make_splits(train_dataset, eval_dataset, eval_fraction=c.data.eval_fraction,
+                                        eval_samples=c.training.eval_samples, seed=c.training.seed)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from err
+    logger.info("stage %s: %d training examples, %s", c.stage, len(train),
+                f"{len(eval_split)} held-out examples for evaluation" if eval_split else "no evaluation split")
+    out = prepare_output(cfg, c)
+    specs = offline_worker_specs(c, eos_ids, pad_id)
+    tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
+                             tensorboard=c.training.tensorboard)
+    chunk = max(c.training.global_batch_size, 1)
+    try:
+        with GroupFactory(c, offline_pools(c), use_ray=use_ray) as factory:
+            cached = None
+            if "ref" in c.roles and c.algorithm.reference == "precomputed":
+                cached = precompute_reference(c, factory, specs["ref"], [train_dataset, eval_dataset], pad_id, chunk,
+                                              out)
+            trained = factory.create("trained", *specs["trained"])
+            ref = factory.create("ref", *specs["ref"]) if "ref" in c.roles and cached is None else None
+            trainer = OfflineTrainer(c, trained, train, eval_split, pad_token_id=pad_id, tracker=tracker, ref=ref,
+                                     ref_cache=cached)
+            summary = trainer.fit()
+            if c.training.export_hf:
+                summary["hf_model"] = str(export_model(c, trained, out / EXPORT_DIRS[c.stage], c.trained_role,
+                                                       tokenizer))
+    finally:
+        tracker.close()
+    if c.training.plot:
+        summary["plot"] = str(tracker.plot(keys=PLOT_KEYS[c.stage]))
+    tracker.write_json("summary.json", summary)
+    return summary
+
+
+def precompute_reference(c: ResolvedConfig, factory: GroupFactory, ref_spec, datasets, pad_id: int, chunk: int,
+                         out: Path) -> dict:
+    """Reference log-probs of every dataset row, from the cache or computed once; the ref group is then released."""
+    from dpo_rl.trainer import ref_cache
+
+    cache_dir = Path(c.data.ref_logps_cache_dir or out / "ref_logps_cache")
+    wanted = {}
+    for dataset in datasets:
+        if dataset is not None:
+            key = ref_cache.cache_key(dataset, c.roles["ref"], c.models["ref"], c.training.seed)
+            wanted[dataset.prefix] = (dataset, ref_cache.cache_path(cache_dir, dataset, key))
+    group = None
+    if not all(path.is_file() for _, path in wanted.values()):
+        group = factory.create("ref", *ref_spec)
+    try:
+        return {prefix: ref_cache.load_or_compute(group, dataset, path, pad_token_id=pad_id, chunk=chunk)
+                for prefix, (dataset, path) in wanted.items()}
+    finally:
+        if group is not None:
+            factory.release("ref")

@@ -1,0 +1,124 @@
+"""Parity with TRL's DPOTrainer (TRL is a test dependency; it runs on CPU with ``use_cpu=True``).
+
+A tiny Llama is built locally (seeded) as the policy and another as the reference. TRL tokenizes
+a handful of preference examples; our Megatron-core model path scores the same token ids, and
+every loss both projects define is computed both ways on the same batch.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dpo_rl.config.model import ParallelConfig
+from dpo_rl.data.indexed import collate_pairs
+from dpo_rl.losses import LossSpec, PairLogps, compute_preference_loss
+from tests.workers.megatron.common import tiny_config, tiny_hf_model
+
+#: Losses TRL's DPOTrainer implements (all of ours but LLaMA-Factory's kto_pair, orpo, simpo), with options.
+SHARED = {
+    "sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3}, "nca_pair": {},
+    "robust": {"label_smoothing": 0.1}, "bco_pair": {}, "sppo_hard": {}, "aot": {"label_smoothing": 0.1},
+    "aot_unpaired": {"label_smoothing": 0.1}, "apo_zero": {}, "apo_down": {}, "discopop": {}, "sft": {},
+    "sigmoid_norm": {},
+}
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def parity(megatron_single_rank, tmp_path_factory):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from examples.tiny_world import build, world
+
+    tmp = tmp_path_factory.mktemp("trl")
+    tokenizer = build.build_tokenizer(tmp / "tokenizer")
+    rng = random.Random(0)
+    prompts = world.split_prompts(build.SEED)[0][:6]
+    rows = []
+    for p in prompts:
+        chosen, rejected = world.preference_pair(p, rng)
+        rows.append({"prompt": p + "\n", "chosen": chosen, "rejected": rejected})
+    config = tiny_config("llama")
+    policy, reference = tiny_hf_model(config, seed=11), tiny_hf_model(config, seed=12)
+    args = DPOConfig(output_dir=str(tmp / "out"), use_cpu=True, per_device_train_batch_size=len(rows),
+                     max_length=None, report_to=[], beta=BETA, bf16=False, fp16=False, dataset_num_proc=None,
+                     logging_steps=1, disable_tqdm=True)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    batch = trainer.data_collator(examples)
+    return {"trainer": trainer, "batch": batch, "examples": examples, "config": config, "policy": policy,
+            "reference": reference}
+
+
+def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed completion log-probs through TRL's fused-LM-head forward (as its _compute_loss)."""
+    mask = batch["completion_mask"]
+    labels = batch["input_ids"].masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True, use_cache=False)
+    logps = out.log_probs[:, -(mask.shape[1] - 1):].sum(dim=1)
+    return logps.chunk(2)
+
+
+def our_logps(hf_model, config, examples) -> PairLogps:
+    """The same token ids through our Megatron-core model path (as the workers' sample_logprobs)."""
+    import numpy as np
+
+    from dpo_rl.workers.base import pair_microbatch
+    from dpo_rl.workers.megatron.forward import run_microbatches
+    from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
+    from dpo_rl.workers.megatron.model_factory import build_gpt_model
+    from dpo_rl.workers.policy import _logprobs_compute
+
+    model = build_gpt_model(config, ParallelConfig())
+    load_into_current_rank(model, hf_model.state_dict(), config)
+    model.eval()
+    items = [{k: np.asarray(e[f"{k}_ids"], dtype=np.int32) for k in ("prompt", "chosen", "rejected")}
+             for e in examples]
+    pairs = collate_pairs(items, pad_id=0)
+    from dpo_rl.batch import Batch
+
+    with torch.no_grad():
+        out = run_microbatches(model, [pair_microbatch(Batch(pairs))], _logprobs_compute, forward_only=True)
+    logps = out[0]["logps"]
+    n = len(items)
+    tokens = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])[:, 1:].sum(-1).float()
+    return PairLogps(chosen=logps[:n], rejected=logps[n:], chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
+
+
+def test_per_example_logps_equal_trl(parity):
+    batch, examples, config = parity["batch"], parity["examples"], parity["config"]
+    trainer = parity["trainer"]
+    for model, hf in ((trainer.model, parity["policy"]), (trainer.ref_model, parity["reference"])):
+        trl_chosen, trl_rejected = trl_logps(model, batch)
+        ours = our_logps(hf, config, examples)
+        assert torch.allclose(ours.chosen, trl_chosen, atol=1e-4, rtol=0), (ours.chosen, trl_chosen)
+        assert torch.allclose(ours.rejected, trl_rejected, atol=1e-4, rtol=0)
+    # a negative control: shifting the completion boundary by one token changes the log-probs
+    shifted = [dict(e, prompt_ids=e["prompt_ids"][:-1], chosen_ids=e["prompt_ids"][-1:] + e["chosen_ids"])
+               for e in examples]
+    moved = our_logps(parity["policy"], config, shifted)
+    assert not torch.allclose(moved.chosen, trl_logps(trainer.model, batch)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_every_shared_loss_equals_trl(parity, name):
+    trainer, batch = parity["trainer"], parity["batch"]
+    options = SHARED[name]
+    trainer.loss_types, trainer.loss_weights = [name], [1.0]
+    trainer.label_smoothing = options.get("label_smoothing", 0.0)
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, dict(batch))
+    policy = our_logps(parity["policy"], parity["config"], parity["examples"])
+    reference = our_logps(parity["reference"], parity["config"], parity["examples"])
+    policy.ref_chosen, policy.ref_rejected = reference.chosen, reference.rejected
+    spec = LossSpec.create(name, beta=BETA, discopop_tau=trainer.args.discopop_tau, **options)
+    ours = compute_preference_loss(policy, spec).losses.mean()
+    assert abs(float(ours) - float(trl_loss)) <= 1e-5, (name, float(ours), float(trl_loss))

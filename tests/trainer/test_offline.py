@@ -1,0 +1,173 @@
+"""Offline stages (dpo, reward, sft) on the online loop's workers: learning, references, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_rl.checkpoint import training as ckpt
+from dpo_rl.config.errors import ConfigError
+from dpo_rl.config.trainer import resolve
+from dpo_rl.trainer.run import run
+from tests.trainer.conftest import offline_config
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(world_dir, offline_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo")
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, out, "++training.export_hf=true",
+                                 "training.train_iters=6"), use_ray=False)
+    return out, summary
+
+
+def test_offline_dpo_learns_the_preference_and_changes_every_parameter(world_dir, dpo_run):
+    out, summary = dpo_run
+    history = rows(out / "metrics.jsonl")
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "objective/kl", "actor/grad_norm",
+            "epoch"} <= set(history[0])
+    assert history[-1]["loss"] < history[0]["loss"]
+    # held-out pairs: the policy's implicit reward now ranks chosen above rejected
+    assert abs(summary["eval/rewards/margins_initial"]) < 1e-4  # policy == reference at the start
+    assert summary["eval/rewards/margins"] > 0.05
+    assert summary["eval/rewards/accuracies"] >= 0.75
+    assert summary["eval/logps_accuracy"] > summary["eval/logps_accuracy_initial"]
+    before, after = weights(world_dir / "sft"), weights(out / "hf_actor")
+    assert set(before) == set(after)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+
+
+def test_reward_stage_learns_and_exports_a_loadable_reward_model(world_dir, offline_data, tmp_path):
+    summary = run(offline_config("rm_trainer_tiny", world_dir, tmp_path, "training.train_iters=30",
+                                 "training.global_batch_size=16", "training.lr=3e-3", "training.eval_interval=0",
+                                 "training.eval_samples=32"), use_ray=False)
+    assert summary["eval/accuracy_initial"] < 0.8
+    assert summary["eval/accuracy"] >= 0.9, summary  # the stated accuracy on the held-out split
+    assert summary["eval/loss"] < summary["eval/loss_initial"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf_reward")
+    assert model.config.num_labels == 1
+    history = rows(tmp_path / "metrics.jsonl")
+    assert {"loss", "accuracy", "margin", "scores/chosen", "reward/grad_norm"} <= set(history[0])
+
+
+def test_sft_stage_lowers_held_out_loss(world_dir, offline_data, tmp_path):
+    summary = run(offline_config("sft_trainer_tiny", world_dir, tmp_path, "training.train_iters=8"), use_ray=False)
+    assert summary["eval/loss"] < summary["eval/loss_initial"] - 0.5
+    assert (tmp_path / "hf_actor" / "model.safetensors").is_file()
+
+
+def test_offline_dpo_resume_gives_the_uninterrupted_run(world_dir, offline_data, tmp_path, dpo_run):
+    straight_out, _ = dpo_run
+    common = ("++training.export_hf=true", "++training.save_interval=3")
+    resumed = tmp_path / "resumed"
+    run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=3", *common), use_ray=False)
+    assert ckpt.latest_step(resumed / "checkpoints") == 3
+    assert json.loads((resumed / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text()) == {
+        "step": 3, "consumed_samples": 24}
+    run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=6", *common), use_ray=False)
+    # straight_out ran 6 steps without saving; the data order and the metrics are the same
+    assert (resumed / "metrics.jsonl").read_text() == (straight_out / "metrics.jsonl").read_text()
+    a, b = weights(straight_out / "hf_actor"), weights(resumed / "hf_actor")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_reference_matches_the_live_one_and_is_cached(world_dir, offline_data, tmp_path, dpo_run):
+    _, live = dpo_run
+    cache = tmp_path / "cache"
+    extra = ("algorithm.reference=precomputed", f"++data.ref_logps_cache_dir={cache}", "training.train_iters=6")
+    first = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "a", *extra), use_ray=False)
+    files = sorted(cache.glob("*.pt"))
+    assert [f.name.split("-")[0] for f in files] == ["pairs_eval", "pairs_train"]
+    for key in ("eval/loss", "eval/rewards/margins", "eval/loss_initial"):
+        assert first[key] == pytest.approx(live[key], abs=1e-5), key
+    stamps = [f.stat().st_mtime_ns for f in files]
+    import dpo_rl.trainer.run_offline as run_offline
+
+    created = []
+    real = run_offline.GroupFactory.create
+
+    def spy(self, name, *args):
+        created.append(name)
+        return real(self, name, *args)
+
+    run_offline.GroupFactory.create = spy
+    try:
+        second = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "b", *extra), use_ray=False)
+    finally:
+        run_offline.GroupFactory.create = real
+    assert created == ["trained"]  # the cache was reused: no reference model was built
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert second["eval/loss"] == first["eval/loss"]
+
+
+def test_reference_free_and_separate_reference_models(world_dir, offline_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_rl.config.model import shipped_model_config
+    from dpo_rl.workers.megatron import hf_interop
+
+    simpo = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "simpo", "algorithm.loss_type=simpo",
+                           "algorithm.beta=2.0", "training.train_iters=2")
+    assert "ref" not in resolve(simpo, check_paths=True).roles
+    summary = run(simpo, use_ray=False)
+    assert summary["eval/loss"] < summary["eval/loss_initial"]
+    # seed 003: a reference other than the actor's initial weights
+    torch.manual_seed(5)
+    other = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(shipped_model_config("tiny")))
+    other.save_pretrained(tmp_path / "other_ref")
+    cfg = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "other", f"++actor_rollout_ref.ref.load={tmp_path}/other_ref",
+                         "training.train_iters=1")
+    assert resolve(cfg).roles["ref"].load == f"{tmp_path}/other_ref"
+    summary = run(cfg, use_ray=False)
+    assert abs(summary["eval/rewards/margins_initial"]) > 1e-2  # the reference differs from the actor
+
+
+def test_offline_dpo_through_ray_with_a_precomputed_reference(world_dir, offline_data, tmp_path):
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "algorithm.reference=precomputed",
+                                 "training.train_iters=2", "algorithm.loss_type=[sigmoid,sft]",
+                                 "++algorithm.loss_weights=[1.0,0.5]", "algorithm.pref_ftx=0.1"))
+    assert [h["step"] for h in rows(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert summary["eval/loss"] < summary["eval/loss_initial"]
+
+
+def problems(cfg, check_paths=True):
+    with pytest.raises(ConfigError) as err:
+        resolve(cfg, check_paths=check_paths)
+    return err.value.problems
+
+
+def test_bad_inputs_fail_before_training(world_dir, offline_data, tmp_path):
+    data = offline_data
+    wrong_kind = problems(offline_config("dpo_trainer_tiny", world_dir, tmp_path, f"data.train_path={data}/sft_train"))
+    assert any(f"data.train_path='{data}/sft_train' holds 'sft' data, but stage 'dpo' trains on pairwise or reward "
+               "data; preprocess it with --handler-name AlpacaStylePairwiseHandler" in p for p in wrong_kind)
+    wrong_kind = problems(offline_config("sft_trainer_tiny", world_dir, tmp_path, f"data.eval_path={data}/pairs_eval"))
+    assert any("holds 'pairwise' data, but stage 'sft' trains on sft data" in p for p in wrong_kind)
+    not_prefix = problems(offline_config("rm_trainer_tiny", world_dir, tmp_path, f"data.train_path={tmp_path}/x.jsonl"))
+    assert any("is not a preprocess_data.py output prefix" in p for p in not_prefix)
+    no_ref = problems(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "algorithm.reference=none"))
+    assert any("algorithm.loss_type ['sigmoid'] needs a reference model but algorithm.reference=none" in p
+               for p in no_ref)
+    unknown = problems(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "algorithm.loss_type=dpo"))
+    assert any("algorithm.loss_type='dpo' is unknown" in p for p in unknown)
+    layout = problems(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "training.global_batch_size=6"))
+    assert any("training.global_batch_size (6) must be a multiple of data-parallel size x "
+               "actor_rollout_ref.actor_rollout.micro_batch_size (1 x 4 = 4)" in p for p in layout)
+    # run() refuses before any worker or output directory exists
+    with pytest.raises(ConfigError):
+        run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "never", "algorithm.reference=none"), use_ray=False)
+    assert not (tmp_path / "never").exists()
