@@ -205,10 +205,10 @@ SFT_STAT_KEYS = ("loss", "tokens")
 
 
 def real_rows_loss(logps: PairLogps, spec: LossSpec, real: torch.Tensor) -> PreferenceLossOutput:
-    """The loss of the real (weight > 0) pairs; padding rows get 0.
+    """Per-pair losses in which the padding rows (``real`` False, weight 0) cannot change the real ones.
 
-    Batch-coupled losses (aot, kto_pair, sft) must not see padding rows, so they run on the
-    real rows only and are scattered back.
+    Batch-coupled losses (aot, kto_pair, sft) read the whole batch, so they run on the real
+    rows only and are scattered back (padding rows get 0); other losses run on every row.
     """
     if not spec.batch_coupled or bool(real.all()):
         return compute_preference_loss(logps, spec)

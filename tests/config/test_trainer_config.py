@@ -23,6 +23,30 @@ def test_shipped_config_composes_and_validates(name):
     assert resolved.roles["actor_rollout"].do_sample
 
 
+OFFLINE = sorted(p.stem for p in CONFIG_DIR.glob("*_trainer_*.yaml") if not p.stem.startswith("online"))
+
+
+def test_offline_stage_configs_are_shipped_and_place_only_their_roles():
+    assert OFFLINE == ["dpo_trainer_llama32_1b", "dpo_trainer_qwen25_7b", "dpo_trainer_tiny", "rm_trainer_llama32_1b",
+                       "rm_trainer_tiny", "sft_trainer_tiny"]
+    placed = {name: set(resolve(compose(name), check_paths=False).roles) for name in OFFLINE}
+    assert placed["dpo_trainer_tiny"] == {"actor_rollout", "ref"}
+    assert placed["rm_trainer_tiny"] == {"reward"} and placed["sft_trainer_tiny"] == {"actor_rollout"}
+    qwen = resolve(compose("dpo_trainer_qwen25_7b"), check_paths=False)
+    assert qwen.algorithm.reference == "precomputed" and qwen.dp_size("actor_rollout") == 2
+    spec = qwen.algorithm.loss_spec()
+    assert spec.terms == (("sigmoid", 0.8), ("bco_pair", 0.2)) and spec.pref_ftx == 0.1
+
+
+def test_reference_defaults_to_the_actors_initial_weights():
+    c = resolve(compose("dpo_trainer_tiny"), check_paths=False)
+    assert (c.roles["ref"].load, c.roles["ref"].model) == (c.roles["actor_rollout"].load, "tiny")
+    assert c.roles["ref"].micro_batch_size == 32  # its own section still overrides
+    free = resolve(compose("dpo_trainer_tiny", ["algorithm.loss_type=orpo"]), check_paths=False)
+    assert "ref" not in free.roles
+    assert any("actor_rollout_ref.ref is not used by stage 'dpo'" in m for m in free.unused)
+
+
 def test_training_defaults_flow_into_roles_and_roles_override():
     resolved = resolve(compose("online_dpo_trainer_tiny"), check_paths=False)
     assert resolved.roles["ref"].lr == resolved.training.lr == 5e-5  # inherited

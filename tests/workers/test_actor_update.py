@@ -51,3 +51,23 @@ def test_tp2_update_matches_tp1(megatron_single_rank):
                 continue
             assert abs(ours[phase][key] - value) <= 1e-4 * max(1.0, abs(value)), (phase, key, ours[phase][key], value)
     assert base["second"]["loss"] < base["first"]["loss"]  # training lowered the DPO loss
+
+
+def test_batch_coupled_losses_ignore_padding_rows():
+    """aot sorts over the batch: a padding row (weight 0) must not move the real pairs' losses."""
+    from dpo_rl.losses import LossSpec, PairLogps, compute_preference_loss
+    from dpo_rl.workers.policy import real_rows_loss
+
+    def t(v):
+        return torch.tensor(v, dtype=torch.float64)
+
+    real = PairLogps(chosen=t([-1.0, -3.0]), rejected=t([-4.0, -2.0]), chosen_tokens=t([2.0, 3.0]),
+                     rejected_tokens=t([2.0, 2.0]), ref_chosen=t([-2.0, -1.0]), ref_rejected=t([-2.0, -3.0]))
+    padded = real.select(torch.tensor([0, 1, 0]))  # the layout repeats a real row as padding
+    padded.chosen = padded.chosen.clone()
+    padded.chosen[2] = 50.0  # whatever the padding holds
+    for name in ("aot", "kto_pair", "sft", "sigmoid"):
+        spec = LossSpec.create(name)
+        expected = compute_preference_loss(real, spec).losses
+        got = real_rows_loss(padded, spec, torch.tensor([True, True, False])).losses
+        assert torch.allclose(got[:2], expected), name  # the padding row's value is weighted by 0
