@@ -111,6 +111,7 @@ class OfflineTrainer:
         self.chunk = max(config.training.global_batch_size, 1)
         self.summary: dict[str, Any] = {}
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._prefetched: Optional[tuple] = None
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -131,26 +132,42 @@ class OfflineTrainer:
             final = self.evaluate()
             self.summary.update(final)
             self.tracker.print("final evaluation: " + _format(final))
-        self.summary["epochs"] = self.sampler.consumed / len(self.train)
+        self.summary["epochs"] = t.train_iters * t.global_batch_size / len(self.train)
         return self.summary
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step. With a live reference, the next step's reference forward is queued
+        on the ref group while the trained group updates (the data order is fixed by the seed)."""
         timer = StepTimer()
         start = time.perf_counter()
-        positions = self.sampler.next(self.c.training.global_batch_size)
-        rows = self.collate(self.train, positions)
-        if self.uses_reference:
+        positions, rows, pending_ref = self._prefetched or self.fetch()
+        self._prefetched = None
+        if pending_ref is not None:
+            logps = timer.collect("reference", [pending_ref])["ref_logps"]
+            rows = rows.update({"ref_chosen_logps": logps[: len(rows)], "ref_rejected_logps": logps[len(rows):]})
+        elif self.uses_reference:
             ref_c, ref_r = timer.run("reference", self.reference_logps, self.train, positions, rows)
             rows = rows.update({"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r})
-        rows = self.layout(rows, step)
-        metrics = timer.run("update", self.trained.update, rows)
+        pending_update = self.trained.call_async("update", self.layout(rows, step))
+        if self.ref_cache is None and self.uses_reference and step < self.c.training.train_iters:
+            self._prefetched = self.fetch()
+        metrics = timer.collect("update", [pending_update])
         metrics = {k: v for k, v in metrics.items() if k != "compute_s"}
-        metrics["epoch"] = self.sampler.consumed / len(self.train)
+        metrics["epoch"] = step * self.c.training.global_batch_size / len(self.train)
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
         metrics["timing/step"] = step_s
         metrics["timing/orchestration"] = step_s - timer.critical
         return metrics
+
+    def fetch(self) -> tuple[list[int], Batch, Any]:
+        """The next batch's positions and rows, and the started live-reference call (or None)."""
+        positions = self.sampler.next(self.c.training.global_batch_size)
+        rows = self.collate(self.train, positions)
+        pending = None
+        if self.uses_reference and self.ref_cache is None:
+            pending = self.ref.call_async("sample_logprobs", pairs_as_samples(rows))
+        return positions, rows, pending
 
     def collate(self, split: Split, positions: Sequence[int]) -> Batch:
         items = split.items(positions)
@@ -207,7 +224,7 @@ class OfflineTrainer:
     def save(self, step: int) -> None:
         from dpo_rl.checkpoint.training import save_group_checkpoint
 
-        state = {"step": step, "consumed_samples": self.sampler.consumed}
+        state = {"step": step, "consumed_samples": step * self.c.training.global_batch_size}
         save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.c.trained_role],
                               self.role.tensor_model_parallel_size, self.role.pipeline_model_parallel_size,
                               self.c.training.keep_last_k, reward=self.stage == "reward")
