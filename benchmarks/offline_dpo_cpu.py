@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +48,10 @@ def run_ours(steps: int, out: Path, use_ray: bool) -> list[float]:
 def run_trl(steps: int) -> tuple[list[float], float]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from benchmarks.trl_timing import step_timer
     from dpo_rl.data.prompts import encode_prompt
 
     torch.set_num_threads(1)
@@ -63,13 +63,6 @@ def run_trl(steps: int) -> tuple[list[float], float]:
     ref = AutoModelForCausalLM.from_pretrained(ART / "sft", dtype=torch.float32)
     step_times: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
-
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=16, gradient_accumulation_steps=1,
                          max_steps=steps, learning_rate=5e-5, lr_scheduler_type="constant", beta=0.1,
@@ -77,7 +70,7 @@ def run_trl(steps: int) -> tuple[list[float], float]:
                          report_to=[], seed=1234, dataloader_num_workers=0, disable_tqdm=True, bf16=False,
                          max_grad_norm=1.0)
         trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[Timer()])
+                             processing_class=tokenizer, callbacks=[step_timer(step_times)])
         lengths = [len(trainer.train_dataset[i]["prompt_ids"]) + len(trainer.train_dataset[i]["chosen_ids"])
                    for i in range(16)]
         trainer.train()

@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +45,10 @@ def run_ours(steps: int, out: Path) -> list[dict]:
 def run_trl(steps: int, threads: int) -> list[float]:
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+    from benchmarks.trl_timing import step_timer
     from dpo_rl.data.prompts import encode_prompt
 
     torch.set_num_threads(threads)
@@ -67,13 +66,6 @@ def run_trl(steps: int, threads: int) -> list[float]:
         m.generation_config.pad_token_id = tokenizer.pad_token_id
     step_times: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
-
     with tempfile.TemporaryDirectory() as out:
         args = OnlineDPOConfig(
             output_dir=out, use_cpu=True, per_device_train_batch_size=16, gradient_accumulation_steps=1,
@@ -83,7 +75,7 @@ def run_trl(steps: int, threads: int) -> list[float]:
         )
         trainer = OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=rm, args=args,
                                    train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
-                                   reward_processing_classes=tokenizer, callbacks=[Timer()])
+                                   reward_processing_classes=tokenizer, callbacks=[step_timer(step_times)])
         trainer.train()
     return step_times
 

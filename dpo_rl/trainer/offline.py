@@ -84,15 +84,21 @@ def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
     return response_mask[:, 1:].sum(-1).to(torch.float32)
 
 
-def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model."""
+def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) values of ``group.method`` (a DP-dispatched per-sequence RPC returning ``key``)
+    on ``pairs``, in calls of ``chunk`` pairs."""
     chosen, rejected = [], []
     for start in range(0, len(pairs), chunk):
         part = pairs.rows(slice(start, start + chunk))
-        logps = group.sample_logprobs(pairs_as_samples(part))["ref_logps"]
-        chosen.append(logps[: len(part)])
-        rejected.append(logps[len(part):])
+        values = getattr(group, method)(pairs_as_samples(part))[key]
+        chosen.append(values[: len(part)])
+        rejected.append(values[len(part):])
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model."""
+    return score_pairs(group, "sample_logprobs", "ref_logps", pairs, chunk)
 
 
 class OfflineTrainer:
@@ -117,7 +123,7 @@ class OfflineTrainer:
     def fit(self) -> dict[str, Any]:
         t = self.c.training
         first = self.restore() + 1
-        if self.eval_split is not None:
+        if self.eval_split is not None and first == 1:  # a resumed run reported its start already
             initial = {f"{k}_initial": v for k, v in self.evaluate().items()}
             self.summary.update(initial)
             self.tracker.print("initial evaluation: " + _format(initial))
@@ -247,13 +253,7 @@ def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:
     """Pair accuracy, mean margin and Bradley-Terry loss of a reward model on ``pairs``."""
     from dpo_rl.workers.reward import bradley_terry_loss
 
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), chunk):
-        part = pairs.rows(slice(start, start + chunk))
-        scores = group.score(pairs_as_samples(part))["scores"]
-        chosen.append(scores[: len(part)])
-        rejected.append(scores[len(part):])
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = score_pairs(group, "score", "scores", pairs, chunk)
     return {"eval/accuracy": float((chosen > rejected).float().mean()),
             "eval/margin": float((chosen - rejected).mean()),
             "eval/loss": float(bradley_terry_loss(chosen, rejected).mean())}
