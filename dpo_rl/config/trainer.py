@@ -234,8 +234,7 @@ def _unused_keys(cfg: DictConfig, c: ResolvedConfig) -> list[str]:
             if section.get(key) is not None:
                 messages.append(f"{section_key}.{key}={section[key]} has no meaning in online DPO "
                                 f"(a PPO key); it is ignored")
-        if role not in c.roles and role != "actor_rollout" and _section(cfg, section_key) is not None and (
-                role != "reward" or c.stage != "ray_online_dpo"):
+        if role not in c.roles and _section(cfg, section_key) is not None:
             messages.append(f"{section_key} is not used by stage {c.stage!r}"
                             + (f" with algorithm.reference={c.algorithm.reference!r} and loss_type="
                                f"{c.algorithm.loss_type!r}" if role == "ref" else "") + "; it is ignored")

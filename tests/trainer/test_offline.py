@@ -171,3 +171,17 @@ def test_bad_inputs_fail_before_training(world_dir, offline_data, tmp_path):
     with pytest.raises(ConfigError):
         run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "never", "algorithm.reference=none"), use_ray=False)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft_trainer_tiny", "rm_trainer_tiny"])
+def test_data_parallel_training_matches_one_rank(world_dir, offline_data, tmp_path, stage):
+    """Two DP ranks on Ray give the one-rank run: the SFT token mean and the pair mean span both ranks."""
+    role = "actor_rollout" if stage.startswith("sft") else "reward"
+    one = run(offline_config(stage, world_dir, tmp_path / "one", "training.train_iters=3"), use_ray=False)
+    two = run(offline_config(stage, world_dir, tmp_path / "two", "training.train_iters=3",
+                             f"resource_pool.{role}=[2]"))
+    a, b = rows(tmp_path / "one" / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
+    for x, y in zip(a, b):
+        for key in ("loss", "actor/grad_norm" if role == "actor_rollout" else "reward/grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x[key], y[key])
+    assert two["eval/loss"] == pytest.approx(one["eval/loss"], rel=1e-4)
