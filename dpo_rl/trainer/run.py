@@ -88,20 +88,30 @@ class GroupFactory:
     group still alive, its placement group and Ray itself are released on exit.
     """
 
-    def __init__(self, c: ResolvedConfig, pools: dict, *, use_ray: bool) -> None:
-        self.c, self.pools, self.use_ray = c, pools, use_ray
+    def __init__(self, c: ResolvedConfig, pools: dict, *, use_ray: bool, coexisting: bool = True) -> None:
+        """``coexisting``: all pools are held at once (checked against the cluster together on entry);
+        otherwise each must fit on its own (a group is released before the next is created)."""
+        self.c, self.pools, self.use_ray, self.coexisting = c, pools, use_ray, coexisting
         self.groups: dict[str, Any] = {}
 
     def __enter__(self) -> "GroupFactory":
         if self.use_ray:
-            from dpo_rl.ray_runtime import start_ray
-            from dpo_rl.workers.resource_pool import total_demand
+            from dpo_rl.ray_runtime import start_ray, stop_ray
+            from dpo_rl.workers.resource_pool import check_fits, total_demand
 
-            demand = total_demand(list(self.pools.values()))
+            pools = list(self.pools.values())
+            demand = total_demand(pools) if self.coexisting else {
+                k: max(p.demand().get(k, 0.0) for p in pools) for k in total_demand(pools)}
             c = self.c
             start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
                       include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host,
                       home_dir=c.ray.home_dir)
+            try:
+                for together in ([pools] if self.coexisting else [[p] for p in pools]):
+                    check_fits(together)
+            except ConfigError:
+                stop_ray()  # __exit__ does not run when __enter__ raises
+                raise
         return self
 
     def create(self, name: str, worker_cls: type, kwargs: dict[str, Any]):

@@ -100,9 +100,10 @@ def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[st
                              tensorboard=c.training.tensorboard)
     chunk = max(c.training.global_batch_size, 1)
     try:
-        with GroupFactory(c, offline_pools(c), use_ray=use_ray) as factory:
+        precomputed = "ref" in c.roles and c.algorithm.reference == "precomputed"
+        with GroupFactory(c, offline_pools(c), use_ray=use_ray, coexisting=not precomputed) as factory:
             cached = None
-            if "ref" in c.roles and c.algorithm.reference == "precomputed":
+            if precomputed:
                 cached = precompute_reference(c, factory, specs["ref"], [train_dataset, eval_dataset], pad_id, chunk,
                                               out)
             trained = factory.create("trained", *specs["trained"])

@@ -56,11 +56,9 @@ def _describe(pools: list[RolePool]) -> str:
     return ", ".join(f"{p.role}={p.processes_per_node} x {p.bundle()}" for p in pools)
 
 
-def create_pools(pools: list[RolePool], timeout_s: float) -> None:
-    """Create and wait for every pool's placement groups; raise ConfigError if they cannot fit."""
+def check_fits(pools: list[RolePool]) -> None:
+    """Raise ConfigError at once when ``pools`` together ask for more than the Ray cluster holds."""
     import ray
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group, remove_placement_group
 
     cluster = ray.cluster_resources()
     demand = total_demand(pools)
@@ -71,6 +69,17 @@ def create_pools(pools: list[RolePool], timeout_s: float) -> None:
             f"resource_pool asks for more than the Ray cluster holds ({missing}); pools: {_describe(pools)}. "
             "Shrink resource_pool, add nodes (ray start --address=...), or raise ray.num_cpus for a local cluster"
         ])
+
+
+def create_pools(pools: list[RolePool], timeout_s: float) -> None:
+    """Create and wait for every pool's placement groups; raise ConfigError if they cannot fit."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    check_fits(pools)
+    cluster = ray.cluster_resources()
+    demand = total_demand(pools)
     created = []
     for pool in pools:
         pool.placement_groups = [

@@ -185,3 +185,14 @@ def test_data_parallel_training_matches_one_rank(world_dir, offline_data, tmp_pa
         for key in ("loss", "actor/grad_norm" if role == "actor_rollout" else "reward/grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (key, x[key], y[key])
     assert two["eval/loss"] == pytest.approx(one["eval/loss"], rel=1e-4)
+
+
+def test_pools_are_checked_against_the_cluster_as_they_are_held(world_dir, offline_data, tmp_path):
+    """A live reference is held beside the actor; a precomputed one is released first, so one CPU suffices."""
+    live = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "live", "++ray.num_cpus=1", "training.train_iters=1")
+    with pytest.raises(ConfigError, match=r"CPU: need 2, cluster has 1"):
+        run(live)
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "pre", "++ray.num_cpus=1",
+                                 "algorithm.reference=precomputed", "training.train_iters=1"))
+    assert [h["step"] for h in rows(tmp_path / "pre" / "metrics.jsonl")] == [1]
+    assert summary["eval/loss"] < summary["eval/loss_initial"]
