@@ -47,14 +47,18 @@ def make_splits(train: TokenizedDataset, eval_dataset: Optional[TokenizedDataset
                 eval_samples: int, seed: int) -> tuple[Split, Optional[Split]]:
     """Train rows and (at most ``eval_samples``) eval rows: ``eval_dataset``'s, else a seeded ``eval_fraction`` of ``train``."""
     if eval_dataset is not None:
-        return Split(train, list(range(len(train))), "train"), Split(
-            eval_dataset, list(range(min(eval_samples, len(eval_dataset)))), "eval")
+        used = min(eval_samples, len(eval_dataset))
+        logger.info("evaluation on the first %d of %d rows of %s (training.eval_samples)", used, len(eval_dataset),
+                    eval_dataset.prefix)
+        return Split(train, list(range(len(train))), "train"), Split(eval_dataset, list(range(used)), "eval")
     if eval_fraction <= 0:
         return Split(train, list(range(len(train))), "train"), None
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = max(1, round(eval_fraction * len(train)))
     if held_out >= len(train):
         raise ValueError(f"data.eval_fraction={eval_fraction} leaves no training rows of {len(train)}")
+    logger.info("held out %d of %d rows of %s (data.eval_fraction=%g); evaluation on %d of them (training.eval_samples)",
+                held_out, len(train), train.prefix, eval_fraction, min(held_out, eval_samples))
     return (Split(train, sorted(order[held_out:]), "train"),
             Split(train, sorted(order[:held_out])[:eval_samples], "eval"))
 

@@ -196,3 +196,20 @@ def test_pools_are_checked_against_the_cluster_as_they_are_held(world_dir, offli
                                  "algorithm.reference=precomputed", "training.train_iters=1"))
     assert [h["step"] for h in rows(tmp_path / "pre" / "metrics.jsonl")] == [1]
     assert summary["eval/loss"] < summary["eval/loss_initial"]
+
+
+def test_eval_fraction_holds_out_seeded_rows_never_trained_on(offline_data):
+    from dpo_rl.data.indexed import TokenizedDataset
+    from dpo_rl.trainer.offline import make_splits
+
+    data = TokenizedDataset(offline_data / "pairs_train")
+    train, held_out = make_splits(data, None, eval_fraction=0.25, eval_samples=100, seed=7)
+    assert len(held_out) == 16 and len(train) == 48
+    assert not set(train.rows) & set(held_out.rows) and sorted(train.rows + held_out.rows) == list(range(64))
+    again, _ = make_splits(data, None, eval_fraction=0.25, eval_samples=100, seed=7)
+    assert again.rows == train.rows
+    assert make_splits(data, None, eval_fraction=0.25, eval_samples=100, seed=8)[0].rows != train.rows
+    _, capped = make_splits(data, None, eval_fraction=0.25, eval_samples=5, seed=7)
+    assert capped.rows == held_out.rows[:5]
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        make_splits(data, None, eval_fraction=0.999, eval_samples=5, seed=7)
