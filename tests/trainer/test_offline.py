@@ -213,3 +213,15 @@ def test_eval_fraction_holds_out_seeded_rows_never_trained_on(offline_data):
     assert capped.rows == held_out.rows[:5]
     with pytest.raises(ValueError, match="leaves no training rows"):
         make_splits(data, None, eval_fraction=0.999, eval_samples=5, seed=7)
+
+
+def test_tensor_parallel_offline_dpo_matches_one_rank(world_dir, offline_data, tmp_path, dpo_run):
+    """The actor sharded TP=2 on Ray trains like the unsharded in-process actor (same data, same losses)."""
+    straight_out, _ = dpo_run
+    run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "training.train_iters=2",
+                       "++actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                       "resource_pool.actor_rollout=[2]"))
+    sharded, single = rows(tmp_path / "metrics.jsonl"), rows(straight_out / "metrics.jsonl")[:2]
+    for a, b in zip(sharded, single):
+        for key in ("loss", "rewards/margins", "logps/chosen", "actor/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a[key], b[key])
