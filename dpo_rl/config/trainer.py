@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
 from dpo_rl.data.prompts import is_preprocessed, preprocessed_kind
+from dpo_rl.losses import LOSSES
 from dpo_rl.config.schema import (
     ROLE_FIELDS,
     UNUSED_IN_DPO,
@@ -309,8 +310,6 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
 def _check_loss(c: ResolvedConfig) -> list[str]:
     """The preference objective: loss names, weights, their options and the reference they need."""
     a, p = c.algorithm, []
-    from dpo_rl.losses import LOSSES
-
     names = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         return [f"algorithm.loss_type={a.loss_type!r} must be a loss name or a non-empty list of them"]
