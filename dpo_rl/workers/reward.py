@@ -10,6 +10,7 @@ reward model's before scoring.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -18,6 +19,8 @@ from dpo_rl.batch import Batch
 from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, sequence_microbatch, split_pair_halves
 from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.workers.worker_group import Dispatch, register
+
+logger = logging.getLogger(__name__)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,39 @@ REWARD_STAT_KEYS = ("loss", "accuracy", "margin", "scores/chosen", "scores/rejec
 
 
 class RewardTrainerWorker(RewardWorker, TrainableWorker):
-    """Trains the reward model on preference pairs (chosen should score higher)."""
+    """Trains the reward model on preference pairs (chosen should score higher).
+
+    It may start from a causal LM (an SFT model, as reward models usually do): the trunk is
+    loaded and the value head keeps its seeded initialisation, made identical on every TP
+    rank. A checkpoint with a ``score`` head loads as is.
+    """
+
+    def _load(self, directory: str) -> None:
+        from dpo_rl.checkpoint.convert import MegatronCheckpoint
+        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE, HFCheckpoint, load_into_current_rank
+
+        if MegatronCheckpoint.is_checkpoint(directory):
+            return super()._load(directory)
+        checkpoint = HFCheckpoint(directory)
+        if SCORE_HEAD_RULE.hf[0] in checkpoint.names:
+            return super()._load(directory)
+        load_into_current_rank(self.model, checkpoint, self.model_config, reward=True, keep_value_head=True)
+        self._sync_value_head()
+        logger.warning("reward.load=%s has no %s: its trunk is loaded and the value head starts from a seeded "
+                       "random initialisation (a reward model trained from a causal LM)", directory,
+                       SCORE_HEAD_RULE.hf[0])
+
+    def _sync_value_head(self) -> None:
+        """TP ranks hold replicas of the head: give them all TP rank 0's initialisation."""
+        from megatron.core import parallel_state as mpu
+
+        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE
+
+        head = dict(self.model.named_parameters()).get(SCORE_HEAD_RULE.mcore)
+        if head is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+            with torch.no_grad():
+                torch.distributed.broadcast(head.data, mpu.get_tensor_model_parallel_src_rank(),
+                                            group=mpu.get_tensor_model_parallel_group())
 
     @register(Dispatch.DP)
     def update(self, rows: Batch) -> dict[str, float]:

@@ -225,3 +225,28 @@ def test_tensor_parallel_offline_dpo_matches_one_rank(world_dir, offline_data, t
     for a, b in zip(sharded, single):
         for key in ("loss", "rewards/margins", "logps/chosen", "actor/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a[key], b[key])
+
+
+def test_reward_stage_starts_from_a_causal_lm(world_dir, offline_data, tmp_path):
+    """The usual recipe: the RM's trunk from the SFT model, a fresh value head (same on every TP rank)."""
+    with pytest.raises(ConfigError, match="does not fit output_layer|does not fit decoder"):  # tiny-rm is smaller
+        run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "bad", f"++reward.load={world_dir}/sft"),
+            use_ray=False)
+    extra = ("training.train_iters=2", f"++reward.load={world_dir}/sft", "training.eval_interval=0",
+             "model=[tiny-rm,tiny]", "reward.model=tiny")
+    one = run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "one", *extra), use_ray=False)
+    two = run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "two", *extra,
+                             "++reward.tensor_model_parallel_size=2", "resource_pool.reward=[2]"))
+    a, b = rows(tmp_path / "one" / "metrics.jsonl"), rows(tmp_path / "two" / "metrics.jsonl")
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x["loss"], y["loss"])
+    assert two["eval/loss_initial"] == pytest.approx(one["eval/loss_initial"], rel=1e-4)
+    # scoring (online DPO's reward role) still refuses a checkpoint without a score head
+    from dpo_rl.config.model import ParallelConfig, shipped_model_config
+    from dpo_rl.config.schema import RoleConfig
+    from dpo_rl.workers.reward import RewardWorker
+    from dpo_rl.workers.worker_group import LocalWorkerGroup
+
+    with pytest.raises(ConfigError, match="HF checkpoint has no tensor 'score.weight'"):
+        LocalWorkerGroup(RewardWorker, dict(model_config=shipped_model_config("tiny"), parallel=ParallelConfig(),
+                                            role=RoleConfig(model="tiny", load=str(world_dir / "sft")), seed=0))

@@ -253,16 +253,25 @@ def load_hf_weights(
     pp_rank: int,
     pp_size: int,
     reward: bool = False,
+    keep_value_head: bool = False,
 ) -> dict[str, int]:
     """Copy this rank's shard of an HF checkpoint into ``model`` (a GPTModel stage).
 
     ``get(name)`` returns a full HF tensor, ``hf_names`` is every name the checkpoint
     holds. Raises :class:`ConfigError` when a tensor is missing, has the wrong shape, or
     the model has a parameter the key map did not fill. Returns counts of what was
-    loaded and skipped.
+    loaded and skipped. ``keep_value_head`` (reward models only) loads the trunk and keeps
+    the model's own value head: a reward model started from a causal LM.
     """
     rules = key_map(config, reward=reward)
     state: dict[str, torch.Tensor] = {}
+    if keep_value_head:
+        if not reward:
+            raise ValueError("keep_value_head is for reward models")
+        rules = tuple(r for r in rules if r is not SCORE_HEAD_RULE)
+        own = model.state_dict().get(SCORE_HEAD_RULE.mcore)
+        if own is not None:  # the last pipeline stage holds the head
+            state[SCORE_HEAD_RULE.mcore] = own.detach().clone()
     labels: dict[str, str] = {}
     problems: list[str] = []
     for rule, layer, local_name in local_tensor_names(rules, config, pp_rank, pp_size):
@@ -271,7 +280,14 @@ def load_hf_weights(
         if missing:
             problems.append(f"HF checkpoint has no tensor {missing[0]!r} (needed for {local_name})")
             continue
-        state[local_name] = shard(combine(rule, [get(n) for n in names], config), rule.tp_split, tp_rank, tp_size)
+        tensors = [get(n) for n in names]
+        try:
+            state[local_name] = shard(combine(rule, tensors, config), rule.tp_split, tp_rank, tp_size)
+        except RuntimeError:  # a reshape in combine/shard: the checkpoint is another architecture
+            problems.append(f"HF tensor {names[0]!r} has shape {tuple(tensors[0].shape)}, which does not fit "
+                            f"{local_name} of the configured model (hidden_size={config.hidden_size}, "
+                            f"heads={config.num_attention_heads}); does the model config match the checkpoint?")
+            continue
         labels[local_name] = names[0]
     loaded = copy_local_state(model, state, labels=labels, problems=problems)
     skipped = sum(1 for n in hf_names if HF_NON_WEIGHTS.match(n))
@@ -541,6 +557,7 @@ def load_into_current_rank(
     config: ModelConfig,
     *,
     reward: bool = False,
+    keep_value_head: bool = False,
 ) -> dict[str, int]:
     """:func:`load_hf_weights` for this process's place in the initialised Megatron grid."""
     from dpo_rl.workers.megatron.parallel_state import current_ranks
@@ -553,7 +570,7 @@ def load_into_current_rank(
     return load_hf_weights(
         model, get, names, config,
         tp_rank=ranks.tp_rank, tp_size=ranks.tp_size, pp_rank=ranks.pp_rank, pp_size=ranks.pp_size,
-        reward=reward,
+        reward=reward, keep_value_head=keep_value_head,
     )
 
 
