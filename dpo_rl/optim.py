@@ -1,4 +1,4 @@
-"""Learning-rate schedule (pure) and the actor's optimizer."""
+"""Learning-rate schedule (pure), parameter groups and the trained roles' optimizer."""
 
 from __future__ import annotations
 
@@ -27,17 +27,31 @@ def lr_factor(step: int, *, warmup: int, total: int, style: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def build_optimizer(model: torch.nn.Module, role, total_steps: int):
-    """AdamW over the model's parameters and its LambdaLR schedule from a RoleConfig.
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's named parameter groups over the trainable parameters.
 
-    Parameters are one group today; LoRA (a later issue) adds its own group here.
+    ``decay``: matrices (weight decay applies); ``no_decay``: biases, norm weights and other
+    1-D parameters (Megatron's and HF Trainer's convention). Frozen parameters
+    (``requires_grad=False``) are in no group. An adapter method (LoRA, a later issue) adds
+    its own group here and freezes the base, and nothing else changes.
     """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, role, total_steps: int):
+    """AdamW over :func:`parameter_groups` and its LambdaLR schedule from a RoleConfig."""
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        parameter_groups(model, role.weight_decay),
         lr=role.lr,
         betas=(role.adam_beta1, role.adam_beta2),
         eps=role.adam_eps,
-        weight_decay=role.weight_decay,
     )
     min_ratio = role.min_lr / role.lr if role.lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
