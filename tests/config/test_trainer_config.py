@@ -28,7 +28,7 @@ OFFLINE = sorted(p.stem for p in CONFIG_DIR.glob("*_trainer_*.yaml") if not p.st
 
 def test_offline_stage_configs_are_shipped_and_place_only_their_roles():
     assert OFFLINE == ["dpo_trainer_llama32_1b", "dpo_trainer_qwen25_7b", "dpo_trainer_tiny", "rm_trainer_llama32_1b",
-                       "rm_trainer_tiny", "sft_trainer_tiny"]
+                       "rm_trainer_tiny", "sft_trainer_llama32_1b", "sft_trainer_tiny"]
     placed = {name: set(resolve(compose(name), check_paths=False).roles) for name in OFFLINE}
     assert placed["dpo_trainer_tiny"] == {"actor_rollout", "ref"}
     assert placed["rm_trainer_tiny"] == {"reward"} and placed["sft_trainer_tiny"] == {"actor_rollout"}
@@ -147,3 +147,21 @@ def test_tensorboard_needs_its_package(monkeypatch, tmp_path):
     found = problems(["training.tensorboard=true"], check_paths=True)
     assert any('the tensorboard package is not installed; pip install -e ".[tensorboard]"' in p for p in found)
     resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)  # machine-independent checks pass
+
+
+def test_the_llama32_1b_pipeline_script_names_shipped_configs_and_parses():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "llama32_1b" / "pipeline.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    names = re.findall(r"--config-name (\S+)", script.read_text())
+    assert names == ["sft_trainer_llama32_1b", "rm_trainer_llama32_1b", "dpo_trainer_llama32_1b",
+                     "online_dpo_trainer_llama32_1b"]
+    for name in names:
+        resolve(compose(name), check_paths=False)
+    # each stage's export lands where the next stage's config loads it from
+    assert resolve(compose("rm_trainer_llama32_1b"), check_paths=False).roles["reward"].load == "./ckpt/llama32-1b-sft"
+    online = resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)
+    assert online.roles["reward"].load == "./ckpt/llama32-1b-rm"
