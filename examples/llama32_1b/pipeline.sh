@@ -28,4 +28,6 @@ rm -rf ./ckpt/llama32-1b-rm && cp -r runs/rm_llama32_1b/hf_reward ./ckpt/llama32
 python ray_gpt.py --config-name dpo_trainer_llama32_1b
 
 # 5. Online DPO: sample, score with the reward model, pair, update (actor 1 train + 1 infer GPU).
-python ray_gpt.py --config-name online_dpo_trainer_llama32_1b
+#    Prompts: JSONL files of {"prompt": ...} (or a PPOAlpacaStyleInstructionHandler prefix).
+python ray_gpt.py --config-name online_dpo_trainer_llama32_1b \
+    data.train_path=./dataset/prompts_train.jsonl data.eval_path=./dataset/prompts_eval.jsonl
