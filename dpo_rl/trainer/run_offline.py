@@ -80,6 +80,10 @@ def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[Tokeniz
                                f"{vocab} entries; preprocess it with the model's tokenizer"])
         if len(dataset) == 0:
             raise ConfigError([f"{key}={dataset.prefix!r} holds no examples"])
+        recorded, used = dataset.meta.get("tokenizer"), c.roles[c.trained_role].tokenizer_name_or_path
+        if recorded and used and Path(recorded).resolve() != Path(used).resolve():
+            logger.warning("%s=%s was tokenized with %s, but the trained model uses %s; make sure they are the same "
+                           "tokenizer", key, dataset.prefix, recorded, used)
     return train, eval_dataset
 
 
