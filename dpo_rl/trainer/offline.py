@@ -72,15 +72,12 @@ def sequences_batch(items: list[dict], pad_id: int) -> Batch:
 
 
 def pairs_as_samples(pairs: Batch) -> Batch:
-    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sample_logprobs``/``score`` read."""
-    width = max(pairs["chosen_ids"].shape[1], pairs["rejected_ids"].shape[1])
+    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sample_logprobs``/``score`` read.
 
-    def both(side_key: str) -> torch.Tensor:
-        c, r = pairs[f"chosen_{side_key}"], pairs[f"rejected_{side_key}"]
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return torch.cat([pad(c), pad(r)])
-
-    return Batch({"sequences": both("ids"), "attention_mask": both("attention"), "response_mask": both("response")})
+    Pairs share one width (:func:`~dpo_rl.data.indexed.collate_pairs`), so the sides stack as they are."""
+    return Batch({key: torch.cat([pairs[f"chosen_{side}"], pairs[f"rejected_{side}"]])
+                  for key, side in (("sequences", "ids"), ("attention_mask", "attention"),
+                                    ("response_mask", "response"))})
 
 
 def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
@@ -116,7 +113,7 @@ class OfflineTrainer:
         self.stage = config.stage
         self.role = config.roles[config.trained_role]
         self.spec = config.algorithm.loss_spec() if self.stage == "dpo" else None
-        self.uses_reference = self.stage == "dpo" and self.spec.needs_reference and config.algorithm.reference != "none"
+        self.uses_reference = "ref" in config.roles  # placed only when the loss reads a reference
         self.sampler = PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle)
         self.chunk = max(config.training.global_batch_size, 1)
         self.summary: dict[str, Any] = {}

@@ -24,13 +24,16 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def special_ids(tokenizer) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, pad id) of the actor's tokenizer."""
+def special_ids(tokenizer, *, require_eos: bool = True) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a tokenizer; pad falls back to EOS, then 0.
+
+    Generation needs EOS (``require_eos``); the offline stages only pad.
+    """
     eos = tokenizer.eos_token_id
-    if eos is None:
+    if eos is None and require_eos:
         raise ConfigError(["the actor tokenizer has no eos_token; generation could never stop"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return (int(eos),), int(pad)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return ((int(eos),) if eos is not None else ()), int(pad)
 
 
 def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict[str, tuple[type, dict[str, Any]]]:

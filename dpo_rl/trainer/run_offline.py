@@ -13,7 +13,7 @@ from dpo_rl.config.trainer import ResolvedConfig
 from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.offline import OfflineTrainer, make_splits
-from dpo_rl.trainer.run import GroupFactory, export_model, load_tokenizer, prepare_output
+from dpo_rl.trainer.run import GroupFactory, export_model, load_tokenizer, prepare_output, special_ids
 
 logger = logging.getLogger("dpo_rl")
 
@@ -59,13 +59,6 @@ def offline_pools(c: ResolvedConfig) -> dict:
     return pools
 
 
-def token_ids(tokenizer) -> tuple[tuple[int, ...], int]:
-    """(EOS ids, pad id); a tokenizer without EOS or pad falls back to 0 for padding."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    return ((int(eos),) if eos is not None else ()), int(pad)
-
-
 def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[TokenizedDataset]]:
     """The preprocessed datasets, checked against the models' vocabularies before any worker starts."""
     train = TokenizedDataset(c.data.train_path)
@@ -89,7 +82,7 @@ def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[Tokeniz
 
 def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(c.roles[c.trained_role].tokenizer_name_or_path)
-    eos_ids, pad_id = token_ids(tokenizer)
+    eos_ids, pad_id = special_ids(tokenizer, require_eos=False)
     train_dataset, eval_dataset = load_datasets(c)
     try:
         train, eval_split = make_splits(train_dataset, eval_dataset, eval_fraction=c.data.eval_fraction,

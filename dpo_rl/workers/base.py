@@ -80,8 +80,13 @@ class MegatronWorker:
                                     self.reward_model)
             load_into_model(self.model, state)
             return
-        load_into_current_rank(self.model, HFCheckpoint(directory), self.model_config,
-                               reward=self.reward_model)
+        checkpoint = HFCheckpoint(directory)
+        load_into_current_rank(self.model, checkpoint, self.model_config, reward=self.reward_model,
+                               keep_value_head=self._keep_value_head(checkpoint, directory))
+
+    def _keep_value_head(self, checkpoint, directory: str) -> bool:
+        """Whether to load only the trunk of an HF checkpoint and keep the model's value head (no by default)."""
+        return False
 
     # -- helpers ------------------------------------------------------------------------
     def forward_only(self, batch: Batch, make_micro: Callable, compute: Callable) -> list[dict]:

@@ -98,23 +98,23 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
     rank. A checkpoint with a ``score`` head loads as is.
     """
 
-    def _load(self, directory: str) -> None:
-        from dpo_rl.checkpoint.convert import MegatronCheckpoint
-        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE, HFCheckpoint, load_into_current_rank
-
-        if MegatronCheckpoint.is_checkpoint(directory):
-            return super()._load(directory)
-        checkpoint = HFCheckpoint(directory)
-        if SCORE_HEAD_RULE.hf[0] in checkpoint.names:
-            return super()._load(directory)
-        load_into_current_rank(self.model, checkpoint, self.model_config, reward=True, keep_value_head=True)
+    def init_distributed(self, address: str, port: int):
+        ranks = super().init_distributed(address, port)
         self._sync_value_head()
+        return ranks
+
+    def _keep_value_head(self, checkpoint, directory: str) -> bool:
+        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE
+
+        if SCORE_HEAD_RULE.hf[0] in checkpoint.names:
+            return False
         logger.warning("reward.load=%s has no %s: its trunk is loaded and the value head starts from a seeded "
                        "random initialisation (a reward model trained from a causal LM)", directory,
                        SCORE_HEAD_RULE.hf[0])
+        return True
 
     def _sync_value_head(self) -> None:
-        """TP ranks hold replicas of the head: give them all TP rank 0's initialisation."""
+        """TP ranks hold replicas of the head: give them all TP rank 0's values (a no-op for a loaded head)."""
         from megatron.core import parallel_state as mpu
 
         from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE
