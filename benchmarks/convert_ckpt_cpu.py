@@ -24,7 +24,7 @@ def write_random_hf(directory: Path, model: str, dtype: str) -> int:
     from safetensors.torch import save_file
 
     from dpo_rl.config.model import shipped_model_config
-    from dpo_rl.workers.megatron import hf_interop as hi
+    from dpo_rl.workers.megatron import hf_files
 
     config = shipped_model_config(model)
     torch_dtype = getattr(torch, dtype)
@@ -59,7 +59,7 @@ def write_random_hf(directory: Path, model: str, dtype: str) -> int:
     weight_map.update({k: file for k in shard})
     total += size
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(hi.hf_config_dict(config, torch_dtype=dtype)))
+    (directory / "config.json").write_text(json.dumps(hf_files.hf_config_dict(config, torch_dtype=dtype)))
     return total
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, shipped_model_config  # noqa: E402
+from dpo_rl.workers.megatron import hf_files
 from dpo_rl.workers.megatron import hf_interop  # noqa: E402
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward  # noqa: E402
 from dpo_rl.workers.megatron.generation import SamplingParams, generate  # noqa: E402
@@ -155,7 +156,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(config),
+    hf_model = AutoModelForCausalLM.from_config(hf_files.hf_transformers_config(config),
                                                 dtype=TORCH_DTYPES[args.dtype]).to(args.device)
     ours = build_gpt_model(config, parallel)
     hf_interop.load_into_current_rank(ours, hf_model.state_dict(), config)

@@ -28,6 +28,7 @@ import torch
 
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
+from dpo_rl.workers.megatron import hf_files
 from dpo_rl.workers.megatron import hf_interop as hi
 
 FORMAT_VERSION = 1
@@ -239,7 +240,7 @@ def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, re
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     (directory / "config.json").write_text(
-        json.dumps(hi.hf_config_dict(config, reward=reward, torch_dtype=dtype_name), indent=2, sort_keys=True) + "\n")
+        json.dumps(hf_files.hf_config_dict(config, reward=reward, torch_dtype=dtype_name), indent=2, sort_keys=True) + "\n")
     if tokenizer_dir:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
@@ -249,7 +250,7 @@ def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, re
 
 # --------------------------------------------------------------------------- entry points
 def hf_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int, reward: bool = False) -> MegatronCheckpoint:
-    source = hi.HFCheckpoint(load_dir)
+    source = hf_files.HFCheckpoint(load_dir)
     config = source.config()
     _check_layout(config, tp, pp)
     return write_megatron(lambda stage, stages: full_tensors_from_hf(source.get, source.names, config, reward,

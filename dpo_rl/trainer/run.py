@@ -208,7 +208,7 @@ def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer
     import shutil
 
     from dpo_rl.checkpoint.convert import TOKENIZER_FILES
-    from dpo_rl.workers.megatron.hf_interop import save_hf_checkpoint
+    from dpo_rl.workers.megatron.hf_files import save_hf_checkpoint
 
     reward = role == "reward"
     save_hf_checkpoint(directory, group.export_weights(), c.models[role], reward=reward,

@@ -72,7 +72,8 @@ class MegatronWorker:
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
         from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
-        from dpo_rl.workers.megatron.hf_interop import HFCheckpoint, load_into_current_rank
+        from dpo_rl.workers.megatron.hf_files import HFCheckpoint
+        from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
 
         if MegatronCheckpoint.is_checkpoint(directory):
             r = self.ranks

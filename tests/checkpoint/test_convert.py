@@ -13,7 +13,7 @@ import torch
 from dpo_rl.checkpoint.convert import MegatronCheckpoint, hf_to_megatron, megatron_to_hf, megatron_to_megatron
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ParallelConfig
-from dpo_rl.workers.megatron import hf_interop
+from dpo_rl.workers.megatron import hf_files
 from tests.workers.megatron import dist_cases_ckpt
 from tests.workers.megatron.common import run_distributed, tiny_config, tiny_hf_model
 
@@ -28,7 +28,7 @@ def save_hf(tmp_path, family="qwen2", reward=False, **overrides):
 
 
 def safetensors_state(directory):
-    source = hf_interop.HFCheckpoint(directory)
+    source = hf_files.HFCheckpoint(directory)
     return {k: source.get(k) for k in source.names}
 
 

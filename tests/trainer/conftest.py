@@ -9,7 +9,7 @@ import torch
 
 from dpo_rl.config.compose import compose
 from dpo_rl.config.model import shipped_model_config
-from dpo_rl.workers.megatron import hf_interop
+from dpo_rl.workers.megatron import hf_files
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,9 @@ def world_dir(tmp_path_factory):
     build.write_prompts(root / "train.jsonl", train[:40])
     build.write_prompts(root / "eval.jsonl", held_out[:8])
     torch.manual_seed(0)
-    actor = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(shipped_model_config("tiny")))
+    actor = AutoModelForCausalLM.from_config(hf_files.hf_transformers_config(shipped_model_config("tiny")))
     actor.save_pretrained(root / "sft")
-    rm_cfg = hf_interop.hf_transformers_config(shipped_model_config("tiny-rm"), reward=True,
+    rm_cfg = hf_files.hf_transformers_config(shipped_model_config("tiny-rm"), reward=True,
                                               pad_token_id=tokenizer.pad_token_id)
     AutoModelForSequenceClassification.from_config(rm_cfg).save_pretrained(root / "rm")
     (root / "info.json").write_text(json.dumps({"tokens": len(tokenizer)}))

@@ -118,7 +118,7 @@ def test_reference_free_and_separate_reference_models(world_dir, offline_data, t
     from transformers import AutoModelForCausalLM
 
     from dpo_rl.config.model import shipped_model_config
-    from dpo_rl.workers.megatron import hf_interop
+    from dpo_rl.workers.megatron import hf_files
 
     simpo = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "simpo", "algorithm.loss_type=simpo",
                            "algorithm.beta=2.0", "training.train_iters=2")
@@ -127,7 +127,7 @@ def test_reference_free_and_separate_reference_models(world_dir, offline_data, t
     assert summary["eval/loss"] < summary["eval/loss_initial"]
     # seed 003: a reference other than the actor's initial weights
     torch.manual_seed(5)
-    other = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(shipped_model_config("tiny")))
+    other = AutoModelForCausalLM.from_config(hf_files.hf_transformers_config(shipped_model_config("tiny")))
     other.save_pretrained(tmp_path / "other_ref")
     cfg = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "other", f"++actor_rollout_ref.ref.load={tmp_path}/other_ref",
                          "training.train_iters=1")

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, replace, shipped_model_config
-from dpo_rl.workers.megatron import hf_interop
+from dpo_rl.workers.megatron import hf_files
 from dpo_rl.workers.megatron.parallel_state import free_port
 
 VOCAB = 1024
@@ -32,10 +32,10 @@ def tiny_hf_model(config: ModelConfig, seed: int = 0, reward: bool = False):
 
     torch.manual_seed(seed)
     if reward:
-        hf_cfg = hf_interop.hf_transformers_config(config, reward=True, pad_token_id=0)
+        hf_cfg = hf_files.hf_transformers_config(config, reward=True, pad_token_id=0)
         model = AutoModelForSequenceClassification.from_config(hf_cfg)
     else:
-        model = AutoModelForCausalLM.from_config(hf_interop.hf_transformers_config(config))
+        model = AutoModelForCausalLM.from_config(hf_files.hf_transformers_config(config))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -1,14 +1,14 @@
-"""Key-map maths (fuse/split, shard/unshard), HF config mapping, checkpoint reading and errors."""
+"""Key-map maths (fuse/split, shard/unshard), loading HF weights into the model and its errors."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from dpo_rl.config.errors import ConfigError
-from dpo_rl.config.model import ParallelConfig, shipped_model_config
+from dpo_rl.config.model import ParallelConfig
+from dpo_rl.workers.megatron import hf_files
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.model_factory import build_gpt_model
 from tests.workers.megatron.common import tiny_config, tiny_hf_model
@@ -39,30 +39,14 @@ def test_gate_up_shards_split_gate_and_up_separately():
     assert local[:2].eq(0).all() and local[2:].eq(1).all()
 
 
-@pytest.mark.parametrize("name", ["llama32-1b", "llama3-8b", "qwen25-0.5b", "qwen25-7b", "tiny"])
-def test_hf_config_round_trip(name):
-    config = shipped_model_config(name)
-    assert hf_interop.model_config_from_hf(hf_interop.hf_config_dict(config)) == config
 
-
-def test_transformers_reads_our_config_dict():
-    config = shipped_model_config("llama32-1b")
-    hf_cfg = hf_interop.hf_transformers_config(config)
-    assert hf_cfg.num_key_value_heads == 8 and hf_cfg.tie_word_embeddings
-    # transformers 5 keeps rope scaling under rope_parameters; either spelling maps back.
-    assert hf_interop.model_config_from_hf(hf_cfg.to_dict()) == config
-
-
-def test_unsupported_model_type():
-    with pytest.raises(ConfigError, match="model_type='gpt2' is not supported"):
-        hf_interop.model_config_from_hf({"model_type": "gpt2"})
 
 
 def test_safetensors_checkpoint_loads_into_model(tmp_path, megatron_single_rank):
     config = tiny_config("qwen2")
     hf_model = tiny_hf_model(config)
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    checkpoint = hf_interop.HFCheckpoint(tmp_path)
+    checkpoint = hf_files.HFCheckpoint(tmp_path)
     assert checkpoint.config() == config
     model = build_gpt_model(config, ParallelConfig())
     counts = hf_interop.load_into_current_rank(model, checkpoint, config)
@@ -82,11 +66,3 @@ def test_missing_and_mismatched_tensors_are_reported(megatron_single_rank):
     text = str(err.value)
     assert "no tensor 'model.layers.1.mlp.up_proj.weight'" in text
     assert "model.norm.weight: shape (7,)" in text
-
-
-def test_missing_checkpoint_directory(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        hf_interop.HFCheckpoint(tmp_path / "nope")
-    (tmp_path / "config.json").write_text(json.dumps({}))
-    with pytest.raises(ConfigError, match="no \\*.safetensors"):
-        hf_interop.HFCheckpoint(tmp_path)
