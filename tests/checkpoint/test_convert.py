@@ -14,10 +14,13 @@ from dpo_rl.checkpoint.convert import MegatronCheckpoint, hf_to_megatron, megatr
 from dpo_rl.config.errors import ConfigError
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_files
+from tests.tolerance import assert_close, assert_differs
 from tests.workers.megatron import dist_cases_ckpt
 from tests.workers.megatron.common import run_distributed, tiny_config, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Logits of a converted checkpoint against the HF source, relative to the largest logit (float32).
+RTOL = 1e-5
 
 
 def save_hf(tmp_path, family="qwen2", reward=False, **overrides):
@@ -69,8 +72,9 @@ def test_converted_checkpoints_give_hf_logits_and_scores_under_tp2(tmp_path):
     results = run_distributed(dist_cases_ckpt.logits_from_checkpoints, 2, tp2, tp2, str(tmp_path / "mg2"),
                               str(hf_dir), str(tmp_path / "rm2"), str(rm_dir))
     out = results[0]
-    assert out["logits_diff"] < 1e-4 and out["score_diff"] < 1e-4
-    assert out["negative_control_diff"] > 1e-2  # loading the TP-1 shard into TP-0 breaks it
+    assert_close(out["logits"], out["hf_logits"], rtol=RTOL, what="logits from the TP=2 checkpoint")
+    assert_close(out["values"], out["hf_scores"], rtol=RTOL, what="scores from the TP=2 reward checkpoint")
+    assert_differs(out["wrong_logits"], out["hf_logits"], rtol=RTOL, what="TP-1 shard loaded into TP rank 0")
 
 
 def test_tp2_to_tp1_resharding_preserves_logits(tmp_path, megatron_single_rank):
@@ -87,7 +91,7 @@ def test_tp2_to_tp1_resharding_preserves_logits(tmp_path, megatron_single_rank):
     with torch.no_grad():
         ours = model_forward(model, Microbatch(ids, torch.ones_like(ids)))
         theirs = hf_model(ids).logits
-    assert (ours - theirs).abs().max() < 1e-4
+    assert_close(ours, theirs, rtol=RTOL, what="logits after TP2xPP2 -> TP1 resharding")
 
 
 def test_errors_are_clear(tmp_path):

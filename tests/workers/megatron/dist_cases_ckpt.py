@@ -39,5 +39,4 @@ def logits_from_checkpoints(parallel: ParallelConfig, mg_dir: str, hf_dir: str, 
     with torch.no_grad():
         values = model_forward(reward, Microbatch(ids, mask))[:, -1, 0]
         scores = AutoModelForSequenceClassification.from_pretrained(rm_hf).eval()(ids).logits[:, 0]
-    return {"logits_diff": float((ours - theirs).abs().max()), "score_diff": float((values - scores).abs().max()),
-            "negative_control_diff": float((wrong_logits - theirs).abs().max())}
+    return {"logits": ours, "hf_logits": theirs, "values": values, "hf_scores": scores, "wrong_logits": wrong_logits}

@@ -11,6 +11,7 @@ from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron.forward import blocked_attention
 from dpo_rl.workers.megatron.model_factory import transformer_config
 from dpo_rl.workers.megatron.sdpa_attention import SDPAttention
+from tests.tolerance import assert_close, assert_differs
 from tests.workers.megatron.common import tiny_config
 
 
@@ -42,7 +43,7 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(megatron_single_ra
     out_ours, out_theirs = ours(q, k, v, mask), theirs(q, k, v, mask)
     assert out_ours.shape == out_theirs.shape == (sq, b, heads * d)
     real = padding.T.bool()  # [sq, b]
-    assert (out_ours[real] - out_theirs[real]).abs().max().item() < 1e-5
+    assert_close(out_ours[real], out_theirs[real], rtol=1e-5, what="attention output")
     # Negative control: a non-causal mask must change the result.
     no_future_block = padding[:, None, None, :] == 0
-    assert (ours(q, k, v, no_future_block)[real] - out_theirs[real]).abs().max().item() > 1e-2
+    assert_differs(ours(q, k, v, no_future_block)[real], out_theirs[real], rtol=1e-5, what="non-causal mask")
