@@ -57,7 +57,7 @@ def run_trl(steps: int) -> tuple[list[float], float]:
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(ART / "tokenizer")
     rows = [json.loads(line) for line in (ART / "raw" / "pairs_train.jsonl").read_text().splitlines()]
-    rows = [{"prompt": tokenizer.decode(encode_prompt(tokenizer, r["prompt"])), "chosen": r["chosen"],
+    rows = [{"prompt": tokenizer.decode(encode_prompt(tokenizer, r["instruction"])), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in rows[: steps * 16]]
     model = AutoModelForCausalLM.from_pretrained(ART / "sft", dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(ART / "sft", dtype=torch.float32)

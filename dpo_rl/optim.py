@@ -8,10 +8,13 @@ import torch
 
 
 def lr_factor(step: int, *, warmup: int, total: int, style: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based).
+    """Multiplier of the peak LR in training iteration ``step`` (0-based).
 
-    Linear warm-up over ``warmup`` steps, then ``constant``, ``linear`` or ``cosine`` decay
-    to ``min_ratio`` at ``total``.
+    Linear warm-up over ``warmup`` iterations, then ``constant``, ``linear`` or ``cosine``
+    decay to ``min_ratio`` at ``total``. The schedule counts training iterations, which
+    always happen, rather than optimizer steps, whose number per online iteration depends on
+    how many pairs survive pairing (ties and margins drop some): so the decay ends at
+    ``min_ratio`` on the last iteration however many pairs were dropped.
     """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -45,8 +48,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, role, total_steps: int):
-    """AdamW over :func:`parameter_groups` and its LambdaLR schedule from a RoleConfig."""
+def build_optimizer(model: torch.nn.Module, role, total_iters: int):
+    """AdamW over :func:`parameter_groups` and its LambdaLR schedule (stepped once per training
+    iteration, over ``total_iters`` of them) from a RoleConfig."""
     optimizer = torch.optim.AdamW(
         parameter_groups(model, role.weight_decay),
         lr=role.lr,
@@ -56,7 +60,7 @@ def build_optimizer(model: torch.nn.Module, role, total_steps: int):
     min_ratio = role.min_lr / role.lr if role.lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, warmup=role.lr_warmup_iters, total=total_steps,
+        lambda step: lr_factor(step, warmup=role.lr_warmup_iters, total=total_iters,
                                style=role.lr_decay_style, min_ratio=min_ratio),
     )
     return optimizer, scheduler

@@ -24,7 +24,7 @@ def test_norms_and_biases_do_not_decay_and_frozen_parameters_are_left_out():
     assert {id(p) for p in groups["no_decay"]["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
     # one step with zero gradients: only decayed weights shrink (AdamW's decoupled decay)
-    optimizer, _ = build_optimizer(model, RoleConfig(model="m", lr=0.5, weight_decay=0.1), total_steps=1)
+    optimizer, _ = build_optimizer(model, RoleConfig(model="m", lr=0.5, weight_decay=0.1), total_iters=1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None

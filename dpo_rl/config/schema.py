@@ -56,7 +56,8 @@ class RoleConfig:
     lr_decay_style: str = "constant"
     """``constant``, ``linear`` or ``cosine`` decay after warm-up."""
     lr_warmup_iters: int = 0
-    """Linear warm-up steps (optimizer steps)."""
+    """Linear warm-up, in training iterations. The schedule advances once per iteration (``train_iters`` in
+    all); every optimizer step of an online iteration (``ppo_epochs`` x mini-batches) uses that iteration's LR."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9

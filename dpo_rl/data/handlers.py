@@ -1,11 +1,14 @@
 """Handlers: one raw dataset row -> a conversation and the responses to tokenize.
 
 Rows are read through ``map_keys`` (canonical name -> the dataset's column; ``""`` means the
-dataset has no such column). Canonical names:
+dataset has no such column). A canonical name that ``map_keys`` leaves out is read from its
+default column (:data:`DEFAULT_COLUMNS`). Canonical names:
 
-* alpaca style: ``prompt`` (instruction), ``query`` (input, appended to the instruction on
-  a new line), ``response``, ``system``, ``history`` ([[query, answer], ...]), ``chosen``,
-  ``rejected``;
+* alpaca style: ``prompt`` (default column ``instruction``), ``query`` (``input``, appended to
+  the instruction on a new line), ``response`` (``output``), ``system``, ``history``
+  ([[query, answer], ...]), ``chosen``, ``rejected`` -- the defaults are the columns
+  LLaMA-Factory's and MindSpeed-LLM's alpaca format uses, so such a file needs no
+  ``--map-keys``;
 * sharegpt style: ``messages`` (a list of ``{"from"|"role": ..., "value"|"content": ...}``
   turns ending with the user's), ``system``, ``chosen``/``rejected`` (a turn or a string),
   ``response`` (for SFT: the final assistant turn may also close ``messages``).
@@ -22,6 +25,15 @@ from typing import Any, Optional
 from dpo_rl.data.templates import Conversation
 
 CANONICAL_KEYS = ("prompt", "query", "response", "system", "history", "chosen", "rejected", "messages")
+#: Rows already under the canonical names (what dataset adapters yield).
+CANONICAL_COLUMNS = {key: key for key in CANONICAL_KEYS}
+#: Style -> where each canonical name is read from when ``--map-keys`` does not say. Alpaca:
+#: LLaMA-Factory's columns (``instruction``, ``input``, ``output``, ``system``, ``history``,
+#: ``chosen``, ``rejected``), as in its DPO tutorial and MindSpeed-LLM's handlers.
+DEFAULT_COLUMNS = {
+    "alpaca": {**CANONICAL_COLUMNS, "prompt": "instruction", "query": "input", "response": "output"},
+    "sharegpt": CANONICAL_COLUMNS,
+}
 
 FIELDS_BY_KIND = {
     "prompt": ("prompt",),
@@ -52,8 +64,10 @@ class Handler:
         return FIELDS_BY_KIND[self.kind]
 
     def parse(self, row: dict[str, Any], map_keys: dict[str, str]) -> tuple[Conversation, dict[str, str]]:
-        """(conversation, {field: response text}) for one row; RowError when it is malformed."""
-        get = _Getter(row, map_keys)
+        """(conversation, {field: response text}) for one row; RowError when it is malformed.
+
+        ``map_keys`` overrides :data:`DEFAULT_COLUMNS` of this handler's style key by key."""
+        get = _Getter(row, {**DEFAULT_COLUMNS[self.style], **map_keys})
         conv = self._conversation(get)
         responses: dict[str, str] = {}
         if self.kind == "sft":

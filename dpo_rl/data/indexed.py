@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dpo_rl import seeds
 from dpo_rl.data.preprocess import META_SUFFIX, InputError
 
 
@@ -116,7 +117,7 @@ class DataParallelSampler:
         if not self.shuffle:
             return offset
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)))
+            self._order = (epoch, torch.randperm(self.size, generator=torch.Generator().manual_seed(seeds.epoch_order(self.seed, epoch))))
         return int(self._order[1][offset])
 
     def __iter__(self) -> Iterator[list[int]]:

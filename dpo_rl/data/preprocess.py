@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from dpo_rl.data.adapters import get_adapter
-from dpo_rl.data.handlers import Handler, RowError, get_handler
+from dpo_rl.data.handlers import CANONICAL_COLUMNS, Handler, RowError, get_handler
 from dpo_rl.data.templates import get_template, tokenize_example
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -92,8 +92,10 @@ def input_files(spec: str) -> list[Path]:
     return files
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based row number, row) of one input file; InputError naming the file and row."""
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of one input file: where is ``line N`` in JSON lines (the file's own line
+    number, blank lines counted), ``row N`` in a JSON array or parquet file (1-based); an
+    InputError names the file and that place."""
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
     if path.suffix == ".parquet":
@@ -104,25 +106,25 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from _json_rows(path)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"{path}: row {number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+                raise InputError(f"{path}: line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: row {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise InputError(f"{path}: line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}: row {number}: each line must be a JSON object, got {type(row).__name__}")
-            yield number, row
+                raise InputError(f"{path}: line {number}: each line must be a JSON object, got {type(row).__name__}")
+            yield f"line {number}", row
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -137,10 +139,10 @@ def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise InputError(f"{path}: row {number}: must be a JSON object, got {type(row).__name__}")
-        yield number, row
+        yield f"row {number}", row
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     try:
@@ -151,7 +153,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for batch in reader.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             number += 1
-            yield number, row
+            yield f"row {number}", row
 
 
 # --------------------------------------------------------------------------- tokenizing (workers)
@@ -166,26 +168,28 @@ def _init_worker(tokenizer_path: str, handler_name: str, prompt_type: str, map_k
                    prompt_type=prompt_type, map_keys=map_keys, adapter=get_adapter(adapter) if adapter else None)
 
 
-def _tokenize_row(item: tuple[str, int, dict[str, Any]]) -> tuple[str, int, Any]:
-    """(file, row, token dict) or (file, row, error text)."""
-    file, number, row = item
+def _tokenize_row(item: tuple[str, str, dict[str, Any]]) -> tuple[str, str, Any]:
+    """(file, where, token dict) or (file, where, error text); ``where`` is ``line N`` or ``row N``."""
+    file, where, row = item
     handler: Handler = _WORKER["handler"]
     try:
-        if _WORKER["adapter"] is not None:
+        if _WORKER["adapter"] is not None:  # adapters yield rows under the canonical names
             row = _WORKER["adapter"](row)
-        conv, responses = handler.parse(row, _WORKER["map_keys"])
+            conv, responses = handler.parse(row, CANONICAL_COLUMNS)
+        else:
+            conv, responses = handler.parse(row, _WORKER["map_keys"])
         tokens = tokenize_example(_WORKER["tokenizer"], _WORKER["prompt_type"], conv, responses)
     except RowError as err:
-        return file, number, f"{file}: row {number}: {err}"
+        return file, where, f"{file}: {where}: {err}"
     except ValueError as err:
-        return file, number, f"{file}: row {number}: {err}"
-    return file, number, {k: np.asarray(v, dtype=np.int32) for k, v in tokens.items()}
+        return file, where, f"{file}: {where}: {err}"
+    return file, where, {k: np.asarray(v, dtype=np.int32) for k, v in tokens.items()}
 
 
-def _rows(files: list[Path]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def _rows(files: list[Path]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     for path in files:
-        for number, row in read_rows(path):
-            yield str(path), number, row
+        for where, row in read_rows(path):
+            yield str(path), where, row
 
 
 # --------------------------------------------------------------------------- length limits
@@ -275,7 +279,7 @@ def preprocess(options: PreprocessOptions, progress: bool = True) -> Summary:
         _init_worker(*init_args)
         results = map(_tokenize_row, _rows(files))
     try:
-        for file, number, result in results:
+        for file, _where, result in results:
             summary.rows_read += 1
             if isinstance(result, str):
                 if not options.skip_bad_rows:

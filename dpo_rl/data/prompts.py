@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.config.errors import ConfigError
 
@@ -117,7 +118,7 @@ class PromptSampler:
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.size)
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(seeds.epoch_order(self.seed, epoch)))
 
     def next(self, count: int) -> list[int]:
         """The next ``count`` indices, wrapping into new epochs."""

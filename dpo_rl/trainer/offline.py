@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.config.trainer import ResolvedConfig
 from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
@@ -53,7 +54,7 @@ def make_splits(train: TokenizedDataset, eval_dataset: Optional[TokenizedDataset
         return Split(train, list(range(len(train))), "train"), Split(eval_dataset, list(range(used)), "eval")
     if eval_fraction <= 0:
         return Split(train, list(range(len(train))), "train"), None
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seeds.held_out_split(seed))).tolist()
     held_out = max(1, round(eval_fraction * len(train)))
     if held_out >= len(train):
         raise ValueError(f"data.eval_fraction={eval_fraction} leaves no training rows of {len(train)}")

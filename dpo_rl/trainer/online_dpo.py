@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.config.trainer import ResolvedConfig
 from dpo_rl.data.prompts import PromptSampler, PromptSet, prompt_batch
@@ -31,7 +32,7 @@ class RoleGroups:
     actor: Any
     """Trains (ActorWorker); also samples when colocated."""
     ref: Any
-    """Reference log-probs (PolicyWorker); also samples the initial policy for evaluation."""
+    """Reference log-probs (PolicyWorker)."""
     reward: Any
     """Scores samples (RewardWorker)."""
     rollout: Optional[Any] = None
@@ -165,8 +166,10 @@ class OnlineDPOTrainer:
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.c.training
+        # The evaluation's baseline is the actor's own initial weights, whatever ref.load names: sampled
+        # before a checkpoint is restored, from the group that samples (its weights are the actor's `load`).
+        initial = self.sample_eval(self.groups.sampler) if self.eval_prompts is not None else None
         first = self.restore() + 1
-        initial = self.sample_eval(self.groups.ref) if self.eval_prompts is not None else None
         for step in range(first, t.train_iters + 1):
             metrics = self.train_step(step)
             if initial is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
@@ -177,6 +180,7 @@ class OnlineDPOTrainer:
         if initial is not None:
             final_metrics, final = self.evaluate(initial)
             self.summary.update(final_metrics)
+            self.summary["eval/baseline"] = f"the actor's initial weights ({self.actor_cfg.load or 'random init'})"
             self.summary["samples"] = self.sample_table(initial, final)
         return self.summary
 
@@ -203,7 +207,7 @@ class OnlineDPOTrainer:
         penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
         pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
                             min_score_margin=self.c.algorithm.min_score_margin,
-                            tie_policy=self.c.algorithm.tie_policy, seed=self.c.training.seed + step)
+                            tie_policy=self.c.algorithm.tie_policy, seed=seeds.pairing(self.c.training.seed, step))
         metrics = self.sample_metrics(samples, penalized, pairs)
         if len(pairs):
             pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected).update(
@@ -226,7 +230,7 @@ class OnlineDPOTrainer:
         return metrics
 
     def sample_seed(self, step: int) -> int:
-        return self.c.training.seed * 7919 + step
+        return seeds.rollout(self.c.training.seed, step)
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -269,7 +273,8 @@ class OnlineDPOTrainer:
                 "top_k": a.top_k, "top_p": a.top_p}
 
     def generate_async(self, prompts: Batch, seed: int, group=None) -> list:
-        """Start sampling in calls of ``num_samples_per_step`` prompts (x n responses each)."""
+        """Start sampling in calls of ``num_samples_per_step`` prompts (x n responses each); call ``i``
+        samples with ``seed + i`` (:func:`dpo_rl.seeds.rollout`)."""
         group = group or self.groups.sampler
         per_call = self.actor_cfg.num_samples_per_step * self.c.algorithm.num_responses_per_prompt
         return [group.call_async("generate", prompts.rows(slice(start, start + per_call)), self.sampling_params(),
@@ -281,7 +286,7 @@ class OnlineDPOTrainer:
         index, minibatch, weight = minibatch_layout(
             len(pairs), mini_batch_size=a.ppo_mini_batch_size, dp_size=self.c.dp_size("actor_rollout"),
             micro_batch_size=a.micro_batch_size, epochs=a.ppo_epochs, shuffle=a.shuffle_minibatch,
-            seed=self.c.training.seed * 31 + step,
+            seed=seeds.minibatch_shuffle(self.c.training.seed, step),
         )
         return pairs.rows(index).update({"minibatch": minibatch, "weight": weight})
 
@@ -324,10 +329,10 @@ class OnlineDPOTrainer:
         return {"samples": samples, "scores": scores}
 
     def generate_eval(self, prompts: Batch, group) -> Batch:
-        return StepTimer().collect("generate", self.generate_async(prompts, 424242, group=group))
+        return StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING, group=group))
 
     def evaluate(self, initial: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-        """RM-judged win rate of the current actor over the initial policy on held-out prompts."""
+        """RM-judged win rate of the current actor over its initial weights on held-out prompts."""
         current = self.sample_eval(self.groups.sampler)
         wins = (current["scores"] > initial["scores"]).float() + 0.5 * (current["scores"] == initial["scores"]).float()
         metrics = {

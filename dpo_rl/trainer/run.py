@@ -43,13 +43,10 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
 
     seed = c.training.seed
     actor = c.roles["actor_rollout"]
-    max_pairs = c.training.global_batch_size * (
-        1 if c.algorithm.pairing_strategy == "best_vs_worst" else math.comb(c.algorithm.num_responses_per_prompt, 2))
-    total_steps = c.training.train_iters * actor.ppo_epochs * math.ceil(max_pairs / actor.ppo_mini_batch_size)
     policy = {"eos_token_ids": eos_ids, "pad_token_id": pad_id}
     specs = {
         "actor": (ActorWorker, dict(model_config=c.models["actor_rollout"], parallel=c.parallel("actor_rollout"),
-                                    role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_steps=total_steps,
+                                    role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_iters=c.training.train_iters,
                                     **policy)),
         "ref": (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
                                    seed=seed, **policy)),
@@ -223,7 +220,7 @@ def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer
 
 def report(summary: dict[str, Any], tracker: MetricsTracker) -> None:
     if "eval/win_rate" in summary:
-        tracker.print(f"final evaluation: win rate of the trained actor over the initial one "
+        tracker.print(f"final evaluation: win rate of the trained actor over {summary['eval/baseline']} "
                       f"{summary['eval/win_rate']:.1%} (mean RM score {summary['eval/initial_scores']:.3f} -> "
                       f"{summary['eval/scores']:.3f})")
     for row in summary.get("samples", []):

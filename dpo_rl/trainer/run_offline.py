@@ -32,7 +32,7 @@ def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: in
 
     role = c.trained_role
     common = dict(model_config=c.models[role], parallel=c.parallel(role), role=c.roles[role], seed=c.training.seed,
-                  total_steps=c.training.train_iters)
+                  total_iters=c.training.train_iters)
     if c.stage == "reward":
         specs = {"trained": (RewardTrainerWorker, dict(common, pad_token_id=pad_id))}
     else:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.losses import LossSpec, PairLogps, PreferenceLossOutput, compute_preference_loss
 from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, split_pair_halves
@@ -47,7 +48,7 @@ class PolicyWorker(MegatronWorker):
         with Stopwatch() as watch:
             params = SamplingParams(
                 **sampling, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                seed=seed + 1_000_003 * self.ranks.dp_rank,
+                seed=seeds.data_parallel_rank(seed, self.ranks.dp_rank),
             )
             ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
             token_lists = [row[m.bool()].tolist() for row, m in zip(ids, mask)]

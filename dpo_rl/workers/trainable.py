@@ -22,20 +22,22 @@ from dpo_rl.workers.worker_group import Dispatch, register
 class TrainableWorker(MegatronWorker):
     """A role that owns an optimizer over its model shard."""
 
-    def __init__(self, *, total_steps: int, **kwargs: Any) -> None:
+    def __init__(self, *, total_iters: int, **kwargs: Any) -> None:
+        """``total_iters``: the run's training iterations, the length of the LR schedule."""
         super().__init__(**kwargs)
-        self.total_steps = total_steps
+        self.total_iters = total_iters
 
     def init_distributed(self, address: str, port: int):
         from dpo_rl.optim import build_optimizer
 
         ranks = super().init_distributed(address, port)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.role, self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.role, self.total_iters)
         return ranks
 
     def train_minibatches(self, rows: Batch, make_micro: Callable[[Batch], Any], loss_fn: Callable,
                           stat_keys: Sequence[str]) -> dict[str, float]:
-        """One optimizer step per distinct ``minibatch`` id in ``rows``; returns averaged statistics.
+        """One training iteration: an optimizer step per distinct ``minibatch`` id in ``rows``, all at
+        this iteration's learning rate, then one step of the LR schedule; returns averaged statistics.
 
         ``loss_fn(num_micro)`` returns megatron's per-micro-batch loss function, whose second
         output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry.
@@ -52,6 +54,7 @@ class TrainableWorker(MegatronWorker):
             for out in run_microbatches(self.model, micros, loss_fn(len(micros)), forward_only=False):
                 stats.add(out)
             grad_norms.append(self._step())
+        self.scheduler.step()
         metrics = stats.reduce()
         prefix = "actor" if not self.reward_model else "reward"
         metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
@@ -59,7 +62,7 @@ class TrainableWorker(MegatronWorker):
         return metrics
 
     def _step(self) -> float:
-        """All-reduce gradients over DP, clip by the global norm, step optimizer and schedule."""
+        """All-reduce gradients over DP, clip by the global norm, step the optimizer."""
         from megatron.core import parallel_state as mpu
 
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -74,7 +77,6 @@ class TrainableWorker(MegatronWorker):
             for p in params:
                 p.grad.mul_(self.role.clip_grad / (norm + 1e-6))
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

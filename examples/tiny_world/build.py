@@ -4,8 +4,9 @@ Writes ``examples/tiny_world/artifacts/``:
 
 * ``tokenizer/``  a byte-level BPE tokenizer (1k tokens) trained on the synthetic corpus,
   with a chat template ``<s>{prompt}\\n{answer}</s>``;
-* ``raw/``        the world's datasets as JSONL: SFT examples (a 70/30 plain/descriptive mix)
-  and preference pairs (the more descriptive answer wins), train and held-out;
+* ``raw/``        the world's datasets as JSONL in LLaMA-Factory's alpaca columns: SFT examples
+  (``instruction``, ``output``; a 70/30 plain/descriptive mix) and preference pairs
+  (``instruction``, ``chosen``, ``rejected``; the more descriptive answer wins), train and held-out;
 * ``data/``       the same, tokenized by ``preprocess_data.py``'s pipeline (Megatron indexed datasets);
 * ``sft/``        the tiny actor (configs/rlxf/model/tiny.yaml) after ``stage: sft``
   (``configs/rlxf/sft_trainer_tiny.yaml``), exported as HF Llama safetensors;
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from examples.tiny_world import world  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 SEED = 1234
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n"
                  "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
@@ -79,15 +80,15 @@ def write_datasets(root: Path, train_prompts: list[str], eval_prompts: list[str]
                    pair_examples: int, held_out_pairs: int) -> dict[str, Path]:
     """Raw JSONL of the world's SFT examples and preference pairs (seeded); returns name -> path."""
     rng = random.Random(SEED + 1)
-    sft = [{"prompt": p, "response": world.sft_example(p, rng)} for p in rng.choices(train_prompts, k=sft_examples)]
-    sft_eval = [{"prompt": p, "response": world.sft_example(p, rng)} for p in rng.choices(eval_prompts, k=256)]
+    sft = [{"instruction": p, "output": world.sft_example(p, rng)} for p in rng.choices(train_prompts, k=sft_examples)]
+    sft_eval = [{"instruction": p, "output": world.sft_example(p, rng)} for p in rng.choices(eval_prompts, k=256)]
 
     def pairs(prompts, count, seed):
         pair_rng = random.Random(seed)
         rows = []
         for p in pair_rng.choices(prompts, k=count):
             chosen, rejected = world.preference_pair(p, pair_rng)
-            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+            rows.append({"instruction": p, "chosen": chosen, "rejected": rejected})
         return rows
 
     files = {"sft_train": sft, "sft_eval": sft_eval, "pairs_train": pairs(train_prompts, pair_examples, SEED + 3),

@@ -87,6 +87,6 @@ def test_hh_rlhf_transcripts_must_share_the_conversation():
 def test_adapter_row_error_names_file_row_and_column(tokenizer_dir, tmp_path):
     rows = [FIXTURES["orca_dpo_pairs"][1][0], {"system": "", "question": "Q", "chosen": "A"}]
     src = write(tmp_path / "d.jsonl", "jsonl", rows)
-    with pytest.raises(InputError, match=r"d\.jsonl: row 2: column 'rejected': is missing"):
+    with pytest.raises(InputError, match=r"d\.jsonl: line 2: column 'rejected': is missing"):
         preprocess(PreprocessOptions(input=str(src), tokenizer_name_or_path=str(tokenizer_dir),
                                      output_prefix=str(tmp_path / "o"), dataset_adapter="orca_dpo_pairs"), progress=False)

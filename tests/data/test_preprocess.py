@@ -97,19 +97,19 @@ def bad_input_cases(tmp_path: Path):
     cases = {}
     missing = [dict(r) for r in rows]
     del missing[3]["bad"]
-    cases["missing column"] = (write_jsonl(tmp_path / "missing.jsonl", missing), r"missing\.jsonl: row 4: column 'bad': is missing")
+    cases["missing column"] = (write_jsonl(tmp_path / "missing.jsonl", missing), r"missing\.jsonl: line 4: column 'bad': is missing")
     wrong = [dict(r) for r in rows]
     wrong[1]["good"] = ["a list"]
-    cases["wrong type"] = (write_jsonl(tmp_path / "wrong.jsonl", wrong), r"wrong\.jsonl: row 2: column 'good': must be a string")
+    cases["wrong type"] = (write_jsonl(tmp_path / "wrong.jsonl", wrong), r"wrong\.jsonl: line 2: column 'good': must be a string")
     empty_side = [dict(r) for r in rows]
     empty_side[2]["good"] = ""
-    cases["empty chosen"] = (write_jsonl(tmp_path / "empty_side.jsonl", empty_side), r"row 3: column 'good': chosen response is empty")
+    cases["empty chosen"] = (write_jsonl(tmp_path / "empty_side.jsonl", empty_side), r"line 3: column 'good': chosen response is empty")
     (tmp_path / "empty.jsonl").write_text("")
     cases["empty file"] = (tmp_path / "empty.jsonl", r"empty\.jsonl: the file is empty")
     (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
-    cases["invalid json"] = (tmp_path / "broken.jsonl", r"broken\.jsonl: row 2: invalid JSON")
+    cases["invalid json"] = (tmp_path / "broken.jsonl", r"broken\.jsonl: line 2: invalid JSON")
     (tmp_path / "latin.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1"))
-    cases["not utf-8"] = (tmp_path / "latin.jsonl", r"latin\.jsonl: row 2: not UTF-8 text")
+    cases["not utf-8"] = (tmp_path / "latin.jsonl", r"latin\.jsonl: line 2: not UTF-8 text")
     pq.write_table(pa.table({"instruction": ["x"]}), tmp_path / "ok.parquet")
     data = (tmp_path / "ok.parquet").read_bytes()
     (tmp_path / "corrupt.parquet").write_bytes(data[: len(data) // 2])
@@ -132,7 +132,7 @@ def test_skip_bad_rows_counts_and_reports(tokenizer_dir, tmp_path):
     summary = preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "o",
                                  skip_bad_rows=True), progress=False)
     assert summary.skipped_bad_rows == 2 and summary.written == 8
-    assert "row 4: column 'bad'" in summary.skipped_examples[0]
+    assert "line 4: column 'bad'" in summary.skipped_examples[0]
 
 
 def test_an_incomplete_dataset_is_refused(tokenizer_dir, tmp_path):
@@ -168,24 +168,24 @@ def test_cli_exit_code_and_summary(tokenizer_dir, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "preprocess_data.py"), "--input", str(src),
                           "--tokenizer-name-or-path", str(tokenizer_dir), "--output-prefix", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "column 'prompt': is missing" in bad.stderr
+    assert bad.returncode == 2 and "column 'chosen': is missing" in bad.stderr  # ROWS name it "good"
     assert np.asarray(TokenizedDataset(tmp_path / "o")[0]["prompt"]).size > 0
 
 
 HANDLER_ROWS = {
-    "PPOAlpacaStyleInstructionHandler": ({"prompt": "Describe the harbor at dawn."}, {}),
-    "AlpacaStyleInstructionHandler": ({"prompt": "Describe the harbor at dawn.", "response": "It was fine."},
+    "PPOAlpacaStyleInstructionHandler": ({"instruction": "Describe the harbor at dawn."}, {}),
+    "AlpacaStyleInstructionHandler": ({"instruction": "Describe the harbor at dawn.", "output": "It was fine."},
                                       {"response": "It was fine."}),
     "SharegptStyleInstructionHandler": ({"messages": [{"from": "human", "value": "Describe the harbor at dawn."},
                                                       {"from": "gpt", "value": "It was fine."}]},
                                         {"response": "It was fine."}),
-    "AlpacaStylePairwiseHandler": ({"prompt": "Describe the harbor at dawn.", "chosen": "It was fine.",
+    "AlpacaStylePairwiseHandler": ({"instruction": "Describe the harbor at dawn.", "chosen": "It was fine.",
                                     "rejected": "Cold wind."}, {"chosen": "It was fine.", "rejected": "Cold wind."}),
     "SharegptStylePairwiseHandler": ({"messages": [{"from": "human", "value": "Describe the harbor at dawn."}],
                                       "chosen": {"from": "gpt", "value": "It was fine."},
                                       "rejected": {"from": "gpt", "value": "Cold wind."}},
                                      {"chosen": "It was fine.", "rejected": "Cold wind."}),
-    "AlpacaStyleRewardHandler": ({"prompt": "Describe the harbor at dawn.", "chosen": "It was fine.",
+    "AlpacaStyleRewardHandler": ({"instruction": "Describe the harbor at dawn.", "chosen": "It was fine.",
                                   "rejected": "Cold wind."}, {"chosen": "It was fine.", "rejected": "Cold wind."}),
 }
 ONE_TURN_PROMPT = {
@@ -220,3 +220,29 @@ def test_online_dpo_refuses_a_dataset_of_the_wrong_kind(tokenizer, tokenizer_dir
     preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", ROWS), tmp_path / "pairs"), progress=False)
     with pytest.raises(ConfigError, match="a 'pairwise' dataset .* online DPO needs prompts"):
         load_prompt_source(tmp_path / "pairs", tokenizer, prompt_key="prompt", max_prompt_length=512)
+
+
+def test_llama_factory_alpaca_files_need_no_map_keys(tokenizer, tokenizer_dir, tmp_path):
+    """LLaMA-Factory's alpaca format (its DPO tutorial's columns) preprocesses with the default columns."""
+    pairs = [{"instruction": "Describe the harbor", "input": "at dawn.", "chosen": "Cold wind.", "rejected": "Fine.",
+              "system": "Be vivid.", "history": [["Hello", "Hi"]]},
+             {"instruction": "Describe the square.", "input": "", "chosen": "Warm stone.", "rejected": "Fine."}]
+    preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "dpo.jsonl", pairs), tmp_path / "dpo", map_keys={}),
+               progress=False)
+    first = TokenizedDataset(tmp_path / "dpo")[0]
+    assert tokenizer.decode(first["prompt"].tolist()) == (
+        "<|im_start|>system\nBe vivid.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi<|im_end|>\n"
+        "<|im_start|>user\nDescribe the harbor\nat dawn.<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(first["chosen"].tolist()) == "Cold wind.<|im_end|>\n"
+    sft = [{"instruction": "Describe the harbor.", "input": "", "output": "Cold wind."},
+           {"instruction": "Describe the square.", "input": "briefly", "output": "Warm stone."}]
+    (tmp_path / "sft.json").write_text(json.dumps(sft))  # a JSON array, as LLaMA-Factory ships its datasets
+    summary = preprocess(options(tokenizer_dir, tmp_path / "sft.json", tmp_path / "sft", map_keys={},
+                                 handler_name="AlpacaStyleInstructionHandler"), progress=False)
+    assert summary.written == 2
+    assert tokenizer.decode(TokenizedDataset(tmp_path / "sft")[1]["response"].tolist()) == "Warm stone.<|im_end|>\n"
+    # a broken line of a JSON-lines file is named by its line number
+    lines = [json.dumps(pairs[0]), "", json.dumps(pairs[1]), '{"instruction": "Describe", "chosen": "x"}']
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"broken\.jsonl: line 4: column 'rejected': is missing"):
+        preprocess(options(tokenizer_dir, tmp_path / "broken.jsonl", tmp_path / "b", map_keys={}), progress=False)

@@ -81,11 +81,12 @@ def test_sharegpt_rows_for_pairwise_and_sft():
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"prompt": "Q", "chosen": "A"}, "column 'rejected': is missing"),
-        ({"prompt": "Q", "chosen": "A", "rejected": 3}, "column 'rejected': must be a string or a turn object"),
-        ({"prompt": 5, "chosen": "A", "rejected": "B"}, "column 'prompt': must be a string"),
-        ({"prompt": "Q", "chosen": "  ", "rejected": "B"}, "column 'chosen': chosen response is empty"),
-        ({"prompt": "Q", "chosen": "A", "rejected": "B", "history": "x"}, "history must be a list"),
+        ({"instruction": "Q", "chosen": "A"}, "column 'rejected': is missing"),
+        ({"instruction": "Q", "chosen": "A", "rejected": 3}, "column 'rejected': must be a string or a turn object"),
+        ({"instruction": 5, "chosen": "A", "rejected": "B"}, "column 'instruction': must be a string"),
+        ({"instruction": "Q", "chosen": "  ", "rejected": "B"}, "column 'chosen': chosen response is empty"),
+        ({"instruction": "Q", "chosen": "A", "rejected": "B", "history": "x"}, "history must be a list"),
+        ({"prompt": "Q", "chosen": "A", "rejected": "B"}, "column 'instruction': is missing; map it with --map-keys"),
     ],
 )
 def test_bad_rows_name_the_column(row, message):

@@ -102,7 +102,7 @@ def test_preprocessed_prompt_dataset_gives_the_jsonl_run(runs, world_dir, tmp_pa
     for name in ("train", "eval"):
         preprocess(PreprocessOptions(input=str(world_dir / f"{name}.jsonl"), tokenizer_name_or_path=str(world_dir / "tokenizer"),
                                      output_prefix=str(out / name), handler_name="PPOAlpacaStyleInstructionHandler",
-                                     prompt_type="auto"), progress=False)
+                                     prompt_type="auto", map_keys={"prompt": "prompt"}), progress=False)
     local, _ = runs("in_process", use_ray=False)
     prep, _ = runs("preprocessed", f"data.train_path={out / 'train'}", f"data.eval_path={out / 'eval'}", use_ray=False)
     assert (local / "metrics.jsonl").read_text() == (prep / "metrics.jsonl").read_text()
@@ -118,3 +118,24 @@ def test_megatron_checkpoints_load_like_their_hf_sources(runs, world_dir, tmp_pa
     mg, _ = runs("megatron_ckpt", f"actor_rollout_ref.actor_rollout.load={out / 'sft'}",
                  f"actor_rollout_ref.ref.load={out / 'sft'}", f"reward.load={out / 'rm'}", use_ray=False)
     assert (local / "metrics.jsonl").read_text() == (mg / "metrics.jsonl").read_text()
+
+
+def test_win_rate_is_against_the_actors_initial_weights_whatever_the_reference(runs, world_dir, tmp_path_factory):
+    """With ref.load naming another model, the evaluation still compares with the actor's initial weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo_rl.config.model import shipped_model_config
+    from dpo_rl.workers.megatron import hf_files
+
+    other = tmp_path_factory.mktemp("other_ref")
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(hf_files.hf_transformers_config(shipped_model_config("tiny"))).save_pretrained(other)
+    same_dir, same = runs("in_process", use_ray=False)
+    separate_dir, separate = runs("separate_reference", f"actor_rollout_ref.ref.load={other}", use_ray=False)
+    # the baseline's samples and scores are the actor's own, so they do not depend on the reference
+    assert separate["eval/initial_scores"] == same["eval/initial_scores"]
+    assert [r["before"] for r in separate["samples"]] == [r["before"] for r in same["samples"]]
+    assert separate["eval/baseline"] == same["eval/baseline"] == f"the actor's initial weights ({world_dir}/sft)"
+    # ...while training did use the other reference: the implicit rewards start away from 0
+    assert rows(separate_dir / "metrics.jsonl")[0]["rewards/margins"] != rows(same_dir / "metrics.jsonl")[0]["rewards/margins"]

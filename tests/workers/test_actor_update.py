@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from dpo_rl.batch import Batch
@@ -36,7 +39,7 @@ def update_case(parallel: ParallelConfig) -> dict:
     role = RoleConfig(model="tiny", lr=1e-3, micro_batch_size=1, ppo_mini_batch_size=2, clip_grad=0.5)
     worker = ActorWorker(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                          model_config=config, parallel=parallel, role=role, seed=0,
-                         loss_spec=AlgorithmConfig().loss_spec(), total_steps=10, eos_token_ids=(1,), pad_token_id=0)
+                         loss_spec=AlgorithmConfig().loss_spec(), total_iters=10, eos_token_ids=(1,), pad_token_id=0)
     worker.init_distributed("127.0.0.1", 0)  # the world already exists; this builds model and optimizer
     hf_interop.load_into_current_rank(worker.model, tiny_hf_model(config, seed=11).state_dict(), config)
     metrics = worker.update(fixed_pairs())
@@ -78,3 +81,27 @@ def test_batch_coupled_losses_ignore_padding_rows():
         expected = compute_preference_loss(real, spec).losses
         got = real_rows_loss(padded, spec, torch.tensor([True, True, False])).losses
         assert torch.allclose(got[:2], expected), name  # the padding row's value is weighted by 0
+
+
+def test_lr_schedule_reaches_min_lr_however_many_pairs_survive(megatron_single_rank):
+    """An online iteration takes one optimizer step per mini-batch of the pairs that survived pairing
+    (ties and margins drop some); the schedule counts iterations, so cosine ends at min_lr."""
+    config = tiny_config("llama")
+    role = RoleConfig(model="tiny", lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", micro_batch_size=1,
+                      ppo_mini_batch_size=1)
+    worker = ActorWorker(rank=0, world_size=1, model_config=config, parallel=TP1, role=role, seed=0,
+                         loss_spec=AlgorithmConfig().loss_spec(), total_iters=3, eos_token_ids=(1,), pad_token_id=0)
+    worker.init_distributed("127.0.0.1", 0)
+    lrs = []
+    for kept in (4, 1, 2):  # pairs left after pairing in each iteration: 4, 1 and 2 optimizer steps
+        ids, attention, response = random_batch(2 * kept, 24, prompt_lens=[10] * (2 * kept))
+        samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response})
+        pairs = gather_pairs(samples, torch.arange(0, 2 * kept, 2), torch.arange(1, 2 * kept, 2))
+        pairs = pairs.update({"ref_chosen_logps": torch.full((kept,), -60.0), "ref_rejected_logps": torch.full((kept,), -61.0)})
+        index, minibatch, weight = minibatch_layout(kept, mini_batch_size=1, dp_size=1, micro_batch_size=1, epochs=1,
+                                                    shuffle=False, seed=0)
+        lrs.append(worker.update(pairs.rows(index).update({"minibatch": minibatch, "weight": weight}))["actor/lr"])
+    # the LR reported after iteration i is the one iteration i + 1 trains with
+    cosine = [1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in (1, 2, 3)]
+    assert lrs == pytest.approx(cosine, rel=1e-9)
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-9)
