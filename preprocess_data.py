@@ -14,7 +14,8 @@ import sys
 
 from dpo_rl.data.adapters import ADAPTERS
 from dpo_rl.data.handlers import HANDLERS
-from dpo_rl.data.preprocess import InputError, PreprocessOptions, preprocess
+from dpo_rl.data.formats import InputError
+from dpo_rl.data.preprocess import PreprocessOptions, preprocess
 from dpo_rl.data.templates import TEMPLATE_NAMES
 
 

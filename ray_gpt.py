@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 
 
 @hydra.main(config_path="configs/rlxf", config_name=None, version_base="1.3")

@@ -24,7 +24,7 @@ def write_random_hf(directory: Path, model: str, dtype: str) -> int:
     from safetensors.torch import save_file
 
     from dpo_rl.config.model import shipped_model_config
-    from dpo_rl.workers.megatron import hf_files
+    from dpo_rl.checkpoint import hf_files
 
     config = shipped_model_config(model)
     torch_dtype = getattr(torch, dtype)

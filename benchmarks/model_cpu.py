@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, shipped_model_config  # noqa: E402
-from dpo_rl.workers.megatron import hf_files
+from dpo_rl.checkpoint import hf_files
 from dpo_rl.workers.megatron import hf_interop  # noqa: E402
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward  # noqa: E402
 from dpo_rl.workers.megatron.generation import SamplingParams, generate  # noqa: E402

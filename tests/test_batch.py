@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dpo_rl.batch import Batch
-from dpo_rl.workers.worker_group import collect_dp, split_for_dp
+from dpo_rl.runtime.worker_group import collect_dp, split_for_dp
 
 
 def test_rows_must_agree():

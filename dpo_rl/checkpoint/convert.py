@@ -9,7 +9,7 @@ Megatron layout (Megatron-LM's per-rank format):
 ```
 
 Local state dicts use megatron-core's local-spec names with per-stage layer numbering, and
-each tensor is this rank's TP shard. The key maps of :mod:`dpo_rl.workers.megatron.hf_interop`
+each tensor is this rank's TP shard. The key maps of :mod:`dpo_rl.checkpoint.hf_weights`
 say how each tensor is built and split. Conversion goes rule by rule:
 - every target rank file is written on its own, holding only that rank's shards in memory;
 - sources are memory-mapped (safetensors, and ``torch.load(mmap=True)`` rank files) and read
@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
-from dpo_rl.workers.megatron import hf_files
-from dpo_rl.workers.megatron import hf_interop as hi
+from dpo_rl.checkpoint import hf_files
+from dpo_rl.checkpoint import hf_weights as hi
 
 FORMAT_VERSION = 1
 META_FILE = "dpo_rl_checkpoint.json"

@@ -25,8 +25,9 @@ from typing import Any, Optional
 
 import torch
 
-from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE, rank_dir_name
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE, load_into_model, rank_dir_name
+from dpo_rl.checkpoint.hf_weights import local_mcore_state
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -76,8 +77,6 @@ def save_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    from dpo_rl.workers.megatron.hf_interop import local_mcore_state
-
     state = {
         "model": local_mcore_state(model),  # local-spec names, so convert_ckpt reads it too
         "optimizer": optimizer.state_dict(),
@@ -93,8 +92,6 @@ def save_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
 def load_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
-    from dpo_rl.checkpoint.convert import load_into_model
-
     state = torch.load(path, map_location="cpu", weights_only=False)
     load_into_model(model, state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -16,9 +16,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 
-#: Families with a declarative HF key map (``dpo_rl.workers.megatron.hf_interop``).
+#: Families with a declarative HF key map (``dpo_rl.checkpoint.hf_weights``).
 MODEL_FAMILIES = ("llama", "qwen2")
 ROPE_SCALING_TYPES = ("none", "llama3")
 NORMALIZATIONS = ("RMSNorm",)

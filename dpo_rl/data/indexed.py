@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dpo_rl import seeds
-from dpo_rl.data.preprocess import META_SUFFIX, InputError
+from dpo_rl.data.formats import META_SUFFIX, InputError
 
 
 class TokenizedDataset(torch.utils.data.Dataset):

@@ -26,15 +26,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from dpo_rl.data.adapters import get_adapter
+from dpo_rl.data.formats import META_SUFFIX, InputError
 from dpo_rl.data.handlers import CANONICAL_COLUMNS, Handler, RowError, get_handler
 from dpo_rl.data.templates import get_template, tokenize_example
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
-META_SUFFIX = "_meta.json"
-
-
-class InputError(ValueError):
-    """A problem with the input, naming file, row and column where they apply."""
 
 
 @dataclass

@@ -19,7 +19,9 @@ import torch
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.data.formats import is_preprocessed
+from dpo_rl.data.indexed import TokenizedDataset
+from dpo_rl.errors import ConfigError
 
 
 @dataclass
@@ -73,28 +75,10 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_len
     return PromptSet(texts, ids)
 
 
-def is_preprocessed(path: str | Path) -> bool:
-    """True when ``path`` is the prefix of a dataset written by preprocess_data.py."""
-    from dpo_rl.data.preprocess import META_SUFFIX
-
-    return Path(str(path) + META_SUFFIX).is_file()
-
-
-def preprocessed_kind(path: str | Path) -> str:
-    """The handler kind (prompt, sft, pairwise, reward) recorded in a preprocessed prefix's meta file."""
-    import json
-
-    from dpo_rl.data.preprocess import META_SUFFIX
-
-    return json.loads(Path(str(path) + META_SUFFIX).read_text())["kind"]
-
-
 def load_prompt_source(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_length: int) -> PromptSet:
     """Prompts from a JSONL file, or from a preprocessed dataset prefix (its ``prompt`` field)."""
     if not is_preprocessed(path):
         return load_prompts(path, tokenizer, prompt_key=prompt_key, max_prompt_length=max_prompt_length)
-    from dpo_rl.data.indexed import TokenizedDataset
-
     data = TokenizedDataset(path)
     if data.kind != "prompt":
         raise ConfigError([f"{path}: a {data.kind!r} dataset (handler {data.meta['handler']}); online DPO needs "

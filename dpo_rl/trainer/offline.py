@@ -20,11 +20,11 @@ import torch
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
 from dpo_rl.data.prompts import PromptSampler
 from dpo_rl.losses import PairLogps, compute_preference_loss
-from dpo_rl.trainer.online_dpo import StepTimer, minibatch_layout
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 
 logger = logging.getLogger(__name__)
 
@@ -103,44 +103,41 @@ def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Ten
     return score_pairs(group, "sample_logprobs", "ref_logps", pairs, chunk)
 
 
-class OfflineTrainer:
+class OfflineTrainer(TrainingLoop):
     """Drives one trained worker group (and the DPO reference) through ``train_iters`` steps."""
 
     def __init__(self, config: ResolvedConfig, trained, train: Split, eval_split: Optional[Split], *, pad_token_id: int,
                  tracker, ref=None, ref_cache: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         """``ref_cache`` maps a dataset prefix to the reference's (chosen, rejected) log-probs of all its rows."""
-        self.c, self.trained, self.ref, self.ref_cache = config, trained, ref, ref_cache
-        self.train, self.eval_split, self.pad_token_id, self.tracker = train, eval_split, pad_token_id, tracker
+        super().__init__(config, trained, tracker=tracker,
+                         sampler=PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle))
+        self.ref, self.ref_cache = ref, ref_cache
+        self.train, self.eval_split, self.pad_token_id = train, eval_split, pad_token_id
         self.stage = config.stage
         self.role = config.roles[config.trained_role]
         self.spec = config.algorithm.loss_spec() if self.stage == "dpo" else None
         self.uses_reference = "ref" in config.roles  # placed only when the loss reads a reference
-        self.sampler = PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle)
         self.chunk = max(config.training.global_batch_size, 1)
-        self.summary: dict[str, Any] = {}
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._prefetched: Optional[tuple] = None
 
-    # -- the loop -----------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        t = self.c.training
-        first = self.restore() + 1
-        if self.eval_split is not None and first == 1:  # a resumed run reported its start already
+    # -- the loop's hooks (TrainingLoop.fit runs them) --------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_split is not None
+
+    def start_evaluation(self) -> None:
+        if self.evaluates:
             initial = {f"{k}_initial": v for k, v in self.evaluate().items()}
             self.summary.update(initial)
             self.tracker.print("initial evaluation: " + _format(initial))
-        for step in range(first, t.train_iters + 1):
-            metrics = self.train_step(step)
-            if self.eval_split is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-                metrics.update(self.evaluate())
-            self.tracker.log(step, metrics)
-            if t.save_interval and step % t.save_interval == 0:
-                self.save(step)
-        if self.eval_split is not None:
+
+    def finish(self) -> dict[str, Any]:
+        if self.evaluates:
             final = self.evaluate()
             self.summary.update(final)
             self.tracker.print("final evaluation: " + _format(final))
-        self.summary["epochs"] = t.train_iters * t.global_batch_size / len(self.train)
+        self.summary["epochs"] = self.c.training.train_iters * self.c.training.global_batch_size / len(self.train)
         return self.summary
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -223,32 +220,6 @@ class OfflineTrainer:
             "eval/logps/chosen": float(chosen.mean()),
             "eval/logps/rejected": float(rejected.mean()),
         }
-
-    # -- checkpoints ----------------------------------------------------------------------
-    @property
-    def save_dir(self) -> str:
-        return self.c.training.save_dir or f"{self.c.training.output_dir}/checkpoints"
-
-    def save(self, step: int) -> None:
-        from dpo_rl.checkpoint.training import save_group_checkpoint
-
-        state = {"step": step, "consumed_samples": step * self.c.training.global_batch_size}
-        save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.c.trained_role],
-                              self.role.tensor_model_parallel_size, self.role.pipeline_model_parallel_size,
-                              self.c.training.keep_last_k, reward=self.stage == "reward")
-        logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
-
-    def restore(self) -> int:
-        from dpo_rl.checkpoint.training import restore_group_checkpoint
-
-        restored = restore_group_checkpoint(self.trained, self.c.training.resume, self.save_dir)
-        if restored is None:
-            return 0
-        path, state = restored
-        self.sampler.consumed = state["consumed_samples"]
-        self.tracker.resume_from(state["step"])
-        logger.info("resumed from %s (step %d)", path, state["step"])
-        return state["step"]
 
 
 def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:

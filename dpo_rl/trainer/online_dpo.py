@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.data.prompts import PromptSampler, PromptSet, prompt_batch
 from dpo_rl.pairing import build_pairs
-from dpo_rl.workers.worker_group import resolve
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 
 logger = logging.getLogger(__name__)
 
@@ -46,42 +46,6 @@ class RoleGroups:
         return [g for g in (self.actor, self.rollout, self.ref, self.reward) if g is not None]
 
 
-def minibatch_layout(
-    num_pairs: int, *, mini_batch_size: int, dp_size: int, micro_batch_size: int, epochs: int,
-    shuffle: bool, seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row order, mini-batch id and weight of every row the actor's DP ranks receive.
-
-    Each epoch's pairs (shuffled with ``seed`` if asked) are cut into mini-batches of
-    ``mini_batch_size``; a mini-batch is padded to a multiple of ``dp_size x
-    micro_batch_size`` with weight-0 rows and dealt to DP ranks in equal contiguous slices.
-    The rows are ordered rank by rank, so splitting the result into ``dp_size`` equal
-    chunks gives each rank its slice of every mini-batch, in order. Real rows weigh
-    ``1 / real rows in their mini-batch``.
-    """
-    per_rank: list[list[tuple[int, int, float]]] = [[] for _ in range(dp_size)]
-    generator = torch.Generator().manual_seed(seed)
-    quantum = dp_size * micro_batch_size
-    minibatch = 0
-    for _ in range(epochs):
-        order = torch.randperm(num_pairs, generator=generator) if shuffle else torch.arange(num_pairs)
-        for start in range(0, num_pairs, mini_batch_size):
-            real = order[start : start + mini_batch_size].tolist()
-            padded = real + [real[0]] * ((-len(real)) % quantum)
-            weights = [1.0 / len(real)] * len(real) + [0.0] * (len(padded) - len(real))
-            share = len(padded) // dp_size
-            for d in range(dp_size):
-                per_rank[d].extend(
-                    (padded[i], minibatch, weights[i]) for i in range(d * share, (d + 1) * share)
-                )
-            minibatch += 1
-    rows = [r for rank_rows in per_rank for r in rank_rows]
-    index = torch.tensor([r[0] for r in rows], dtype=torch.long)
-    ids = torch.tensor([r[1] for r in rows], dtype=torch.long)
-    weight = torch.tensor([r[2] for r in rows], dtype=torch.float32)
-    return index, ids, weight
-
-
 def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -> Batch:
     """Pair tensors (see :mod:`dpo_rl.batch`) from sample rows."""
     out = {}
@@ -92,97 +56,46 @@ def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -
     return Batch(out)
 
 
-def _compute_seconds(result: Any) -> Optional[float]:
-    if isinstance(result, Batch):
-        return result.meta.get("compute_s")
-    if isinstance(result, dict):
-        return result.get("compute_s")
-    return None
-
-
-@dataclass
-class StepTimer:
-    """Wall time of each phase as seen by the driver, and the workers' own compute time.
-
-    ``critical`` holds the compute on the step's critical path: phases that run
-    concurrently count once, with their longest compute.
-    """
-
-    wall: dict[str, float] = field(default_factory=dict)
-    compute: dict[str, float] = field(default_factory=dict)
-    critical: float = 0.0
-
-    def run(self, phase: str, fn, *args, **kwargs):
-        """Run one phase; its result's ``compute_s`` is the worker's own time."""
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.wall[phase] = time.perf_counter() - start
-        compute = _compute_seconds(result)
-        self.compute[phase] = float(compute) if compute is not None else self.wall[phase]
-        self.critical += self.compute[phase]
-        return result
-
-    def collect(self, phase: str, pending: list) -> Any:
-        """Wait for started calls of one phase; Batches are concatenated, compute times summed."""
-        start = time.perf_counter()
-        results = [resolve(p) for p in pending]
-        self.wall[phase] = time.perf_counter() - start
-        computes = [_compute_seconds(r) for r in results]
-        self.compute[phase] = sum(c for c in computes if c is not None) if any(
-            c is not None for c in computes) else self.wall[phase]
-        self.critical += self.compute[phase]
-        if isinstance(results[0], Batch):
-            merged = Batch.concat(results)
-            merged.meta["compute_s"] = self.compute[phase]
-            return merged
-        return results[0]
-
-    def concurrently(self, name: str, calls: dict[str, tuple[Any, str, tuple]]) -> dict[str, Any]:
-        """Start ``phase -> (group, method, args)`` calls together and wait for all of them."""
-        start = time.perf_counter()
-        pending = {phase: group.call_async(method, *args) for phase, (group, method, args) in calls.items()}
-        results = {phase: resolve(p) for phase, p in pending.items()}
-        self.wall[name] = time.perf_counter() - start
-        for phase, result in results.items():
-            compute = _compute_seconds(result)
-            self.compute[phase] = float(compute) if compute is not None else self.wall[name]
-        self.critical += max(self.compute[phase] for phase in calls)
-        return results
-
-
-class OnlineDPOTrainer:
+class OnlineDPOTrainer(TrainingLoop):
     """Drives the worker groups through ``train_iters`` online-DPO steps."""
+
+    consumed_key = "consumed_prompts"
 
     def __init__(self, config: ResolvedConfig, groups: RoleGroups, prompts: PromptSet, *, pad_token_id: int,
                  tracker, eval_prompts: Optional[PromptSet] = None, decode=None) -> None:
-        self.c, self.groups, self.prompts, self.eval_prompts = config, groups, prompts, eval_prompts
-        self.pad_token_id, self.tracker, self.decode = pad_token_id, tracker, decode
+        super().__init__(config, groups.actor, tracker=tracker,
+                         sampler=PromptSampler(len(prompts), seed=config.training.seed, shuffle=config.data.shuffle))
+        self.groups, self.prompts, self.eval_prompts = groups, prompts, eval_prompts
+        self.pad_token_id, self.decode = pad_token_id, decode
         self.actor_cfg = config.roles["actor_rollout"]
-        self.sampler = PromptSampler(len(prompts), seed=config.training.seed, shuffle=config.data.shuffle)
-        self.summary: dict[str, Any] = {}
+        self.initial: Optional[dict[str, Any]] = None
         self._prefetched: Optional[list] = None
         self._last_step_end: Optional[float] = None
 
-    # -- the loop -----------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        t = self.c.training
+    # -- the loop's hooks (TrainingLoop.fit runs them) --------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_prompts is not None
+
+    def before_training(self) -> None:
         # The evaluation's baseline is the actor's own initial weights, whatever ref.load names: sampled
         # before a checkpoint is restored, from the group that samples (its weights are the actor's `load`).
-        initial = self.sample_eval(self.groups.sampler) if self.eval_prompts is not None else None
-        first = self.restore() + 1
-        for step in range(first, t.train_iters + 1):
-            metrics = self.train_step(step)
-            if initial is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-                metrics.update(self.evaluate(initial)[0])
-            self.tracker.log(step, metrics)
-            if t.save_interval and step % t.save_interval == 0:
-                self.save(step)
-        if initial is not None:
-            final_metrics, final = self.evaluate(initial)
+        self.initial = self.sample_eval(self.groups.sampler) if self.evaluates else None
+
+    def evaluate(self) -> dict[str, float]:
+        return self.compare_with_baseline()[0]
+
+    def finish(self) -> dict[str, Any]:
+        if self.initial is not None:
+            final_metrics, final = self.compare_with_baseline()
             self.summary.update(final_metrics)
             self.summary["eval/baseline"] = f"the actor's initial weights ({self.actor_cfg.load or 'random init'})"
-            self.summary["samples"] = self.sample_table(initial, final)
+            self.summary["samples"] = self.sample_table(self.initial, final)
         return self.summary
+
+    def after_restore(self) -> None:
+        if self.groups.rollout is not None:
+            self.sync_weights()
 
     def train_step(self, step: int) -> dict[str, float]:
         """One online-DPO step; returns its metrics.
@@ -231,36 +144,6 @@ class OnlineDPOTrainer:
 
     def sample_seed(self, step: int) -> int:
         return seeds.rollout(self.c.training.seed, step)
-
-    # -- checkpoints ----------------------------------------------------------------------
-    @property
-    def save_dir(self) -> str:
-        return self.c.training.save_dir or f"{self.c.training.output_dir}/checkpoints"
-
-    def save(self, step: int) -> None:
-        """Every actor rank writes its state into a staging directory; then it is committed."""
-        from dpo_rl.checkpoint.training import save_group_checkpoint
-
-        state = {"step": step, "consumed_prompts": step * self.c.training.global_batch_size}
-        save_group_checkpoint(self.groups.actor, self.save_dir, step, state, self.c.models["actor_rollout"],
-                              self.actor_cfg.tensor_model_parallel_size, self.actor_cfg.pipeline_model_parallel_size,
-                              self.c.training.keep_last_k)
-        logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
-
-    def restore(self) -> int:
-        """Load the checkpoint ``training.resume`` names; returns its step (0 when starting fresh)."""
-        from dpo_rl.checkpoint.training import restore_group_checkpoint
-
-        restored = restore_group_checkpoint(self.groups.actor, self.c.training.resume, self.save_dir)
-        if restored is None:
-            return 0
-        path, state = restored
-        if self.groups.rollout is not None:
-            self.sync_weights()
-        self.sampler.consumed = state["consumed_prompts"]
-        self.tracker.resume_from(state["step"])
-        logger.info("resumed from %s (step %d)", path, state["step"])
-        return state["step"]
 
     # -- phases -------------------------------------------------------------------------
     def next_prompts(self) -> Batch:
@@ -331,8 +214,9 @@ class OnlineDPOTrainer:
     def generate_eval(self, prompts: Batch, group) -> Batch:
         return StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING, group=group))
 
-    def evaluate(self, initial: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    def compare_with_baseline(self) -> tuple[dict[str, float], dict[str, Any]]:
         """RM-judged win rate of the current actor over its initial weights on held-out prompts."""
+        initial = self.initial
         current = self.sample_eval(self.groups.sampler)
         wins = (current["scores"] > initial["scores"]).float() + 0.5 * (current["scores"] == initial["scores"]).float()
         metrics = {

@@ -21,7 +21,7 @@ import torch
 from dpo_rl.config.model import ModelConfig
 from dpo_rl.config.schema import RoleConfig
 from dpo_rl.data.indexed import TokenizedDataset
-from dpo_rl.data.preprocess import META_SUFFIX
+from dpo_rl.data.formats import META_SUFFIX
 
 logger = logging.getLogger(__name__)
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_rl.config.errors import ConfigError
-from dpo_rl.config.trainer import ResolvedConfig, resolve
+from dpo_rl.errors import ConfigError
+from dpo_rl.config.resolution import ResolvedConfig, resolve
+from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.data.prompts import load_prompt_source
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.online_dpo import OnlineDPOTrainer, RoleGroups
@@ -62,7 +62,7 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
 
 def role_pools(c: ResolvedConfig):
     """RolePools for each group; the actor's pool is split into train and rollout ranks."""
-    from dpo_rl.workers.resource_pool import RolePool
+    from dpo_rl.runtime.resource_pool import RolePool
 
     def pool(role, counts):
         return RolePool(role, list(counts), c.ray.device_resource, c.ray.cpus_per_worker)
@@ -79,74 +79,6 @@ def role_pools(c: ResolvedConfig):
     if not c.colocated:
         pools["rollout"] = pool("rollout", infer_counts)
     return pools
-
-
-class GroupFactory:
-    """Creates a run's worker groups, as Ray actors in placement groups or in this process, and releases them.
-
-    Used as a context manager: Ray starts on entry (sized for every pool of the run) and every
-    group still alive, its placement group and Ray itself are released on exit.
-    """
-
-    def __init__(self, c: ResolvedConfig, pools: dict, *, use_ray: bool, coexisting: bool = True) -> None:
-        """``coexisting``: all pools are held at once (checked against the cluster together on entry);
-        otherwise each must fit on its own (a group is released before the next is created)."""
-        self.c, self.pools, self.use_ray, self.coexisting = c, pools, use_ray, coexisting
-        self.groups: dict[str, Any] = {}
-
-    def __enter__(self) -> "GroupFactory":
-        if self.use_ray:
-            from dpo_rl.ray_runtime import start_ray, stop_ray
-            from dpo_rl.workers.resource_pool import check_fits, total_demand
-
-            pools = list(self.pools.values())
-            demand = total_demand(pools) if self.coexisting else {
-                k: max(p.demand().get(k, 0.0) for p in pools) for k in total_demand(pools)}
-            c = self.c
-            start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
-                      include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host,
-                      home_dir=c.ray.home_dir)
-            try:
-                for together in ([pools] if self.coexisting else [[p] for p in pools]):
-                    check_fits(together)
-            except ConfigError:
-                stop_ray()  # __exit__ does not run when __enter__ raises
-                raise
-        return self
-
-    def create(self, name: str, worker_cls: type, kwargs: dict[str, Any]):
-        if self.use_ray:
-            from dpo_rl.workers.resource_pool import create_pools
-            from dpo_rl.workers.worker_group import RayWorkerGroup
-
-            create_pools([self.pools[name]], self.c.ray.resource_timeout_s)
-            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=kwargs["role"].num_threads)
-        else:
-            from dpo_rl.workers.worker_group import LocalWorkerGroup
-
-            p = kwargs["parallel"]
-            if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
-                raise ConfigError([f"running {name} in-process needs TP = PP = 1; use Ray for parallel roles"])
-            group = LocalWorkerGroup(worker_cls, kwargs)
-        self.groups[name] = group
-        return group
-
-    def release(self, name: str) -> None:
-        """Shut a group down and free its placement group (its devices are free for the next group)."""
-        group = self.groups.pop(name)
-        group.shutdown()
-        if self.use_ray:
-            from dpo_rl.workers.resource_pool import remove_pools
-
-            remove_pools([self.pools[name]])
-
-    def __exit__(self, *exc) -> None:
-        for name in list(self.groups):
-            self.release(name)
-        if self.use_ray:
-            from dpo_rl.ray_runtime import stop_ray
-
-            stop_ray()
 
 
 def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
@@ -205,7 +137,7 @@ def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer
     import shutil
 
     from dpo_rl.checkpoint.convert import TOKENIZER_FILES
-    from dpo_rl.workers.megatron.hf_files import save_hf_checkpoint
+    from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
 
     reward = role == "reward"
     save_hf_checkpoint(directory, group.export_weights(), c.models[role], reward=reward,

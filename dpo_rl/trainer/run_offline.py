@@ -8,12 +8,13 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from dpo_rl.config.errors import ConfigError
-from dpo_rl.config.trainer import ResolvedConfig
+from dpo_rl.errors import ConfigError
+from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.offline import OfflineTrainer, make_splits
-from dpo_rl.trainer.run import GroupFactory, export_model, load_tokenizer, prepare_output, special_ids
+from dpo_rl.runtime.groups import GroupFactory
+from dpo_rl.trainer.run import export_model, load_tokenizer, prepare_output, special_ids
 
 logger = logging.getLogger("dpo_rl")
 
@@ -48,7 +49,7 @@ def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: in
 
 
 def offline_pools(c: ResolvedConfig) -> dict:
-    from dpo_rl.workers.resource_pool import RolePool
+    from dpo_rl.runtime.resource_pool import RolePool
 
     def pool(role):
         return RolePool(role, list(getattr(c.resource_pool, role)), c.ray.device_resource, c.ray.cpus_per_worker)

@@ -1,8 +1,8 @@
 """What every role worker shares: joining its torch.distributed world, building and loading
 its Megatron-core model, forward-only passes in micro-batches, timing.
 
-Workers are plain classes: a :class:`~dpo_rl.workers.worker_group.RayWorkerGroup` runs them
-as Ray actors; :class:`~dpo_rl.workers.worker_group.LocalWorkerGroup` runs one in-process.
+Workers are plain classes: a :class:`~dpo_rl.runtime.worker_group.RayWorkerGroup` runs them
+as Ray actors; :class:`~dpo_rl.runtime.worker_group.LocalWorkerGroup` runs one in-process.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class MegatronWorker:
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
         from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
-        from dpo_rl.workers.megatron.hf_files import HFCheckpoint
+        from dpo_rl.checkpoint.hf_files import HFCheckpoint
         from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
 
         if MegatronCheckpoint.is_checkpoint(directory):

@@ -16,9 +16,10 @@ from typing import Any, Optional
 import torch
 
 from dpo_rl.batch import Batch
+from dpo_rl.checkpoint.hf_weights import SCORE_HEAD_RULE
 from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, sequence_microbatch, split_pair_halves
 from dpo_rl.workers.trainable import TrainableWorker
-from dpo_rl.workers.worker_group import Dispatch, register
+from dpo_rl.dispatch import Dispatch, register
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
         return ranks
 
     def _keep_value_head(self, checkpoint, directory: str) -> bool:
-        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE
-
         if SCORE_HEAD_RULE.hf[0] in checkpoint.names:
             return False
         logger.warning("reward.load=%s has no %s: its trunk is loaded and the value head starts from a seeded "
@@ -116,8 +115,6 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
     def _sync_value_head(self) -> None:
         """TP ranks hold replicas of the head: give them all TP rank 0's values (a no-op for a loaded head)."""
         from megatron.core import parallel_state as mpu
-
-        from dpo_rl.workers.megatron.hf_interop import SCORE_HEAD_RULE
 
         head = dict(self.model.named_parameters()).get(SCORE_HEAD_RULE.mcore)
         if head is not None and mpu.get_tensor_model_parallel_world_size() > 1:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dpo_rl.batch import Batch
 from dpo_rl.workers.base import MegatronWorker
-from dpo_rl.workers.worker_group import Dispatch, register
+from dpo_rl.dispatch import Dispatch, register
 
 
 class TrainableWorker(MegatronWorker):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import (
     MODEL_CONFIG_DIR,
     ModelConfig,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dpo_rl.data.indexed import DataParallelSampler, TokenizedDataset, collate_pairs, collate_prompts
-from dpo_rl.data.preprocess import InputError, PreprocessOptions, preprocess
+from dpo_rl.data.formats import InputError
+from dpo_rl.data.preprocess import PreprocessOptions, preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [{"instruction": f"Describe the harbor at dawn {i}.", "good": "The harbor had cold wind." * (1 + i % 3),
@@ -214,7 +215,7 @@ def test_each_handler_and_template_through_the_pipeline(tokenizer, tokenizer_dir
 
 
 def test_online_dpo_refuses_a_dataset_of_the_wrong_kind(tokenizer, tokenizer_dir, tmp_path):
-    from dpo_rl.config.errors import ConfigError
+    from dpo_rl.errors import ConfigError
     from dpo_rl.data.prompts import load_prompt_source
 
     preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", ROWS), tmp_path / "pairs"), progress=False)

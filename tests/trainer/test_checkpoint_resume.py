@@ -93,8 +93,8 @@ def test_exported_actor_loads_in_transformers_and_generates(world_dir, tmp_path)
 
 
 def test_resume_setting_is_validated(world_dir, tmp_path):
-    from dpo_rl.config.errors import ConfigError
-    from dpo_rl.config.trainer import resolve
+    from dpo_rl.errors import ConfigError
+    from dpo_rl.config.resolution import resolve
 
     with pytest.raises(ConfigError, match="training.resume='/nowhere' is not auto, none, or a checkpoint directory"):
         resolve(small_config(world_dir, tmp_path, "+training.resume=/nowhere"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dpo_rl.batch import Batch
-from dpo_rl.trainer.online_dpo import gather_pairs, minibatch_layout
+from dpo_rl.trainer.loop import minibatch_layout
+from dpo_rl.trainer.online_dpo import gather_pairs
 from dpo_rl.workers.policy import pair_microbatch, split_pair_halves
 
 

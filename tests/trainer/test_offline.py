@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from dpo_rl.checkpoint import training as ckpt
 from dpo_rl.config.compose import compose
-from dpo_rl.config.errors import ConfigError
-from dpo_rl.config.trainer import resolve
+from dpo_rl.errors import ConfigError
+from dpo_rl.config.resolution import resolve
 from dpo_rl.trainer.run import run
 from tests.tolerance import assert_close, assert_differs, logps_scale
 from tests.trainer.conftest import offline_config
@@ -138,7 +138,7 @@ def test_reference_free_and_separate_reference_models(world_dir, offline_data, t
     from transformers import AutoModelForCausalLM
 
     from dpo_rl.config.model import shipped_model_config
-    from dpo_rl.workers.megatron import hf_files
+    from dpo_rl.checkpoint import hf_files
 
     simpo = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "simpo", "algorithm.loss_type=simpo",
                            "algorithm.beta=2.0", "training.train_iters=2")
@@ -268,7 +268,7 @@ def test_reward_stage_starts_from_a_causal_lm(world_dir, offline_data, tmp_path)
     from dpo_rl.config.model import ParallelConfig, shipped_model_config
     from dpo_rl.config.schema import RoleConfig
     from dpo_rl.workers.reward import RewardWorker
-    from dpo_rl.workers.worker_group import LocalWorkerGroup
+    from dpo_rl.runtime.worker_group import LocalWorkerGroup
 
     with pytest.raises(ConfigError, match="HF checkpoint has no tensor 'score.weight'"):
         LocalWorkerGroup(RewardWorker, dict(model_config=shipped_model_config("tiny"), parallel=ParallelConfig(),

@@ -126,7 +126,7 @@ def test_win_rate_is_against_the_actors_initial_weights_whatever_the_reference(r
     from transformers import AutoModelForCausalLM
 
     from dpo_rl.config.model import shipped_model_config
-    from dpo_rl.workers.megatron import hf_files
+    from dpo_rl.checkpoint import hf_files
 
     other = tmp_path_factory.mktemp("other_ref")
     torch.manual_seed(5)

@@ -10,7 +10,8 @@ import torch
 from dpo_rl.batch import Batch
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.config.schema import AlgorithmConfig, RoleConfig
-from dpo_rl.trainer.online_dpo import gather_pairs, minibatch_layout
+from dpo_rl.trainer.loop import minibatch_layout
+from dpo_rl.trainer.online_dpo import gather_pairs
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.policy import ActorWorker
 from tests.tolerance import assert_close, logps_scale

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dpo_rl.checkpoint.convert import hf_to_megatron, megatron_to_hf, megatron_to_megatron  # noqa: E402
-from dpo_rl.config.errors import ConfigError  # noqa: E402
+from dpo_rl.errors import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ParallelConfig
 
 logger = logging.getLogger(__name__)

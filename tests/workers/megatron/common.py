@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, replace, shipped_model_config
-from dpo_rl.workers.megatron import hf_files
+from dpo_rl.checkpoint import hf_files
 from dpo_rl.workers.megatron.parallel_state import free_port
 
 VOCAB = 1024

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from dpo_rl.config.model import ParallelConfig
+from dpo_rl.checkpoint import hf_weights
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
@@ -75,13 +76,13 @@ def generation_case(family: str, parallel: ParallelConfig) -> dict:
 
 def wrong_gate_up_split_case(family: str, parallel: ParallelConfig) -> dict:
     """Negative control: split linear_fc1 as a plain column (not gate and up separately)."""
-    original = hf_interop.shard
+    original = hf_weights.shard
 
     def plain_column(full, tp_split, tp_rank, tp_size):
         return original(full, "column" if tp_split == "gate_up" else tp_split, tp_rank, tp_size)
 
-    hf_interop.shard = plain_column
+    hf_weights.shard = plain_column
     try:
         return forward_backward_case(family, parallel)
     finally:
-        hf_interop.shard = original
+        hf_weights.shard = original

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpo_rl.config.model import ParallelConfig
+from dpo_rl.checkpoint import hf_weights
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward
 from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
@@ -52,7 +53,7 @@ def test_negative_control_ungrouped_qkv_layout_fails(megatron_single_rank, monke
     """Concatenating q, k, v without grouping them per KV group must break equivalence."""
     config = tiny_config("llama")
     hf_model = tiny_hf_model(config)
-    monkeypatch.setattr(hf_interop, "fuse_qkv", lambda q, k, v, cfg: torch.cat([q, k, v], dim=0))
+    monkeypatch.setattr(hf_weights, "fuse_qkv", lambda q, k, v, cfg: torch.cat([q, k, v], dim=0))
     ours, theirs = logits_pair(config, hf_model, mcore_from_hf(config, hf_model))
     assert_differs(ours, theirs, rtol=RTOL, what="ungrouped qkv")
 

@@ -17,9 +17,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
-from dpo_rl.data.prompts import is_preprocessed, preprocessed_kind
+from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
 from dpo_rl.losses import LOSSES
 from dpo_rl.config.schema import (
     ROLE_FIELDS,

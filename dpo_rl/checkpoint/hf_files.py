@@ -1,7 +1,7 @@
 """HF checkpoint directories: ``config.json`` <-> :class:`ModelConfig`, a lazy reader of local
 weight files (safetensors or PyTorch ``.bin``, one file or sharded), and writing an HF
 checkpoint transformers loads. The weight maths (key maps, TP/PP sharding) is in
-:mod:`dpo_rl.workers.megatron.hf_interop`.
+:mod:`dpo_rl.checkpoint.hf_weights`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
 
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from dpo_rl.config.errors import ConfigError
-from dpo_rl.ray_runtime import BOOTSTRAP_FILE, prepare_ray_home, start_ray, stop_ray
-from dpo_rl.workers.resource_pool import RolePool, create_pools, remove_pools
+from dpo_rl.errors import ConfigError
+from dpo_rl.runtime.cluster import BOOTSTRAP_FILE, prepare_ray_home, start_ray, stop_ray
+from dpo_rl.runtime.resource_pool import RolePool, create_pools, remove_pools
 
 
 def test_prepare_ray_home_writes_an_empty_bootstrap_config(tmp_path):
@@ -40,7 +40,7 @@ def test_ray_start_connects_only_to_this_machine(tmp_path):
     script = textwrap.dedent(
         f"""
         import ray
-        from dpo_rl.ray_runtime import start_ray, stop_ray
+        from dpo_rl.runtime.cluster import start_ray, stop_ray
         start_ray(num_cpus=1, home_dir={str(tmp_path / 'rayhome')!r})
         @ray.remote
         def f():

@@ -1,6 +1,7 @@
 """Worker groups: N processes of one role, driven by RPCs with declared dispatch.
 
-A worker method declares how a call is spread over the group with :func:`register`:
+A worker method declares how a call is spread over the group with
+:func:`dpo_rl.dispatch.register`:
 
 * ``Dispatch.ALL`` — every rank gets the same arguments; the group returns the result of
   the first output rank (TP rank 0, last PP stage of DP rank 0).
@@ -17,34 +18,11 @@ same interface, so drivers and tests can run a role without Ray.
 
 from __future__ import annotations
 
-import enum
 import functools
 from typing import Any, Callable
 
 from dpo_rl.batch import Batch
-
-
-class Dispatch(enum.Enum):
-    ALL = "all"
-    DP = "dp"
-
-
-def register(dispatch: Dispatch) -> Callable:
-    """Declare how a worker method's calls are dispatched (see module doc)."""
-
-    def decorate(fn: Callable) -> Callable:
-        fn.dispatch = dispatch  # type: ignore[attr-defined]
-        return fn
-
-    return decorate
-
-
-def dispatch_of(worker_cls: type, method: str) -> Dispatch:
-    fn = getattr(worker_cls, method, None)
-    mode = getattr(fn, "dispatch", None)
-    if mode is None:
-        raise AttributeError(f"{worker_cls.__name__}.{method} is not a registered worker method")
-    return mode
+from dpo_rl.dispatch import Dispatch, dispatch_of
 
 
 def split_for_dp(batch: Batch, dp_size: int) -> tuple[list[Batch], int]:
@@ -66,7 +44,7 @@ class _WorkerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the group following its declared dispatch; blocks for the result."""
-        return resolve(self.call_async(method, *args, **kwargs))
+        return wait_for(self.call_async(method, *args, **kwargs))
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,7 +87,7 @@ class RayWorkerGroup(_WorkerGroup):
         self._output_actor_by_dp = {r.dp_rank: a for a, r in zip(self.actors, self.ranks) if r.is_output_rank}
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> "_Pending":
-        """Start ``method`` on every rank; collect it later with :func:`resolve`."""
+        """Start ``method`` on every rank; collect it later with :func:`wait_for`."""
         mode = dispatch_of(self.worker_cls, method)
         if mode is Dispatch.ALL:
             refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
@@ -134,7 +112,7 @@ class _Pending:
         self.refs, self.output_indices, self.rows = refs, output_indices, rows
 
 
-def resolve(pending: "_Pending | _Done") -> Any:
+def wait_for(pending: "_Pending | _Done") -> Any:
     """Wait for a ``call_async`` result and collect it."""
     if isinstance(pending, _Done):
         return pending.value
@@ -158,17 +136,15 @@ class LocalWorkerGroup(_WorkerGroup):
     """A single in-process worker (world size 1) with the worker-group interface."""
 
     def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]) -> None:
-        from dpo_rl.workers.megatron.parallel_state import ParallelRanks
-
         self.worker_cls = worker_cls
         self.worker = worker_cls(rank=0, world_size=1, **worker_kwargs)
         address, port = self.worker.rendezvous_endpoint()
-        ranks: ParallelRanks = self.worker.init_distributed(address, port)
+        ranks = self.worker.init_distributed(address, port)
         self.ranks = [ranks]
         self.dp_size = 1
 
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> _Done:
-        """Runs the call now (one process); :func:`resolve` returns its result."""
+        """Runs the call now (one process); :func:`wait_for` returns its result."""
         dispatch_of(self.worker_cls, method)
         return _Done(getattr(self.worker, method)(*args, **kwargs))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_rl.config.errors import ConfigError
+from dpo_rl.errors import ConfigError
 
 
 @dataclass

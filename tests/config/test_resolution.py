@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dpo_rl.config.compose import CONFIG_DIR, compose
-from dpo_rl.config.errors import ConfigError
-from dpo_rl.config.trainer import resolve
+from dpo_rl.errors import ConfigError
+from dpo_rl.config.resolution import resolve
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("online_dpo_trainer_*.yaml"))
 

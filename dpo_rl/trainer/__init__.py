@@ -1,0 +1,1 @@
+"""The stages (online DPO, offline DPO, reward, SFT) and ``run(cfg)``, which drives them."""
