@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from dpo_rl.losses import LOSSES, LossOptions, LossSpec, PairLogps, compute_preference_loss, preference_losses
+from dpo_rl.losses import (
+    LOSSES,
+    LossOptions,
+    LossSpec,
+    PairLogps,
+    compute_preference_loss,
+    preference_losses,
+)
 
 
 def t(values):

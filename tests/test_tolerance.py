@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from tests.tolerance import assert_close, assert_differs, first_order_bound, tolerance_ratio
+from tests.tolerance import (
+    assert_close,
+    assert_differs,
+    first_order_bound,
+    tolerance_ratio,
+)
 
 
 def test_scalars_are_compared_relative_to_their_size():

@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dpo_rl.errors import ConfigError
-from dpo_rl.config.model import ModelConfig, model_config_from_dict
 from dpo_rl.checkpoint import hf_files
 from dpo_rl.checkpoint import hf_weights as hi
+from dpo_rl.config.model import ModelConfig, model_config_from_dict
+from dpo_rl.errors import ConfigError
 
 FORMAT_VERSION = 1
 META_FILE = "dpo_rl_checkpoint.json"

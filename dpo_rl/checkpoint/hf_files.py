@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
-
+from dpo_rl.errors import ConfigError
 
 # --------------------------------------------------------------------------- HF config <-> ModelConfig
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -31,8 +31,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig
+from dpo_rl.errors import ConfigError
 
 TensorGetter = Callable[[str], torch.Tensor]
 

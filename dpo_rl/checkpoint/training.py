@@ -25,10 +25,15 @@ from typing import Any, Optional
 
 import torch
 
-from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE, load_into_model, rank_dir_name
+from dpo_rl.checkpoint.convert import (
+    META_FILE,
+    TRACKER_FILE,
+    load_into_model,
+    rank_dir_name,
+)
 from dpo_rl.checkpoint.hf_weights import local_mcore_state
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig
+from dpo_rl.errors import ConfigError
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 STAGING_SUFFIX = ".staging"

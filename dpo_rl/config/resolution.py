@@ -1,6 +1,8 @@
 """Resolve and validate a trainer config (any stage) before Ray starts.
 
-:func:`resolve` merges every node into its schema, builds each role's effective
+:func:`resolve` merges every node into its schema, asks the selected stage (a
+:class:`StageRules`, from the registry in :mod:`dpo_rl.trainer.stages`) which roles it places,
+builds each role's effective
 :class:`RoleConfig` (``training`` defaults overridden by the role section), checks every
 cross-field rule, and raises one :class:`ConfigError` listing all problems, each naming
 key, value, rule and fix. Keys that DPO accepts but does not use are returned in
@@ -12,15 +14,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
-from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
-from dpo_rl.losses import LOSSES
 from dpo_rl.config.schema import (
     ROLE_FIELDS,
     UNUSED_IN_DPO,
@@ -31,6 +30,9 @@ from dpo_rl.config.schema import (
     RoleConfig,
     TrainingConfig,
 )
+from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
+from dpo_rl.errors import ConfigError
+from dpo_rl.losses import LOSSES
 
 #: Role name -> where its section lives in the config.
 ROLE_SECTIONS = {
@@ -40,15 +42,6 @@ ROLE_SECTIONS = {
 }
 TOP_LEVEL_KEYS = {"defaults", "model", "training", "actor_rollout_ref", "reward", "algorithm", "data",
                   "resource_pool", "ray", "hydra"}
-#: Stage -> the roles it places (the first one trains). ``dpo`` drops ``ref`` when no reference is used.
-STAGE_ROLES = {
-    "ray_online_dpo": ("actor_rollout", "ref", "reward"),
-    "dpo": ("actor_rollout", "ref"),
-    "reward": ("reward",),
-    "sft": ("actor_rollout",),
-}
-#: Offline stage -> the preprocessed dataset kinds it trains on (``preprocess_data.py`` handler kinds).
-STAGE_DATA_KINDS = {"dpo": ("pairwise", "reward"), "reward": ("reward", "pairwise"), "sft": ("sft",)}
 REFERENCES = ("model", "precomputed", "none")
 #: Fields the reference inherits from the actor's section when its own section does not set them.
 REF_INHERITS = ("model", "load", "tokenizer_name_or_path")
@@ -56,6 +49,17 @@ PAIRING_STRATEGIES = ("best_vs_worst", "all_pairs")
 TIE_POLICIES = ("skip", "random")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 DEVICE_RESOURCE = {"cpu": "CPU", "cuda": "GPU", "npu": "NPU"}
+
+
+class StageRules(Protocol):
+    """What resolution needs of a stage (:class:`dpo_rl.trainer.stages.Stage` implements it)."""
+
+    name: str
+    samples: bool
+
+    def roles(self, training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]: ...
+
+    def check(self, c: "ResolvedConfig", check_paths: bool) -> list[str]: ...
 
 
 @dataclass
@@ -73,18 +77,17 @@ class ResolvedConfig:
     """Architecture per role."""
     unused: list[str]
     """Accepted keys with no meaning in DPO, one message each."""
+    stage_rules: Any = None
+    """The selected stage (:class:`StageRules`)."""
 
     @property
     def stage(self) -> str:
         return self.training.stage
 
     @property
-    def offline(self) -> bool:
-        return self.training.stage != "ray_online_dpo"
-
-    @property
     def trained_role(self) -> str:
-        return STAGE_ROLES[self.training.stage][0]
+        """The role the stage trains: the first it places."""
+        return next(iter(self.roles))
 
     def parallel(self, role: str) -> ParallelConfig:
         """The role's training-rank layout."""
@@ -103,7 +106,7 @@ class ResolvedConfig:
     def dp_size(self, role: str) -> int:
         """Data-parallel size of a role's (training) ranks."""
         r = self.roles[role]
-        ranks = r.num_gpus_for_train if role == "actor_rollout" and not self.offline else self.pool_size(role)
+        ranks = r.num_gpus_for_train if role == "actor_rollout" and self.stage_rules.samples else self.pool_size(role)
         return ranks // (r.tensor_model_parallel_size * r.pipeline_model_parallel_size)
 
     def rollout_dp_size(self) -> int:
@@ -160,23 +163,19 @@ def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[Rol
     return merged
 
 
-def stage_roles(training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]:
-    """The roles a run places: the stage's, without ``ref`` when offline DPO uses no reference model."""
-    roles = STAGE_ROLES[training.stage]
-    if training.stage == "dpo" and (algorithm.reference == "none" or not _needs_reference(algorithm)):
-        roles = tuple(r for r in roles if r != "ref")
-    return roles
-
-
-def _needs_reference(algorithm: AlgorithmConfig) -> bool:
+def needs_reference(algorithm: AlgorithmConfig) -> bool:
+    """Whether the preference loss reads reference log-probs (an unknown loss counts as yes)."""
+    if algorithm.reference == "none":
+        return False
     try:
         return algorithm.loss_spec().needs_reference
     except ValueError:
         return True  # reported by the loss checks
 
 
-def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
-    """Validate ``cfg`` (a composed Hydra config) and return its resolved form.
+def resolve(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_paths: bool = True) -> ResolvedConfig:
+    """Validate ``cfg`` (a composed Hydra config) for the stage ``training.stage`` names in ``stages``
+    and return its resolved form.
 
     ``check_paths=False`` skips what depends on this machine (files, directories, optional
     packages), so a config meant for another cluster can be checked anywhere.
@@ -194,11 +193,12 @@ def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
     for key in arf:
         if key not in ("actor_rollout", "ref"):
             problems.append(f"actor_rollout_ref.{key} is unknown; expected actor_rollout and ref")
-    if training is not None and training.stage not in STAGE_ROLES:
-        problems.append(f"training.stage={training.stage!r} is unknown; use one of {tuple(STAGE_ROLES)}")
+    if training is not None and training.stage not in stages:
+        problems.append(f"training.stage={training.stage!r} is unknown; use one of {tuple(sorted(stages))}")
     if problems:
         raise ConfigError(problems)
-    placed = stage_roles(training, algorithm)
+    rules = stages[training.stage]
+    placed = rules.roles(training, algorithm)
     roles = {role: role_config(cfg, role, problems) for role in placed}
     models: dict[str, ModelConfig] = {}
     available = cfg.get("model") or {}
@@ -219,7 +219,7 @@ def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
             problems.extend(err.problems)
     if problems:
         raise ConfigError(problems)
-    resolved = ResolvedConfig(training, algorithm, data, pool, ray, roles, models, unused=[])
+    resolved = ResolvedConfig(training, algorithm, data, pool, ray, roles, models, unused=[], stage_rules=rules)
     problems.extend(_check_rules(resolved, check_paths))
     if problems:
         raise ConfigError(problems)
@@ -255,8 +255,6 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     elif c.ray.device_resource != expected_resource:
         p.append(f"ray.device_resource={c.ray.device_resource!r} does not match training.device={t.device!r}; "
                  f"set ray.device_resource: {expected_resource}")
-    if t.stage in ("ray_online_dpo", "dpo"):
-        p.extend(_check_loss(c))
     for role, rc in c.roles.items():
         key = ROLE_SECTIONS[role]
         model = c.models[role]
@@ -288,11 +286,7 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"actor_rollout_ref.ref.tokenizer_name_or_path={c.roles['ref'].tokenizer_name_or_path!r} differs "
                  f"from the actor's ({c.roles['actor_rollout'].tokenizer_name_or_path!r}): the reference scores the "
                  "actor's token ids, so it needs the same tokenizer; pick a reference model of the actor's family")
-    if t.stage == "ray_online_dpo":
-        p.extend(_check_actor(c))
-        p.extend(_check_online(c, check_paths))
-    else:
-        p.extend(_check_offline(c, check_paths))
+    p.extend(c.stage_rules.check(c, check_paths))
     if check_paths and t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.append("training.tensorboard=true but the tensorboard package is not installed; "
                  'pip install -e ".[tensorboard]" or set training.tensorboard: false')
@@ -307,7 +301,7 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     return p
 
 
-def _check_loss(c: ResolvedConfig) -> list[str]:
+def check_loss(c: ResolvedConfig) -> list[str]:
     """The preference objective: loss names, weights, their options and the reference they need."""
     a, p = c.algorithm, []
     names = [a.loss_type] if isinstance(a.loss_type, str) else a.loss_type
@@ -338,13 +332,11 @@ def _check_loss(c: ResolvedConfig) -> list[str]:
     if a.reference == "none" and needs:
         p.append(f"algorithm.loss_type {needs} needs a reference model but algorithm.reference=none; use a "
                  "reference-free loss (orpo, simpo, sft) or set algorithm.reference: model")
-    if c.stage == "ray_online_dpo" and a.reference != "model":
-        p.append(f"algorithm.reference={a.reference!r}: online DPO scores fresh samples, so its reference is a "
-                 "live model; set algorithm.reference: model")
     return p
 
 
-def _check_online(c: ResolvedConfig, check_paths: bool) -> list[str]:
+def check_online_data(c: ResolvedConfig, check_paths: bool) -> list[str]:
+    """Online DPO: pairing settings and the prompt files."""
     a, p = c.algorithm, []
     if a.pairing_strategy not in PAIRING_STRATEGIES:
         p.append(f"algorithm.pairing_strategy={a.pairing_strategy!r} is unknown; use one of {PAIRING_STRATEGIES}")
@@ -359,8 +351,9 @@ def _check_online(c: ResolvedConfig, check_paths: bool) -> list[str]:
     return p
 
 
-def _check_offline(c: ResolvedConfig, check_paths: bool) -> list[str]:
-    """Offline stages (dpo, reward, sft): the trained role's layout and the dataset's kind."""
+def check_offline(c: ResolvedConfig, check_paths: bool, kinds: tuple[str, ...]) -> list[str]:
+    """Offline stages (dpo, reward, sft): the trained role's layout and that the datasets hold one of ``kinds``
+    (``preprocess_data.py`` handler kinds)."""
     p: list[str] = []
     role = c.trained_role
     key, r = ROLE_SECTIONS[role], c.roles[role]
@@ -381,7 +374,6 @@ def _check_offline(c: ResolvedConfig, check_paths: bool) -> list[str]:
     if c.stage != "dpo" and c.algorithm.reference == "precomputed":
         p.append(f"algorithm.reference=precomputed has no meaning for stage {c.stage!r}; it is for offline DPO")
     if check_paths:
-        kinds = STAGE_DATA_KINDS[c.stage]
         for field_key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
             if value is None:
                 continue
@@ -399,7 +391,8 @@ def _check_offline(c: ResolvedConfig, check_paths: bool) -> list[str]:
     return p
 
 
-def _check_actor(c: ResolvedConfig) -> list[str]:
+def check_sampling_actor(c: ResolvedConfig) -> list[str]:
+    """An actor that samples and trains: train/infer ranks, sampling, mini-batches, lengths."""
     p: list[str] = []
     key = ROLE_SECTIONS["actor_rollout"]
     r, t, a = c.roles["actor_rollout"], c.training, c.algorithm
@@ -453,4 +446,5 @@ def _check_path(key: str, value: Optional[str], what: str, directory: bool = Fal
     return []
 
 
-__all__ = ["ResolvedConfig", "resolve", "ROLE_SECTIONS", "STAGE_ROLES"]
+__all__ = ["ResolvedConfig", "StageRules", "resolve", "ROLE_SECTIONS", "check_loss", "check_offline",
+           "check_online_data", "check_sampling_actor", "needs_reference"]

@@ -214,7 +214,11 @@ def output_paths(prefix: str, fields: tuple[str, ...]) -> dict[str, str]:
 def write_indexed(prefix: str, fields: tuple[str, ...], examples: list[dict[str, np.ndarray]], meta: dict) -> None:
     """Write one indexed dataset per field, then the meta file; atomic per file, meta last."""
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+    from megatron.core.datasets.indexed_dataset import (
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     meta_path = Path(prefix + META_SUFFIX)

@@ -8,7 +8,12 @@ from typing import Any
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.cluster import start_ray, stop_ray
-from dpo_rl.runtime.resource_pool import check_fits, create_pools, remove_pools, total_demand
+from dpo_rl.runtime.resource_pool import (
+    check_fits,
+    create_pools,
+    remove_pools,
+    total_demand,
+)
 from dpo_rl.runtime.worker_group import LocalWorkerGroup, RayWorkerGroup
 
 

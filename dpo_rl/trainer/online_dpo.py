@@ -14,13 +14,37 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from omegaconf import DictConfig
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.config.resolution import ResolvedConfig
-from dpo_rl.data.prompts import PromptSampler, PromptSet, prompt_batch
+from dpo_rl.config.resolution import (
+    ResolvedConfig,
+    check_loss,
+    check_online_data,
+    check_sampling_actor,
+)
+from dpo_rl.data.prompts import (
+    PromptSampler,
+    PromptSet,
+    load_prompt_source,
+    prompt_batch,
+)
+from dpo_rl.errors import ConfigError
 from dpo_rl.pairing import build_pairs
+from dpo_rl.runtime.groups import GroupFactory
+from dpo_rl.runtime.resource_pool import RolePool
+from dpo_rl.tracking import MetricsTracker
+from dpo_rl.trainer.common import (
+    export_model,
+    load_tokenizer,
+    prepare_output,
+    special_ids,
+)
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
+from dpo_rl.trainer.stages import Stage, register_stage
+from dpo_rl.workers.policy import ActorWorker, PolicyWorker
+from dpo_rl.workers.reward import RewardWorker
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +260,109 @@ class OnlineDPOTrainer(TrainingLoop):
             table.append({"prompt": self.eval_prompts.texts[i], "before": text(initial), "before_score": float(initial["scores"][i]),
                           "after": text(final), "after_score": float(final["scores"][i])})
         return table
+
+
+# --------------------------------------------------------------------------- the stage
+def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict[str, tuple[type, dict[str, Any]]]:
+    """Role -> (worker class, constructor kwargs); the role -> worker map as data."""
+    seed = c.training.seed
+    actor = c.roles["actor_rollout"]
+    policy = {"eos_token_ids": eos_ids, "pad_token_id": pad_id}
+    specs = {
+        "actor": (ActorWorker, dict(model_config=c.models["actor_rollout"], parallel=c.parallel("actor_rollout"),
+                                    role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_iters=c.training.train_iters,
+                                    **policy)),
+        "ref": (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
+                                   seed=seed, **policy)),
+        "reward": (RewardWorker, dict(model_config=c.models["reward"], parallel=c.parallel("reward"),
+                                      role=c.roles["reward"], seed=seed, pad_token_id=pad_id,
+                                      actor_tokenizer=actor.tokenizer_name_or_path)),
+    }
+    if not c.colocated:
+        specs["rollout"] = (PolicyWorker, dict(model_config=c.models["actor_rollout"], parallel=c.rollout_parallel(),
+                                               role=actor, seed=seed, **policy))
+    return specs
+
+
+def role_pools(c: ResolvedConfig):
+    """RolePools for each group; the actor's pool is split into train and rollout ranks."""
+    def pool(role, counts):
+        return RolePool(role, list(counts), c.ray.device_resource, c.ray.cpus_per_worker)
+
+    actor = c.roles["actor_rollout"]
+    train_counts, infer_counts, need = [], [], actor.num_gpus_for_train
+    for n in c.resource_pool.actor_rollout:
+        take = min(n, need)
+        train_counts.append(take)
+        infer_counts.append(n - take)
+        need -= take
+    pools = {"actor": pool("actor", train_counts), "ref": pool("ref", c.resource_pool.ref),
+             "reward": pool("reward", c.resource_pool.reward)}
+    if not c.colocated:
+        pools["rollout"] = pool("rollout", infer_counts)
+    return pools
+
+
+
+class OnlineDPOStage(Stage):
+    """``ray_online_dpo``: sample from the actor, score with the reward model, pair, update against the reference."""
+
+    name = "ray_online_dpo"
+    samples = True
+
+    def roles(self, training, algorithm) -> tuple[str, ...]:
+        return ("actor_rollout", "ref", "reward")
+
+    def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
+        problems = check_loss(c) + check_sampling_actor(c) + check_online_data(c, check_paths)
+        if c.algorithm.reference != "model":
+            problems.append(f"algorithm.reference={c.algorithm.reference!r}: online DPO scores fresh samples, so its "
+                            "reference is a live model; set algorithm.reference: model")
+        return problems
+
+    def run(self, cfg, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
+        return run_online(cfg, c, use_ray=use_ray)
+
+
+def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
+    actor = c.roles["actor_rollout"]
+    tokenizer = load_tokenizer(actor.tokenizer_name_or_path)
+    eos_ids, pad_id = special_ids(tokenizer)
+    prompts = load_prompt_source(c.data.train_path, tokenizer, prompt_key=c.data.prompt_key,
+                                 max_prompt_length=actor.max_prompt_length)
+    eval_prompts = (load_prompt_source(c.data.eval_path, tokenizer, prompt_key=c.data.prompt_key,
+                                       max_prompt_length=actor.max_prompt_length) if c.data.eval_path else None)
+    if not use_ray and not c.colocated:
+        raise ConfigError(["running in-process needs a colocated actor (num_gpus_for_infer: 0)"])
+    out = prepare_output(cfg, c)
+    specs = worker_specs(c, eos_ids, pad_id)
+    tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
+                             tensorboard=c.training.tensorboard)
+    try:
+        with GroupFactory(c, role_pools(c), use_ray=use_ray) as factory:
+            groups = RoleGroups(**{name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()})
+            trainer = OnlineDPOTrainer(c, groups, prompts, pad_token_id=pad_id, tracker=tracker,
+                                       eval_prompts=eval_prompts, decode=tokenizer.decode)
+            summary = trainer.fit()
+            if c.training.export_hf:
+                summary["hf_actor"] = str(export_model(c, groups.actor, out / "hf_actor", "actor_rollout", tokenizer))
+    finally:
+        tracker.close()
+    if c.training.plot:
+        summary["plot"] = str(tracker.plot())
+    tracker.write_json("summary.json", summary)
+    report(summary, tracker)
+    return summary
+
+
+def report(summary: dict[str, Any], tracker: MetricsTracker) -> None:
+    if "eval/win_rate" in summary:
+        tracker.print(f"final evaluation: win rate of the trained actor over {summary['eval/baseline']} "
+                      f"{summary['eval/win_rate']:.1%} (mean RM score {summary['eval/initial_scores']:.3f} -> "
+                      f"{summary['eval/scores']:.3f})")
+    for row in summary.get("samples", []):
+        tracker.print(f"  prompt: {row['prompt']}\n    before ({row['before_score']:+.2f}): {row['before']}\n"
+                      f"    after  ({row['after_score']:+.2f}): {row['after']}")
+
+
+register_stage(OnlineDPOStage())

@@ -20,8 +20,9 @@ import torch
 
 from dpo_rl.config.model import ModelConfig
 from dpo_rl.config.schema import RoleConfig
-from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.data.formats import META_SUFFIX
+from dpo_rl.data.indexed import TokenizedDataset
+from dpo_rl.trainer.offline import pair_logps, pairs_batch
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ def cache_path(cache_dir: str | Path, dataset: TokenizedDataset, key: str) -> Pa
 def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_id: int, chunk: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [N], rejected [N]) reference log-probs of every row of ``dataset``."""
-    from dpo_rl.trainer.offline import pair_logps, pairs_batch
-
     if path.is_file():
         cached = torch.load(path)
         logger.info("reference log-probs of %s: reusing %s", dataset.prefix, path)

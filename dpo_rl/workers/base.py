@@ -52,7 +52,11 @@ class MegatronWorker:
 
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
-        from dpo_rl.workers.megatron.parallel_state import init_distributed, seed_everything, torch_device
+        from dpo_rl.workers.megatron.parallel_state import (
+            init_distributed,
+            seed_everything,
+            torch_device,
+        )
 
         torch.set_num_threads(self.role.num_threads)
         self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
@@ -64,14 +68,21 @@ class MegatronWorker:
         return self.ranks
 
     def _build_model(self):
-        from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
+        from dpo_rl.workers.megatron.model_factory import (
+            build_gpt_model,
+            build_reward_model,
+        )
 
         build = build_reward_model if self.reward_model else build_gpt_model
         return build(self.model_config, self.parallel)
 
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
-        from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
+        from dpo_rl.checkpoint.convert import (
+            MegatronCheckpoint,
+            load_into_model,
+            load_rank_state,
+        )
         from dpo_rl.checkpoint.hf_files import HFCheckpoint
         from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
 

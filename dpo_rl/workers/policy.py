@@ -16,10 +16,20 @@ import torch
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.losses import LossSpec, PairLogps, PreferenceLossOutput, compute_preference_loss
-from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, split_pair_halves
-from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.dispatch import Dispatch, register
+from dpo_rl.losses import (
+    LossSpec,
+    PairLogps,
+    PreferenceLossOutput,
+    compute_preference_loss,
+)
+from dpo_rl.workers.base import (
+    MegatronWorker,
+    Stopwatch,
+    pair_microbatch,
+    split_pair_halves,
+)
+from dpo_rl.workers.trainable import TrainableWorker
 
 
 def _logprobs_compute(output, micro):

@@ -17,9 +17,15 @@ import torch
 
 from dpo_rl.batch import Batch
 from dpo_rl.checkpoint.hf_weights import SCORE_HEAD_RULE
-from dpo_rl.workers.base import MegatronWorker, Stopwatch, pair_microbatch, sequence_microbatch, split_pair_halves
-from dpo_rl.workers.trainable import TrainableWorker
 from dpo_rl.dispatch import Dispatch, register
+from dpo_rl.workers.base import (
+    MegatronWorker,
+    Stopwatch,
+    pair_microbatch,
+    sequence_microbatch,
+    split_pair_halves,
+)
+from dpo_rl.workers.trainable import TrainableWorker
 
 logger = logging.getLogger(__name__)
 

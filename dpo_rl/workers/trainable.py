@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import Batch
-from dpo_rl.workers.base import MegatronWorker
 from dpo_rl.dispatch import Dispatch, register
+from dpo_rl.workers.base import MegatronWorker
 
 
 class TrainableWorker(MegatronWorker):

@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_rl.checkpoint.convert import MegatronCheckpoint, hf_to_megatron, megatron_to_hf, megatron_to_megatron
-from dpo_rl.errors import ConfigError
-from dpo_rl.config.model import ParallelConfig
 from dpo_rl.checkpoint import hf_files
+from dpo_rl.checkpoint.convert import (
+    MegatronCheckpoint,
+    hf_to_megatron,
+    megatron_to_hf,
+    megatron_to_megatron,
+)
+from dpo_rl.config.model import ParallelConfig
+from dpo_rl.errors import ConfigError
 from tests.tolerance import assert_close, assert_differs
 from tests.workers.megatron import dist_cases_ckpt
 from tests.workers.megatron.common import run_distributed, tiny_config, tiny_hf_model

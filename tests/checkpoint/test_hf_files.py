@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dpo_rl.errors import ConfigError
-from dpo_rl.config.model import shipped_model_config
 from dpo_rl.checkpoint import hf_files
+from dpo_rl.config.model import shipped_model_config
+from dpo_rl.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", ["llama32-1b", "llama3-8b", "qwen25-0.5b", "qwen25-7b", "tiny"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import (
     MODEL_CONFIG_DIR,
     ModelConfig,
@@ -12,6 +11,7 @@ from dpo_rl.config.model import (
     load_model_config,
     shipped_model_config,
 )
+from dpo_rl.errors import ConfigError
 
 SHIPPED = ["tiny", "tiny-rm", "llama32-1b", "llama3-8b", "qwen25-0.5b", "qwen25-7b"]
 

@@ -6,7 +6,7 @@ import pytest
 
 from dpo_rl.config.compose import CONFIG_DIR, compose
 from dpo_rl.errors import ConfigError
-from dpo_rl.config.resolution import resolve
+from dpo_rl.trainer.run import resolve
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("online_dpo_trainer_*.yaml"))
 
@@ -100,7 +100,7 @@ def problems(overrides, check_paths=False):
         (["actor_rollout_ref.actor_rollout.model=llama9"],
          "actor_rollout_ref.actor_rollout.model='llama9' is not among the models in defaults"),
         (["ray.device_resource=GPU"], "ray.device_resource='GPU' does not match training.device='cpu'"),
-        (["training.stage=ppo"], "training.stage='ppo' is unknown; use one of ('ray_online_dpo', 'dpo', 'reward', 'sft')"),
+        (["training.stage=ppo"], "training.stage='ppo' is unknown; use one of ('dpo', 'ray_online_dpo', 'reward', 'sft')"),
         (["+actor_rollout_ref.actor_rollout.pipeline_model_parallel_size=2", "resource_pool.actor_rollout=[2]",
           "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
          "colocated rollout runs TP only"),

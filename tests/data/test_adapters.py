@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpo_rl.data.adapters import ADAPTERS, parse_transcript
+from dpo_rl.data.formats import InputError
 from dpo_rl.data.handlers import RowError
 from dpo_rl.data.indexed import TokenizedDataset
-from dpo_rl.data.formats import InputError
 from dpo_rl.data.preprocess import PreprocessOptions, preprocess
 
 

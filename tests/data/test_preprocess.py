@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpo_rl.data.indexed import DataParallelSampler, TokenizedDataset, collate_pairs, collate_prompts
 from dpo_rl.data.formats import InputError
+from dpo_rl.data.indexed import (
+    DataParallelSampler,
+    TokenizedDataset,
+    collate_pairs,
+    collate_prompts,
+)
 from dpo_rl.data.preprocess import PreprocessOptions, preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,8 +220,8 @@ def test_each_handler_and_template_through_the_pipeline(tokenizer, tokenizer_dir
 
 
 def test_online_dpo_refuses_a_dataset_of_the_wrong_kind(tokenizer, tokenizer_dir, tmp_path):
-    from dpo_rl.errors import ConfigError
     from dpo_rl.data.prompts import load_prompt_source
+    from dpo_rl.errors import ConfigError
 
     preprocess(options(tokenizer_dir, write_jsonl(tmp_path / "in.jsonl", ROWS), tmp_path / "pairs"), progress=False)
     with pytest.raises(ConfigError, match="a 'pairwise' dataset .* online DPO needs prompts"):

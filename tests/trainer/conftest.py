@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from dpo_rl.checkpoint import hf_files
 from dpo_rl.config.compose import compose
 from dpo_rl.config.model import shipped_model_config
-from dpo_rl.checkpoint import hf_files
 
 
 @pytest.fixture(scope="session")

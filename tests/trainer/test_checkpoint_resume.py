@@ -39,7 +39,9 @@ def test_resume_gives_the_uninterrupted_run(world_dir, tmp_path, monkeypatch):
     run(small_config(world_dir, resumed, "training.train_iters=2", "+training.save_interval=2", *COMMON),
         use_ray=False)
     assert ckpt.latest_step(resumed / "checkpoints") == 2
-    from dpo_rl.checkpoint.convert import megatron_to_hf  # a training checkpoint converts like any other
+    from dpo_rl.checkpoint.convert import (
+        megatron_to_hf,  # a training checkpoint converts like any other
+    )
 
     megatron_to_hf(str(resumed / "checkpoints"), str(tmp_path / "step2_hf"))
     assert (tmp_path / "step2_hf" / "model.safetensors").is_file()
@@ -94,7 +96,7 @@ def test_exported_actor_loads_in_transformers_and_generates(world_dir, tmp_path)
 
 def test_resume_setting_is_validated(world_dir, tmp_path):
     from dpo_rl.errors import ConfigError
-    from dpo_rl.config.resolution import resolve
+    from dpo_rl.trainer.run import resolve
 
     with pytest.raises(ConfigError, match="training.resume='/nowhere' is not auto, none, or a checkpoint directory"):
         resolve(small_config(world_dir, tmp_path, "+training.resume=/nowhere"))

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from dpo_rl.checkpoint import training as ckpt
 from dpo_rl.config.compose import compose
 from dpo_rl.errors import ConfigError
-from dpo_rl.config.resolution import resolve
-from dpo_rl.trainer.run import run
+from dpo_rl.trainer.run import resolve, run
 from tests.tolerance import assert_close, assert_differs, logps_scale
 from tests.trainer.conftest import offline_config
 
@@ -115,7 +114,7 @@ def test_precomputed_reference_matches_the_live_one_and_is_cached(world_dir, off
     for key in ("eval/loss", "eval/rewards/margins", "eval/loss_initial"):
         assert_close(first[key], live[key], rtol=RTOL_LOGPS, scale=margin_scale(live), what=key)
     stamps = [f.stat().st_mtime_ns for f in files]
-    import dpo_rl.trainer.run_offline as run_offline
+    import dpo_rl.trainer.offline_stages as run_offline
 
     created = []
     real = run_offline.GroupFactory.create
@@ -137,8 +136,8 @@ def test_precomputed_reference_matches_the_live_one_and_is_cached(world_dir, off
 def test_reference_free_and_separate_reference_models(world_dir, offline_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_rl.config.model import shipped_model_config
     from dpo_rl.checkpoint import hf_files
+    from dpo_rl.config.model import shipped_model_config
 
     simpo = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "simpo", "algorithm.loss_type=simpo",
                            "algorithm.beta=2.0", "training.train_iters=2")
@@ -267,8 +266,8 @@ def test_reward_stage_starts_from_a_causal_lm(world_dir, offline_data, tmp_path)
     # scoring (online DPO's reward role) still refuses a checkpoint without a score head
     from dpo_rl.config.model import ParallelConfig, shipped_model_config
     from dpo_rl.config.schema import RoleConfig
-    from dpo_rl.workers.reward import RewardWorker
     from dpo_rl.runtime.worker_group import LocalWorkerGroup
+    from dpo_rl.workers.reward import RewardWorker
 
     with pytest.raises(ConfigError, match="HF checkpoint has no tensor 'score.weight'"):
         LocalWorkerGroup(RewardWorker, dict(model_config=shipped_model_config("tiny"), parallel=ParallelConfig(),

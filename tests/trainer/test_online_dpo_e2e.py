@@ -125,8 +125,8 @@ def test_win_rate_is_against_the_actors_initial_weights_whatever_the_reference(r
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpo_rl.config.model import shipped_model_config
     from dpo_rl.checkpoint import hf_files
+    from dpo_rl.config.model import shipped_model_config
 
     other = tmp_path_factory.mktemp("other_ref")
     torch.manual_seed(5)

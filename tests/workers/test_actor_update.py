@@ -15,7 +15,12 @@ from dpo_rl.trainer.online_dpo import gather_pairs
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.policy import ActorWorker
 from tests.tolerance import assert_close, logps_scale
-from tests.workers.megatron.common import random_batch, run_distributed, tiny_config, tiny_hf_model
+from tests.workers.megatron.common import (
+    random_batch,
+    run_distributed,
+    tiny_config,
+    tiny_hf_model,
+)
 
 TP1 = ParallelConfig()
 TP2 = ParallelConfig(tensor_model_parallel_size=2)

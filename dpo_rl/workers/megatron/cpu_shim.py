@@ -79,8 +79,8 @@ def _cpu_current_device() -> torch.device:
 
 
 def _patch_causal_mask() -> None:
-    from megatron.core.transformer import utils as transformer_utils
     from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
 
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)

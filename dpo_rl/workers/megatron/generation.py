@@ -128,7 +128,9 @@ def choose_tokens(
 
 def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:
     """Full-vocabulary logits of the last position [b, V] (TP-gathered for that position only)."""
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
 
     if context is not None:
         query_len = ids.shape[1]

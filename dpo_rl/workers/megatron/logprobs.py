@@ -28,7 +28,9 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     H = log Z - sum_v p_v (z_v - m), with m the global max, Z = sum_v exp(z_v - m).
     Differentiable (the max is a constant shift and carries no gradient).
     """
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        reduce_from_tensor_model_parallel_region,
+    )
 
     logits = logits.float()
     local_max = logits.detach().amax(dim=-1, keepdim=True)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ModelConfig, ParallelConfig
+from dpo_rl.errors import ConfigError
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dpo_rl.errors import ConfigError
 from dpo_rl.config.model import ParallelConfig
+from dpo_rl.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,13 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from dpo_rl.config.model import ModelConfig, ParallelConfig, replace, shipped_model_config
 from dpo_rl.checkpoint import hf_files
+from dpo_rl.config.model import (
+    ModelConfig,
+    ParallelConfig,
+    replace,
+    shipped_model_config,
+)
 from dpo_rl.workers.megatron.parallel_state import free_port
 
 VOCAB = 1024
@@ -65,7 +70,10 @@ def random_batch(batch: int, seq: int, seed: int = 1, prompt_lens=None):
 
 def _worker(rank: int, world_size: int, port: int, parallel: ParallelConfig, fn, args, out_dir: str) -> None:
     torch.set_num_threads(1)
-    from dpo_rl.workers.megatron.parallel_state import destroy_distributed, init_distributed
+    from dpo_rl.workers.megatron.parallel_state import (
+        destroy_distributed,
+        init_distributed,
+    )
 
     try:
         init_distributed(parallel, rank, world_size, master_port=port)

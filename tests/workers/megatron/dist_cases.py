@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dpo_rl.config.model import ParallelConfig
 from dpo_rl.checkpoint import hf_weights
+from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
@@ -28,7 +28,9 @@ def _model(family: str, parallel: ParallelConfig):
 
 
 def _compute(output, micro: Microbatch):
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
 
     lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True)
     loss = -lp.summed.sum() - 0.1 * lp.mean_entropy().sum()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from dpo_rl.checkpoint.convert import MegatronCheckpoint, load_into_model, load_rank_state
+from dpo_rl.checkpoint.convert import (
+    MegatronCheckpoint,
+    load_into_model,
+    load_rank_state,
+)
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward
 from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
@@ -12,7 +16,9 @@ from dpo_rl.workers.megatron.parallel_state import current_ranks
 
 
 def _gathered(logits):
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
 
     return gather_from_tensor_model_parallel_region(logits)
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_rl.config.model import ParallelConfig
 from dpo_rl.checkpoint import hf_weights
+from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward
 from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
 from tests.tolerance import assert_close, assert_differs
-from tests.workers.megatron.common import VOCAB, random_batch, tiny_config, tiny_hf_model
+from tests.workers.megatron.common import (
+    VOCAB,
+    random_batch,
+    tiny_config,
+    tiny_hf_model,
+)
 
 #: Logits agree to this fraction of the largest logit (float32, the same maths in another order).
 RTOL = 1e-5

@@ -1,4 +1,7 @@
-"""``run(cfg)`` for the offline stages (dpo, reward, sft): data, worker groups, training, export."""
+"""The offline stages (``dpo``, ``reward``, ``sft``): data, worker groups, training, export.
+
+Each is a :class:`~dpo_rl.trainer.stages.Stage` registered below; they share one set-up
+(:func:`run_offline`) and one loop (:class:`~dpo_rl.trainer.offline.OfflineTrainer`)."""
 
 from __future__ import annotations
 
@@ -8,13 +11,28 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from dpo_rl.errors import ConfigError
-from dpo_rl.config.resolution import ResolvedConfig
+from dpo_rl.config.resolution import (
+    ResolvedConfig,
+    check_loss,
+    check_offline,
+    needs_reference,
+)
 from dpo_rl.data.indexed import TokenizedDataset
-from dpo_rl.tracking import MetricsTracker
-from dpo_rl.trainer.offline import OfflineTrainer, make_splits
+from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.groups import GroupFactory
-from dpo_rl.trainer.run import export_model, load_tokenizer, prepare_output, special_ids
+from dpo_rl.runtime.resource_pool import RolePool
+from dpo_rl.tracking import MetricsTracker
+from dpo_rl.trainer import ref_cache
+from dpo_rl.trainer.common import (
+    export_model,
+    load_tokenizer,
+    prepare_output,
+    special_ids,
+)
+from dpo_rl.trainer.offline import OfflineTrainer, make_splits
+from dpo_rl.trainer.stages import Stage, register_stage
+from dpo_rl.workers.policy import ActorWorker, PolicyWorker
+from dpo_rl.workers.reward import RewardTrainerWorker
 
 logger = logging.getLogger("dpo_rl")
 
@@ -28,9 +46,6 @@ EXPORT_DIRS = {"dpo": "hf_actor", "sft": "hf_actor", "reward": "hf_reward"}
 
 def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict[str, tuple[type, dict]]:
     """Group name (``trained``, ``ref``) -> (worker class, constructor kwargs)."""
-    from dpo_rl.workers.policy import ActorWorker, PolicyWorker
-    from dpo_rl.workers.reward import RewardTrainerWorker
-
     role = c.trained_role
     common = dict(model_config=c.models[role], parallel=c.parallel(role), role=c.roles[role], seed=c.training.seed,
                   total_iters=c.training.train_iters)
@@ -49,8 +64,6 @@ def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: in
 
 
 def offline_pools(c: ResolvedConfig) -> dict:
-    from dpo_rl.runtime.resource_pool import RolePool
-
     def pool(role):
         return RolePool(role, list(getattr(c.resource_pool, role)), c.ray.device_resource, c.ray.cpus_per_worker)
 
@@ -123,8 +136,6 @@ def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[st
 def precompute_reference(c: ResolvedConfig, factory: GroupFactory, ref_spec, datasets, pad_id: int, chunk: int,
                          out: Path) -> dict:
     """Reference log-probs of every dataset row, from the cache or computed once; the ref group is then released."""
-    from dpo_rl.trainer import ref_cache
-
     cache_dir = Path(c.data.ref_logps_cache_dir or out / "ref_logps_cache")
     wanted = {}
     for dataset in datasets:
@@ -140,3 +151,52 @@ def precompute_reference(c: ResolvedConfig, factory: GroupFactory, ref_spec, dat
     finally:
         if group is not None:
             factory.release("ref")
+
+
+class OfflineStage(Stage):
+    """An offline stage: one trained role on a preprocessed dataset of ``data_kinds``."""
+
+    data_kinds: tuple[str, ...] = ()
+
+    def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
+        return check_offline(c, check_paths, self.data_kinds)
+
+    def run(self, cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
+        return run_offline(cfg, c, use_ray=use_ray)
+
+
+class OfflineDPOStage(OfflineStage):
+    """``dpo``: the preference loss on fixed pairs; the reference is placed only when the loss reads one."""
+
+    name = "dpo"
+    data_kinds = ("pairwise", "reward")
+
+    def roles(self, training, algorithm) -> tuple[str, ...]:
+        return ("actor_rollout", "ref") if needs_reference(algorithm) else ("actor_rollout",)
+
+    def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
+        return check_loss(c) + super().check(c, check_paths)
+
+
+class RewardStage(OfflineStage):
+    """``reward``: a Bradley-Terry reward model on preference pairs."""
+
+    name = "reward"
+    data_kinds = ("reward", "pairwise")
+
+    def roles(self, training, algorithm) -> tuple[str, ...]:
+        return ("reward",)
+
+
+class SFTStage(OfflineStage):
+    """``sft``: supervised fine-tuning of the actor on instruction data."""
+
+    name = "sft"
+    data_kinds = ("sft",)
+
+    def roles(self, training, algorithm) -> tuple[str, ...]:
+        return ("actor_rollout",)
+
+
+for _stage in (OfflineDPOStage(), RewardStage(), SFTStage()):
+    register_stage(_stage)

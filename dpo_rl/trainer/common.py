@@ -1,0 +1,55 @@
+"""What every stage's set-up uses: the tokenizer and its special ids, the run directory, HF export."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_rl.checkpoint.convert import TOKENIZER_FILES
+from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
+from dpo_rl.config.resolution import ResolvedConfig
+from dpo_rl.errors import ConfigError
+
+logger = logging.getLogger("dpo_rl")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_ids(tokenizer, *, require_eos: bool = True) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a tokenizer; pad falls back to EOS, then 0.
+
+    Generation needs EOS (``require_eos``); the offline stages only pad.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None and require_eos:
+        raise ConfigError(["the actor tokenizer has no eos_token; generation could never stop"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return ((int(eos),) if eos is not None else ()), int(pad)
+
+
+def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
+    out = Path(c.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    return out
+
+
+def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> Path:
+    """A trained role's model as an HF checkpoint (safetensors, config.json, tokenizer files)."""
+    reward = role == "reward"
+    save_hf_checkpoint(directory, group.export_weights(), c.models[role], reward=reward,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    tokenizer_dir = Path(c.roles[role].tokenizer_name_or_path)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, directory / name)
+    return directory
