@@ -26,28 +26,36 @@ DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda", "npu")
 
 
+#: Fields every model file must give: they fix the shapes, so no default could be right.
+ARCHITECTURE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                       "num_query_groups", "vocab_size", "max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only GPT model (Llama / Qwen2 family)."""
+    """Architecture of a decoder-only GPT model (Llama / Qwen2 family).
 
-    family: str = "llama"
+    The fields of :data:`ARCHITECTURE_FIELDS` have no default: a model file that leaves one out is
+    an error naming the file. The rest default to what Llama uses."""
+
+    family: str
     """HF family whose weight layout this model follows: ``llama`` or ``qwen2``."""
-    num_layers: int = 2
+    num_layers: int
     """Number of transformer layers."""
-    hidden_size: int = 64
+    hidden_size: int
     """Width of the residual stream."""
-    ffn_hidden_size: int = 128
+    ffn_hidden_size: int
     """Inner width of the MLP (per gate / up projection when ``swiglu``)."""
-    num_attention_heads: int = 4
+    num_attention_heads: int
     """Number of query heads."""
-    num_query_groups: int = 4
+    num_query_groups: int
     """Number of key/value heads (grouped-query attention); equal to heads for MHA."""
+    vocab_size: int
+    """Vocabulary size of the embedding and LM head (must be divisible by TP)."""
+    max_position_embeddings: int
+    """Longest sequence the model is built for (RoPE table length)."""
     kv_channels: Optional[int] = None
     """Per-head width; ``null`` means ``hidden_size // num_attention_heads``."""
-    vocab_size: int = 256
-    """Vocabulary size of the embedding and LM head (must be divisible by TP)."""
-    max_position_embeddings: int = 2048
-    """Longest sequence the model is built for (RoPE table length)."""
     rotary_base: float = 10000.0
     """RoPE base (theta)."""
     rope_scaling_type: str = "none"
@@ -159,12 +167,17 @@ class ParallelConfig:
 
 
 def model_config_from_dict(values: dict[str, Any], source: str) -> ModelConfig:
-    """Build a :class:`ModelConfig`, failing on unknown keys or wrong types with ``source`` named."""
+    """Build a :class:`ModelConfig`, failing on missing architecture fields, unknown keys or wrong types
+    with ``source`` named."""
     schema = OmegaConf.structured(ModelConfig)
     try:
         merged = OmegaConf.merge(schema, values)
     except OmegaConfBaseException as exc:
         raise ConfigError([f"{source}: {exc.msg} (key {exc.full_key!r})"]) from None
+    missing = [key for key in ARCHITECTURE_FIELDS if OmegaConf.is_missing(merged, key)]
+    if missing:
+        raise ConfigError([f"{source}: architecture field {key!r} is missing; a model file must give every one of "
+                           f"{', '.join(ARCHITECTURE_FIELDS)}" for key in missing])
     config: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     problems = config.check(where=source)
     if problems:
@@ -212,4 +225,5 @@ __all__ = [
     "shipped_model_config",
     "replace",
     "MODEL_FAMILIES",
+    "ARCHITECTURE_FIELDS",
 ]

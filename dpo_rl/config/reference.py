@@ -13,8 +13,14 @@ from dpo_rl.config import model, schema
 
 SECTIONS = [
     ("`training:`", schema.TrainingConfig, "Run-wide settings; its role fields are defaults for every role."),
-    ("`actor_rollout_ref.actor_rollout:`, `actor_rollout_ref.ref:`, `reward:`", schema.RoleConfig,
-     "Each role's settings (overriding `training`)."),
+    ("Role settings, every role (`actor_rollout_ref.actor_rollout:`, `actor_rollout_ref.ref:`, `reward:`)",
+     schema.RoleBase, "Each role's section overrides `training`. A key of a group the role does not read in the "
+     "chosen stage is an error naming the section it belongs in."),
+    ("Role settings: the trained role", schema.OptimizerSettings,
+     "Read by the role the stage trains: the actor (`ray_online_dpo`, `dpo`, `sft`) or the reward model (`reward`)."),
+    ("Role settings: the sampling role", schema.SamplingSettings, "Read by the online actor (`ray_online_dpo`)."),
+    ("Role settings: the online actor", schema.OnlineActorSettings,
+     "Read by the online actor (`ray_online_dpo`); `clip_ratio` is accepted anywhere and reported as unused."),
     ("`algorithm:`", schema.AlgorithmConfig, ""),
     ("`data:`", schema.DataConfig, ""),
     ("`resource_pool:`", schema.ResourcePoolConfig, ""),

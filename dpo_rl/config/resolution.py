@@ -12,7 +12,7 @@ key, value, rule and fix. Keys that DPO accepts but does not use are returned in
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol
 
@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
 from dpo_rl.config.schema import (
     ROLE_FIELDS,
+    ROLE_SETTING_GROUPS,
     UNUSED_IN_DPO,
     AlgorithmConfig,
     DataConfig,
@@ -58,6 +59,8 @@ class StageRules(Protocol):
     samples: bool
 
     def roles(self, training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]: ...
+
+    def role_settings(self, role: str, placed: tuple[str, ...]) -> tuple[type, ...]: ...
 
     def check(self, c: "ResolvedConfig", check_paths: bool) -> list[str]: ...
 
@@ -136,12 +139,23 @@ def _section(cfg: DictConfig, dotted: str):
     return OmegaConf.select(cfg, dotted, default=None)
 
 
-def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[RoleConfig]:
+def setting_fields(groups: tuple[type, ...]) -> set[str]:
+    """The field names of some setting groups (:data:`dpo_rl.config.schema.ROLE_SETTING_GROUPS`)."""
+    return {f.name for group in groups for f in fields(group)}
+
+
+def _group_of(key: str) -> type:
+    return next(group for group in ROLE_SETTING_GROUPS if key in setting_fields((group,)))
+
+
+def role_config(cfg: DictConfig, role: str, problems: list[str], *, stage: str = "",
+                reads: Optional[dict[str, set[str]]] = None) -> Optional[RoleConfig]:
     """``training``'s role fields overridden by the role's own section.
 
     The reference also inherits ``model``, ``load`` and ``tokenizer_name_or_path`` from the
     actor's section where its own section leaves them out: by default the reference is the
-    actor's initial weights.
+    actor's initial weights. ``reads`` (role -> the fields the stage lets it read) makes a key
+    the role does not read in ``stage`` an error that says which section it belongs in.
     """
     section_key = ROLE_SECTIONS[role]
     section = _section(cfg, section_key)
@@ -154,7 +168,16 @@ def role_config(cfg: DictConfig, role: str, problems: list[str]) -> Optional[Rol
     for key in unknown:
         problems.append(f"{section_key}.{key} is not a role setting; valid keys are listed in "
                         f"docs/config_reference.md (RoleConfig)")
-    if unknown:
+    not_read = [k for k in (section or {}) if reads is not None and k in ROLE_FIELDS
+                and k not in reads[role] and k not in UNUSED_IN_DPO]
+    for key in not_read:
+        group = _group_of(key)
+        readers = [ROLE_SECTIONS[r] for r in reads if key in reads[r]]
+        where = (f"in stage {stage!r} it belongs in {' or '.join(readers)}" if readers
+                 else f"no role reads it in stage {stage!r}")
+        problems.append(f"{section_key}.{key}={section[key]!r} is not read by the {role} role in stage {stage!r} "
+                        f"({group.__name__}: {group.__doc__.rstrip('.')}); {where}; remove it from {section_key}")
+    if unknown or not_read:
         return None
     merged = _merge(RoleConfig, OmegaConf.merge(OmegaConf.create(defaults), section or {}), section_key, problems)
     if merged is not None and OmegaConf.is_missing(OmegaConf.structured(merged), "model"):
@@ -199,7 +222,8 @@ def resolve(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_paths: b
         raise ConfigError(problems)
     rules = stages[training.stage]
     placed = rules.roles(training, algorithm)
-    roles = {role: role_config(cfg, role, problems) for role in placed}
+    reads = {role: setting_fields(rules.role_settings(role, placed)) for role in placed}
+    roles = {role: role_config(cfg, role, problems, stage=training.stage, reads=reads) for role in placed}
     models: dict[str, ModelConfig] = {}
     available = cfg.get("model") or {}
     for role, rc in roles.items():
@@ -223,11 +247,11 @@ def resolve(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_paths: b
     problems.extend(_check_rules(resolved, check_paths))
     if problems:
         raise ConfigError(problems)
-    resolved.unused = _unused_keys(cfg, resolved)
+    resolved.unused = _unused_keys(cfg, resolved, reads)
     return resolved
 
 
-def _unused_keys(cfg: DictConfig, c: ResolvedConfig) -> list[str]:
+def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]]) -> list[str]:
     messages = []
     for role, section_key in ROLE_SECTIONS.items():
         section = _section(cfg, section_key) or {}
@@ -243,6 +267,9 @@ def _unused_keys(cfg: DictConfig, c: ResolvedConfig) -> list[str]:
     for key in UNUSED_IN_DPO:
         if training.get(key) is not None:
             messages.append(f"training.{key}={training[key]} has no meaning in online DPO (a PPO key); it is ignored")
+    for key in training:
+        if key in ROLE_FIELDS and key not in UNUSED_IN_DPO and not any(key in read for read in reads.values()):
+            messages.append(f"training.{key}={training[key]} is read by no role of stage {c.stage!r}; it is ignored")
     return messages
 
 

@@ -27,8 +27,8 @@ from omegaconf import MISSING
 
 
 @dataclass
-class RoleConfig:
-    """Settings one role (actor-rollout, reference, reward) runs with."""
+class RoleBase:
+    """Settings every role runs with (actor-rollout, reference, reward), in every stage."""
 
     model: str = MISSING
     """Name of a model architecture listed in ``defaults`` (``configs/rlxf/model/<name>.yaml``)."""
@@ -48,7 +48,11 @@ class RoleConfig:
     num_threads: int = 1
     """torch intra-op threads per worker process (CPU)."""
 
-    # --- optimisation (actor) ---
+
+@dataclass
+class OptimizerSettings:
+    """The optimizer and its schedule: read only by the role the stage trains."""
+
     lr: float = 5e-7
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -69,29 +73,17 @@ class RoleConfig:
     clip_grad: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
 
-    # --- actor-rollout keys documented by seed 001 ---
+
+@dataclass
+class SamplingSettings:
+    """Generation: read only by the role that samples (the online actor)."""
+
     do_sample: bool = False
     """Sample when generating (online DPO needs true; false = greedy)."""
-    ppo_mini_batch_size: int = 1
-    """Pairs per optimizer step (global, over data-parallel ranks)."""
     max_prompt_length: int = 512
     """Prompts longer than this (tokens) are rejected at data loading."""
     num_samples_per_step: int = 1
     """Prompts the actor generates for per inference call (the step's prompts are split into calls of this size)."""
-    ppo_epochs: int = 1
-    """Passes over one step's pairs."""
-    shuffle_minibatch: bool = False
-    """Shuffle pairs (seeded) before splitting them into mini-batches."""
-    num_gpus_for_train: int = 1
-    """Actor processes that train."""
-    num_gpus_for_infer: int = 0
-    """Actor processes that only sample; 0 = colocated (the training ranks sample)."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the reward of a response that ends without EOS."""
-    clip_ratio: Optional[float] = None
-    """PPO's clip ratio (seed 001); no meaning in DPO: accepted and reported once as unused."""
-
-    # --- sampling ---
     max_new_tokens: int = 64
     """Longest response sampled."""
     temperature: float = 1.0
@@ -100,10 +92,38 @@ class RoleConfig:
     """Top-k filtering (0 = off)."""
     top_p: float = 1.0
     """Nucleus filtering (1.0 = off)."""
+
+
+@dataclass
+class OnlineActorSettings:
+    """The online actor's update, rank split and reward shaping (seed 001's keys)."""
+
+    ppo_mini_batch_size: int = 1
+    """Pairs per optimizer step (global, over data-parallel ranks)."""
+    ppo_epochs: int = 1
+    """Passes over one step's pairs."""
+    shuffle_minibatch: bool = False
+    """Shuffle pairs (seeded) before splitting them into mini-batches."""
+    num_gpus_for_train: int = 1
+    """Actor processes that train."""
+    num_gpus_for_infer: int = 0
+    """Actor processes that only sample; 0 = colocated (the training ranks sample)."""
     verify_weight_sync: bool = False
     """Split actor only: compare a checksum of the pushed weights on every infer rank."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of a response that ends without EOS."""
+    clip_ratio: Optional[float] = None
+    """PPO's clip ratio (seed 001); no meaning in DPO: accepted and reported once as unused."""
 
 
+@dataclass
+class RoleConfig(OnlineActorSettings, SamplingSettings, OptimizerSettings, RoleBase):
+    """A role's effective settings: every group's fields. Which groups a role's section may set depends on the
+    stage (:meth:`dpo_rl.trainer.stages.Stage.role_settings`); a key of another group is an error."""
+
+
+#: The setting groups, in the order the reference documents them.
+ROLE_SETTING_GROUPS = (RoleBase, OptimizerSettings, SamplingSettings, OnlineActorSettings)
 #: Keys a role section may carry that DPO does not use (seed 001 copies them from PPO).
 UNUSED_IN_DPO = ("clip_ratio",)
 

@@ -24,6 +24,7 @@ from dpo_rl.config.resolution import (
     check_online_data,
     check_sampling_actor,
 )
+from dpo_rl.config.schema import OnlineActorSettings, OptimizerSettings, RoleBase, SamplingSettings
 from dpo_rl.data.prompts import (
     PromptSampler,
     PromptSet,
@@ -312,6 +313,11 @@ class OnlineDPOStage(Stage):
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("actor_rollout", "ref", "reward")
+
+    def role_settings(self, role: str, placed: tuple[str, ...]) -> tuple[type, ...]:
+        if role == "actor_rollout":  # trains and samples
+            return (RoleBase, OptimizerSettings, SamplingSettings, OnlineActorSettings)
+        return (RoleBase,)
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
         problems = check_loss(c) + check_sampling_actor(c) + check_online_data(c, check_paths)

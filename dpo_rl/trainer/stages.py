@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dpo_rl.config.resolution import ResolvedConfig
-from dpo_rl.config.schema import AlgorithmConfig, TrainingConfig
+from dpo_rl.config.schema import AlgorithmConfig, OptimizerSettings, RoleBase, TrainingConfig
 
 
 class Stage(ABC):
@@ -30,6 +30,13 @@ class Stage(ABC):
     @abstractmethod
     def roles(self, training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]:
         """The roles this run places (``actor_rollout``, ``ref``, ``reward``); the first one is trained."""
+
+    def role_settings(self, role: str, placed: tuple[str, ...]) -> tuple[type, ...]:
+        """The setting groups (:data:`dpo_rl.config.schema.ROLE_SETTING_GROUPS`) ``role``'s section may set.
+
+        By default every role reads the base settings and the trained role (the first placed) the
+        optimizer's too; a key of any other group in a role's section is an error before Ray starts."""
+        return (RoleBase, OptimizerSettings) if role == placed[0] else (RoleBase,)
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
         """Problems only this stage has with ``c`` (each names key, value, rule and fix)."""

@@ -67,7 +67,8 @@ def test_missing_file():
 
 
 def test_architecture_rules_are_all_reported_at_once():
-    config = ModelConfig(family="gpt2", num_attention_heads=6, num_query_groups=4, hidden_size=64)
+    config = ModelConfig(family="gpt2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=6,
+                         num_query_groups=4, vocab_size=256, max_position_embeddings=128)
     with pytest.raises(ConfigError) as err:
         from dpo_rl.config.model import model_config_from_dict
 
@@ -99,3 +100,11 @@ def test_tied_embeddings_with_pp_is_refused_on_cpu():
     problems = ParallelConfig(pipeline_model_parallel_size=2).check(tied)
     assert any("tie_word_embeddings=true is GPU-only" in p for p in problems)
     assert not ParallelConfig(pipeline_model_parallel_size=2, device="cuda").check(tied)
+
+
+def test_a_missing_architecture_field_is_an_error_naming_the_file(tmp_path):
+    shipped = (MODEL_CONFIG_DIR / "tiny.yaml").read_text()
+    path = write(tmp_path, "\n".join(line for line in shipped.splitlines() if "num_layers" not in line) + "\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml:tiny: architecture field 'num_layers' is missing") as err:
+        load_model_config(path)
+    assert len(err.value.problems) == 1  # the other fields are there

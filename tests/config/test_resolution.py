@@ -165,3 +165,33 @@ def test_the_llama32_1b_pipeline_script_names_shipped_configs_and_parses():
     assert resolve(compose("rm_trainer_llama32_1b"), check_paths=False).roles["reward"].load == "./ckpt/llama32-1b-sft"
     online = resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)
     assert online.roles["reward"].load == "./ckpt/llama32-1b-rm"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+reward.lr=1.0", "reward.lr=1.0 is not read by the reward role in stage 'ray_online_dpo' (OptimizerSettings: "
+                           "The optimizer and its schedule: read only by the role the stage trains); in stage "
+                           "'ray_online_dpo' it belongs in actor_rollout_ref.actor_rollout; remove it from reward"),
+        ("+actor_rollout_ref.ref.temperature=0.3", "actor_rollout_ref.ref.temperature=0.3 is not read by the ref role "
+                                                   "in stage 'ray_online_dpo' (SamplingSettings"),
+        ("+reward.do_sample=true", "reward.do_sample=True is not read by the reward role in stage 'ray_online_dpo'"),
+        ("+reward.missing_eos_penalty=2", "reward.missing_eos_penalty=2 is not read by the reward role in stage "
+                                          "'ray_online_dpo' (OnlineActorSettings: The online actor's update, rank "
+                                          "split and reward shaping (seed 001's keys)); in stage 'ray_online_dpo' it "
+                                          "belongs in actor_rollout_ref.actor_rollout"),
+    ],
+)
+def test_a_key_the_role_does_not_read_is_an_error(override, message):
+    assert any(message in p for p in problems([override])), problems([override])
+
+
+def test_role_settings_follow_the_stage():
+    # offline DPO's actor trains but does not sample; the reward stage trains the reward model
+    with pytest.raises(ConfigError, match="actor_rollout_ref.actor_rollout.temperature=0.5 is not read by the "
+                                          "actor_rollout role in stage 'dpo'.*no role reads it in stage 'dpo'"):
+        resolve(compose("dpo_trainer_tiny", ["+actor_rollout_ref.actor_rollout.temperature=0.5"]), check_paths=False)
+    assert resolve(compose("rm_trainer_tiny", ["+reward.lr=1e-4"]), check_paths=False).roles["reward"].lr == 1e-4
+    # seed 001's PPO key stays accepted, reported once; a training-level default no role reads is reported
+    c = resolve(compose("dpo_trainer_tiny", ["+training.temperature=0.5"]), check_paths=False)
+    assert c.unused == ["training.temperature=0.5 is read by no role of stage 'dpo'; it is ignored"]
