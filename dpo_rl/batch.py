@@ -106,3 +106,17 @@ class Batch:
             if list(b.keys()) != keys:
                 raise ValueError(f"batches disagree on keys: {keys} vs {list(b.keys())}")
         return Batch({k: torch.cat([b[k] for b in batches]) for k in keys}, dict(batches[0].meta))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> left-padded ids [b, P] and mask [b, P] (1 on real tokens): the one left-padding
+    of prompts, for generation and for prompt batches."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask

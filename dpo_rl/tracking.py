@@ -31,7 +31,8 @@ class MetricsTracker:
     """Writes every step's metrics; prints on rank 0 (the driver)."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, *, log_interval: int = 1,
-                 tensorboard: bool = False, progress: bool = True) -> None:
+                 tensorboard: bool = False, progress: bool = True, label: str = "training") -> None:
+        """``label`` names the stage on the progress bar."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps, self.log_interval = total_steps, max(1, log_interval)
@@ -40,15 +41,15 @@ class MetricsTracker:
         self.history: list[dict[str, float]] = []
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: only training.tensorboard needs it
 
             self.writer = SummaryWriter(str(self.dir / "tensorboard"))
         self.bar = None
         self.start = time.perf_counter()
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # deferred: only an interactive terminal needs it
 
-            self.bar = tqdm(total=total_steps, desc="online DPO", unit="step", file=sys.stderr,
+            self.bar = tqdm(total=total_steps, desc=label, unit="step", file=sys.stderr,
                             dynamic_ncols=True, leave=True)
 
     def resume_from(self, step: int) -> None:
@@ -112,10 +113,10 @@ class MetricsTracker:
         """Curves of ``keys`` over steps (by default online DPO's reward, loss and margin)."""
         if not self.history:
             return None
-        import matplotlib
+        import matplotlib  # deferred: only plotting needs it (slow to import)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: only plotting needs it (slow to import)
 
         steps = [h["step"] for h in self.history]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), squeeze=False)

@@ -34,3 +34,12 @@ def test_a_back_import_from_config_into_the_trainer_breaks_the_layers(tmp_path):
     assert "Contracts: 2 kept, 2 broken." in out.stdout
     assert "dpo_rl.config is not allowed to import dpo_rl.trainer" in out.stdout
     assert "dpo_rl.config.schema -> dpo_rl.trainer.stages" in out.stdout
+
+
+def test_the_driver_side_imports_no_megatron_ray_or_transformers():
+    """The deferred imports are real: importing the driver's entry modules loads none of the heavy packages."""
+    code = ("import sys; import dpo_rl.trainer.run, dpo_rl.runtime.groups; "
+            "print(sorted(m for m in ('megatron', 'ray', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

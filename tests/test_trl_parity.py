@@ -73,7 +73,7 @@ def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def our_logps(hf_model, config, examples) -> PairLogps:
-    """The same token ids through our Megatron-core model path (as the workers' sample_logprobs)."""
+    """The same token ids through our Megatron-core model path (as the workers' rollout_logprobs)."""
     import numpy as np
 
     from dpo_rl.workers.base import pair_microbatch

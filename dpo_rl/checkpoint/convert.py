@@ -206,7 +206,7 @@ def expected_shape(rule: hi.TensorRule, config: ModelConfig, reward: bool) -> tu
 def write_hf(source: FullTensors, config: ModelConfig, directory: str | Path, reward: bool,
              tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 2**30) -> Path:
     """HF safetensors shards (+ index), config.json and tokenizer files, loadable by transformers."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: only reading or writing checkpoints needs it
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ def megatron_to_megatron(load_dir: str, save_dir: str, tp: int, pp: int) -> Mega
                           save_dir, tp, pp, ckpt.reward)
 
 
-def load_rank_state(directory: str | Path, config: ModelConfig, tp_rank: int, tp: int, pp_rank: int, pp: int,
+def load_model_shard(directory: str | Path, config: ModelConfig, tp_rank: int, tp: int, pp_rank: int, pp: int,
                     reward: bool) -> dict[str, torch.Tensor]:
     """This rank's local state dict from a Megatron checkpoint whose layout must match."""
     ckpt = MegatronCheckpoint.open(directory)

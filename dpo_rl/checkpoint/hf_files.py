@@ -102,7 +102,7 @@ def hf_config_dict(config: ModelConfig, *, reward: bool = False, **extra) -> dic
 
 def hf_transformers_config(config: ModelConfig, *, reward: bool = False, **extra):
     """A ``transformers`` config object (LlamaConfig / Qwen2Config) for ``config``."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers is heavy to import
 
     values = hf_config_dict(config, reward=reward, **extra)
     return AutoConfig.for_model(values.pop("model_type"), **values)
@@ -151,7 +151,7 @@ class HFCheckpoint:
 
 
 def _open_safetensors(path: Path):
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred: only reading or writing checkpoints needs it
 
     return safe_open(str(path), framework="pt")
 
@@ -183,7 +183,7 @@ def save_hf_checkpoint(
     **extra,
 ) -> Path:
     """Write ``state`` (HF names) as ``model.safetensors`` + ``config.json`` (loadable by transformers)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: only reading or writing checkpoints needs it
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def resolve_resume(setting: str, save_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def save_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+def save_training_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
     """One rank's model shard, optimizer and scheduler state, and RNG states."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
@@ -94,7 +94,7 @@ def save_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
     os.replace(tmp, path)
 
 
-def load_rank_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+def load_training_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
     state = torch.load(path, map_location="cpu", weights_only=False)

@@ -16,8 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "rlxf"
 
 def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Optional[str | Path] = None) -> DictConfig:
     """The composed config ``config_name`` (no ``.yaml``) from ``config_dir`` (default configs/rlxf)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose  # deferred: Hydra is needed only to compose
+    from hydra import initialize_config_dir  # deferred: Hydra is needed only to compose
 
     directory = Path(config_dir or CONFIG_DIR).resolve()
     with initialize_config_dir(config_dir=str(directory), version_base="1.3"):

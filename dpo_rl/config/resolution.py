@@ -112,11 +112,6 @@ class ResolvedConfig:
         ranks = r.num_gpus_for_train if role == "actor_rollout" and self.stage_rules.samples else self.pool_size(role)
         return ranks // (r.tensor_model_parallel_size * r.pipeline_model_parallel_size)
 
-    def rollout_dp_size(self) -> int:
-        r = self.roles["actor_rollout"]
-        ranks = r.num_gpus_for_infer or r.num_gpus_for_train
-        return ranks // r.tensor_model_parallel_size
-
     @property
     def colocated(self) -> bool:
         return self.roles["actor_rollout"].num_gpus_for_infer == 0

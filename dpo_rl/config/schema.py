@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from dpo_rl.losses import LossSpec
+
 
 @dataclass
 class RoleBase:
@@ -208,7 +210,6 @@ class AlgorithmConfig:
 
     def loss_spec(self):
         """The :class:`dpo_rl.losses.LossSpec` this section describes."""
-        from dpo_rl.losses import LossSpec
 
         return LossSpec.create(self.loss_type, self.loss_weights, self.pref_ftx, beta=self.beta,
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,

@@ -18,6 +18,7 @@ import glob
 import json
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet input needs it
 
     try:
         reader = pq.ParquetFile(path)
@@ -158,7 +159,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer_path: str, handler_name: str, prompt_type: str, map_keys: dict[str, str],
                  adapter: Optional[str]) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
 
     _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_path), handler=get_handler(handler_name),
                    prompt_type=prompt_type, map_keys=map_keys, adapter=get_adapter(adapter) if adapter else None)
@@ -213,8 +214,8 @@ def output_paths(prefix: str, fields: tuple[str, ...]) -> dict[str, str]:
 
 def write_indexed(prefix: str, fields: tuple[str, ...], examples: list[dict[str, np.ndarray]], meta: dict) -> None:
     """Write one indexed dataset per field, then the meta file; atomic per file, meta last."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import (
+    import torch  # deferred: the preprocessing workers import torch only to write
+    from megatron.core.datasets.indexed_dataset import (  # deferred: megatron-core is heavy to import (the driver never needs it)
         IndexedDatasetBuilder,
         get_bin_path,
         get_idx_path,
@@ -319,10 +320,8 @@ def preprocess(options: PreprocessOptions, progress: bool = True) -> Summary:
 def _progress(enabled: bool):
     if not enabled:
         return None
-    import sys
-
     if not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: only an interactive terminal needs it
 
     return tqdm(desc="preprocess", unit="row", file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from dpo_rl import seeds
-from dpo_rl.batch import Batch
+from dpo_rl.batch import Batch, left_pad
 from dpo_rl.data.formats import is_preprocessed
 from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.errors import ConfigError
@@ -121,13 +121,6 @@ def prompt_batch(prompts: PromptSet, indices: Sequence[int], repeats: int, pad_t
     Each prompt's ``repeats`` rows are adjacent; ``prompt_index`` numbers prompts 0..B-1.
     """
     token_lists = [prompts.token_ids[i] for i in indices]
-    width = max(len(t) for t in token_lists)
-    rows = len(token_lists) * repeats
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    for p, tokens in enumerate(token_lists):
-        for r in range(repeats):
-            ids[p * repeats + r, width - len(tokens):] = torch.tensor(tokens)
-            mask[p * repeats + r, width - len(tokens):] = 1
+    ids, mask = left_pad([tokens for tokens in token_lists for _ in range(repeats)], pad_token_id)
     index = torch.arange(len(token_lists)).repeat_interleave(repeats)
     return Batch({"prompt_ids": ids, "prompt_mask": mask, "prompt_index": index})

@@ -25,6 +25,7 @@ from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequenc
 from dpo_rl.data.prompts import PromptSampler
 from dpo_rl.losses import PairLogps, compute_preference_loss
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
+from dpo_rl.workers.reward import bradley_terry_loss
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def sequences_batch(items: list[dict], pad_id: int) -> Batch:
 
 
 def pairs_as_samples(pairs: Batch) -> Batch:
-    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sample_logprobs``/``score`` read.
+    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sequence_logprobs``/``score`` read.
 
     Pairs share one width (:func:`~dpo_rl.data.indexed.collate_pairs`), so the sides stack as they are."""
     return Batch({key: torch.cat([pairs[f"chosen_{side}"], pairs[f"rejected_{side}"]])
@@ -100,7 +101,7 @@ def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple
 
 def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model."""
-    return score_pairs(group, "sample_logprobs", "ref_logps", pairs, chunk)
+    return score_pairs(group, "sequence_logprobs", "sequence_logps", pairs, chunk)
 
 
 class OfflineTrainer(TrainingLoop):
@@ -148,7 +149,7 @@ class OfflineTrainer(TrainingLoop):
         positions, rows, pending_ref = self._prefetched or self.fetch()
         self._prefetched = None
         if pending_ref is not None:
-            logps = timer.collect("reference", [pending_ref])["ref_logps"]
+            logps = timer.collect("reference", [pending_ref])["sequence_logps"]
             rows = rows.update({"ref_chosen_logps": logps[: len(rows)], "ref_rejected_logps": logps[len(rows):]})
         elif self.uses_reference:
             ref_c, ref_r = timer.run("reference", self.reference_logps, self.train, positions, rows)
@@ -171,7 +172,7 @@ class OfflineTrainer(TrainingLoop):
         rows = self.collate(self.train, positions)
         pending = None
         if self.uses_reference and self.ref_cache is None:
-            pending = self.ref.call_async("sample_logprobs", pairs_as_samples(rows))
+            pending = self.ref.call_async("sequence_logprobs", pairs_as_samples(rows))
         return positions, rows, pending
 
     def collate(self, split: Split, positions: Sequence[int]) -> Batch:
@@ -224,7 +225,6 @@ class OfflineTrainer(TrainingLoop):
 
 def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:
     """Pair accuracy, mean margin and Bradley-Terry loss of a reward model on ``pairs``."""
-    from dpo_rl.workers.reward import bradley_terry_loss
 
     chosen, rejected = score_pairs(group, "score", "scores", pairs, chunk)
     return {"eval/accuracy": float((chosen > rejected).float().mean()),
@@ -237,7 +237,7 @@ def sft_metrics(group, rows: Batch, chunk: int) -> dict[str, float]:
     total, tokens = 0.0, 0.0
     for start in range(0, len(rows), chunk):
         part = rows.rows(slice(start, start + chunk))
-        total += float(group.sample_logprobs(part)["ref_logps"].sum())
+        total += float(group.sequence_logprobs(part)["sequence_logps"].sum())
         tokens += float(response_tokens(part["response_mask"]).sum())
     nll = -total / max(tokens, 1.0)
     return {"eval/loss": nll, "eval/perplexity": math.exp(min(nll, 50.0))}

@@ -108,7 +108,7 @@ def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[st
     out = prepare_output(cfg, c)
     specs = offline_worker_specs(c, eos_ids, pad_id)
     tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
-                             tensorboard=c.training.tensorboard)
+                             tensorboard=c.training.tensorboard, label=c.stage)
     chunk = max(c.training.global_batch_size, 1)
     try:
         precomputed = "ref" in c.roles and c.algorithm.reference == "precomputed"

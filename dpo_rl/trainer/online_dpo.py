@@ -24,7 +24,12 @@ from dpo_rl.config.resolution import (
     check_online_data,
     check_sampling_actor,
 )
-from dpo_rl.config.schema import OnlineActorSettings, OptimizerSettings, RoleBase, SamplingSettings
+from dpo_rl.config.schema import (
+    OnlineActorSettings,
+    OptimizerSettings,
+    RoleBase,
+    SamplingSettings,
+)
 from dpo_rl.data.prompts import (
     PromptSampler,
     PromptSet,
@@ -139,9 +144,9 @@ class OnlineDPOTrainer(TrainingLoop):
         # The reference scores every sample while the reward model does; pairs index into both.
         scored = timer.concurrently("score_and_reference", {
             "reward": (self.groups.reward, "score", (samples,)),
-            "reference": (self.groups.ref, "sample_logprobs", (samples,)),
+            "reference": (self.groups.ref, "sequence_logprobs", (samples,)),
         })
-        scores, ref_logps = scored["reward"]["scores"], scored["reference"]["ref_logps"]
+        scores, ref_logps = scored["reward"]["scores"], scored["reference"]["sequence_logps"]
         penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
         pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
                             min_score_margin=self.c.algorithm.min_score_margin,
@@ -343,7 +348,7 @@ def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str
     out = prepare_output(cfg, c)
     specs = worker_specs(c, eos_ids, pad_id)
     tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
-                             tensorboard=c.training.tensorboard)
+                             tensorboard=c.training.tensorboard, label=c.stage)
     try:
         with GroupFactory(c, role_pools(c), use_ray=use_ray) as factory:
             groups = RoleGroups(**{name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()})

@@ -16,7 +16,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dpo_rl.config.resolution import ResolvedConfig
-from dpo_rl.config.schema import AlgorithmConfig, OptimizerSettings, RoleBase, TrainingConfig
+from dpo_rl.config.schema import (
+    AlgorithmConfig,
+    OptimizerSettings,
+    RoleBase,
+    TrainingConfig,
+)
 
 
 class Stage(ABC):

@@ -13,8 +13,23 @@ from typing import Callable, Optional
 import torch
 
 from dpo_rl.batch import Batch
+from dpo_rl.checkpoint.convert import (
+    MegatronCheckpoint,
+    load_into_model,
+    load_model_shard,
+)
+from dpo_rl.checkpoint.hf_files import HFCheckpoint
 from dpo_rl.config.model import ModelConfig, ParallelConfig
 from dpo_rl.config.schema import RoleConfig
+from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
+from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
+from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
+from dpo_rl.workers.megatron.parallel_state import (
+    free_port,
+    init_distributed,
+    seed_everything,
+    torch_device,
+)
 
 
 class MegatronWorker:
@@ -41,22 +56,16 @@ class MegatronWorker:
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Address and a free port of this (rank 0) process for the group's rendezvous."""
         try:
-            import ray
+            import ray  # deferred: Ray is imported only when a run uses it
 
             address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         except ImportError:  # pragma: no cover - Ray is a dependency
             address = "127.0.0.1"
-        from dpo_rl.workers.megatron.parallel_state import free_port
 
         return address, free_port()
 
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
-        from dpo_rl.workers.megatron.parallel_state import (
-            init_distributed,
-            seed_everything,
-            torch_device,
-        )
 
         torch.set_num_threads(self.role.num_threads)
         self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
@@ -68,27 +77,16 @@ class MegatronWorker:
         return self.ranks
 
     def _build_model(self):
-        from dpo_rl.workers.megatron.model_factory import (
-            build_gpt_model,
-            build_reward_model,
-        )
 
         build = build_reward_model if self.reward_model else build_gpt_model
         return build(self.model_config, self.parallel)
 
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
-        from dpo_rl.checkpoint.convert import (
-            MegatronCheckpoint,
-            load_into_model,
-            load_rank_state,
-        )
-        from dpo_rl.checkpoint.hf_files import HFCheckpoint
-        from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
 
         if MegatronCheckpoint.is_checkpoint(directory):
             r = self.ranks
-            state = load_rank_state(directory, self.model_config, r.tp_rank, r.tp_size, r.pp_rank, r.pp_size,
+            state = load_model_shard(directory, self.model_config, r.tp_rank, r.tp_size, r.pp_rank, r.pp_size,
                                     self.reward_model)
             load_into_model(self.model, state)
             return
@@ -103,7 +101,6 @@ class MegatronWorker:
     # -- helpers ------------------------------------------------------------------------
     def forward_only(self, batch: Batch, make_micro: Callable, compute: Callable) -> list[dict]:
         """Forward ``batch`` in micro-batches of ``role.micro_batch_size`` rows (padded to full)."""
-        from dpo_rl.workers.megatron.forward import run_microbatches
 
         padded, _ = batch.pad_to_multiple(self.role.micro_batch_size)
         micros = [make_micro(part) for part in padded.chunk(len(padded) // self.role.micro_batch_size)]
@@ -128,14 +125,12 @@ class Stopwatch:
 
 def sequence_microbatch(batch: Batch, ids: str = "sequences", attention: str = "attention_mask",
                         extras: Optional[dict[str, str]] = None):
-    from dpo_rl.workers.megatron.forward import Microbatch
 
     return Microbatch(batch[ids], batch[attention], {k: batch[v] for k, v in (extras or {}).items()})
 
 
 def pair_microbatch(pairs: Batch):
     """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
-    from dpo_rl.workers.megatron.forward import Microbatch
 
     ids = torch.cat([pairs["chosen_ids"], pairs["rejected_ids"]])
     attention = torch.cat([pairs["chosen_attention"], pairs["rejected_attention"]])

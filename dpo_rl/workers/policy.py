@@ -1,6 +1,6 @@
 """Policy-model workers: sampling and log-probs (reference, rollout) and the trained actor.
 
-* :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``sample_logprobs``; used for
+* :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``sequence_logprobs``; used for
   the reference role and for the actor's separate rollout ranks.
 * :class:`ActorWorker` — a PolicyWorker that also trains (:class:`TrainableWorker`): ``update``
   runs the preference loss (online and offline DPO) or the SFT loss over the step's
@@ -27,13 +27,20 @@ from dpo_rl.workers.base import (
     MegatronWorker,
     Stopwatch,
     pair_microbatch,
+    sequence_microbatch,
     split_pair_halves,
 )
+from dpo_rl.workers.megatron.forward import Microbatch
+from dpo_rl.workers.megatron.generation import SamplingParams, generate
+from dpo_rl.workers.megatron.hf_interop import (
+    export_from_current_rank,
+    load_into_current_rank,
+)
+from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 from dpo_rl.workers.trainable import TrainableWorker
 
 
 def _logprobs_compute(output, micro):
-    from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 
     lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
     return output.sum() * 0, {"logps": lp.summed}
@@ -51,9 +58,8 @@ class PolicyWorker(MegatronWorker):
         """Sample one response per row of ``prompts`` (``prompt_ids``/``prompt_mask`` [S, P]).
 
         Returns ``sequences``/``attention_mask``/``response_mask`` [S, P + max_new_tokens] (fixed
-        width so shards concatenate), ``ended_with_eos`` [S] and ``sample_logprobs``.
+        width so shards concatenate), ``ended_with_eos`` [S] and ``rollout_logprobs``.
         """
-        from dpo_rl.workers.megatron.generation import SamplingParams, generate
 
         with Stopwatch() as watch:
             params = SamplingParams(
@@ -75,20 +81,19 @@ class PolicyWorker(MegatronWorker):
                 "attention_mask": fit(out.attention_mask, 0),
                 "response_mask": fit(out.response_mask, 0),
                 "ended_with_eos": out.ended_with_eos.cpu(),
-                "sample_logprobs": torch.nn.functional.pad(out.sample_logprobs.cpu(), (0, right)),
+                "rollout_logprobs": torch.nn.functional.pad(out.rollout_logprobs.cpu(), (0, right)),
                 "prompt_index": prompts["prompt_index"],
             })
         result.meta["compute_s"] = watch.seconds
         return result
 
     @register(Dispatch.DP)
-    def sample_logprobs(self, samples: Batch) -> Batch:
-        """Summed response log-probs of each sample: ``ref_logps`` [S].
+    def sequence_logprobs(self, samples: Batch) -> Batch:
+        """Summed response log-probs of each sequence under this worker's model: ``sequence_logps`` [S].
 
         Computed once per sample (pairs index into it), so the reference can run while the
         reward model scores the same samples.
         """
-        from dpo_rl.workers.base import sequence_microbatch
 
         def make_micro(part: Batch):
             return sequence_microbatch(part, extras={"response_mask": "response_mask"})
@@ -98,14 +103,13 @@ class PolicyWorker(MegatronWorker):
             outputs = self.forward_only(inputs, make_micro, _logprobs_compute)
             logps = (torch.cat([o["logps"] for o in outputs])[: len(samples)].cpu()
                      if outputs else torch.zeros(len(samples)))  # non-output ranks: ignored by the dispatcher
-        result = Batch({"ref_logps": logps})
+        result = Batch({"sequence_logps": logps})
         result.meta["compute_s"] = watch.seconds
         return result
 
     @register(Dispatch.ALL)
     def load_weights(self, state: dict[str, torch.Tensor]) -> str:
         """Load full HF-named weights (pushed from the training ranks); returns their checksum."""
-        from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
 
         load_into_current_rank(self.model, state, self.model_config)
         return weights_checksum(state)
@@ -113,7 +117,6 @@ class PolicyWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def checksum(self) -> str:
         """Checksum of this model's full weights (gathered over TP)."""
-        from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
 
         state = export_from_current_rank(self.model, self.model_config)
         return weights_checksum(state) if state is not None else ""
@@ -161,7 +164,6 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         spec = self.loss_spec
 
         def compute(output, micro):
-            from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 
             lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True)
             chosen, rejected = split_pair_halves(lp.summed)
@@ -195,7 +197,6 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
     def _sft_loss(self, num_micro: int):
         def compute(output, micro):
-            from dpo_rl.workers.megatron.logprobs import sequence_logprobs
 
             lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
             weight = micro.extras["weight"]
@@ -234,7 +235,6 @@ def real_rows_loss(logps: PairLogps, spec: LossSpec, real: torch.Tensor) -> Pref
 
 
 def sft_microbatch(rows: Batch):
-    from dpo_rl.workers.megatron.forward import Microbatch
 
     return Microbatch(rows["sequences"], rows["attention_mask"],
                       {"response_mask": rows["response_mask"], "weight": rows["weight"]})

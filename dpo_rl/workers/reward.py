@@ -56,7 +56,7 @@ class RewardWorker(MegatronWorker):
     def init_distributed(self, address: str, port: int):
         ranks = super().init_distributed(address, port)
         if self.retokenize:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # deferred: transformers is heavy to import
 
             self.actor_tokenizer = AutoTokenizer.from_pretrained(self.actor_tokenizer_path)
             self.own_tokenizer = AutoTokenizer.from_pretrained(self.role.tokenizer_name_or_path)
@@ -120,7 +120,7 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
 
     def _sync_value_head(self) -> None:
         """TP ranks hold replicas of the head: give them all TP rank 0's values (a no-op for a loaded head)."""
-        from megatron.core import parallel_state as mpu
+        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
         head = dict(self.model.named_parameters()).get(SCORE_HEAD_RULE.mcore)
         if head is not None and mpu.get_tensor_model_parallel_world_size() > 1:

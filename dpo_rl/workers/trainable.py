@@ -15,8 +15,16 @@ import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import Batch
+from dpo_rl.checkpoint.training import (
+    load_training_state,
+    rank_file,
+    save_training_state,
+)
 from dpo_rl.dispatch import Dispatch, register
+from dpo_rl.optim import build_optimizer
 from dpo_rl.workers.base import MegatronWorker
+from dpo_rl.workers.megatron.forward import run_microbatches
+from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
 
 
 class TrainableWorker(MegatronWorker):
@@ -28,7 +36,6 @@ class TrainableWorker(MegatronWorker):
         self.total_iters = total_iters
 
     def init_distributed(self, address: str, port: int):
-        from dpo_rl.optim import build_optimizer
 
         ranks = super().init_distributed(address, port)
         self.optimizer, self.scheduler = build_optimizer(self.model, self.role, self.total_iters)
@@ -42,7 +49,6 @@ class TrainableWorker(MegatronWorker):
         ``loss_fn(num_micro)`` returns megatron's per-micro-batch loss function, whose second
         output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry.
         """
-        from dpo_rl.workers.megatron.forward import run_microbatches
 
         self.model.train()
         rows = self.to_device(rows)
@@ -63,7 +69,7 @@ class TrainableWorker(MegatronWorker):
 
     def _step(self) -> float:
         """All-reduce gradients over DP, clip by the global norm, step the optimizer."""
-        from megatron.core import parallel_state as mpu
+        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.ranks.dp_size > 1:
@@ -83,36 +89,33 @@ class TrainableWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def save_checkpoint(self, directory: str) -> bool:
         """Write this rank's model shard, optimizer, scheduler and RNG states under ``directory``."""
-        from dpo_rl.checkpoint.training import rank_file, save_rank_state
 
         r = self.ranks
         if r.dp_rank == 0:  # DP replicas hold the same state
-            save_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
+            save_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
                             self.scheduler)
         return True
 
     @register(Dispatch.ALL)
     def load_checkpoint(self, directory: str) -> bool:
         """Restore what :meth:`save_checkpoint` wrote (same TP/PP layout)."""
-        from dpo_rl.checkpoint.training import load_rank_state, rank_file
 
         r = self.ranks
-        load_rank_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
+        load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
                         self.scheduler)
         return True
 
     @register(Dispatch.ALL)
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full HF-named weights on the output rank (collective over TP and PP)."""
-        from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
 
         return export_from_current_rank(self.model, self.model_config, reward=self.reward_model)
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the full model's gradient: TP-sharded grads once per shard, replicated once."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     device = params[0].grad.device if params else torch.device("cpu")
     square = torch.zeros((), dtype=torch.float64, device=device)
@@ -142,7 +145,7 @@ class StatSums:
         ])
 
     def reduce(self) -> dict[str, float]:
-        from megatron.core import parallel_state as mpu
+        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
         if mpu.get_data_parallel_world_size() > 1:
             dist.all_reduce(self.sums, group=mpu.get_data_parallel_group())

@@ -83,7 +83,7 @@ def test_converted_checkpoints_give_hf_logits_and_scores_under_tp2(tmp_path):
 
 
 def test_tp2_to_tp1_resharding_preserves_logits(tmp_path, megatron_single_rank):
-    from dpo_rl.checkpoint.convert import load_into_model, load_rank_state
+    from dpo_rl.checkpoint.convert import load_into_model, load_model_shard
     from dpo_rl.workers.megatron.forward import Microbatch, model_forward
     from dpo_rl.workers.megatron.model_factory import build_gpt_model
 
@@ -91,7 +91,7 @@ def test_tp2_to_tp1_resharding_preserves_logits(tmp_path, megatron_single_rank):
     hf_to_megatron(str(hf_dir), str(tmp_path / "tp2"), tp=2, pp=2)
     megatron_to_megatron(str(tmp_path / "tp2"), str(tmp_path / "tp1"), tp=1, pp=1)
     model = build_gpt_model(config, ParallelConfig()).eval()
-    load_into_model(model, load_rank_state(tmp_path / "tp1", config, 0, 1, 0, 1, reward=False))
+    load_into_model(model, load_model_shard(tmp_path / "tp1", config, 0, 1, 0, 1, reward=False))
     ids = torch.randint(3, 1024, (2, 20))
     with torch.no_grad():
         ours = model_forward(model, Microbatch(ids, torch.ones_like(ids)))

@@ -12,10 +12,8 @@ import pytest
 
 from dpo_rl.data.formats import InputError
 from dpo_rl.data.indexed import (
-    DataParallelSampler,
     TokenizedDataset,
     collate_pairs,
-    collate_prompts,
 )
 from dpo_rl.data.preprocess import PreprocessOptions, preprocess
 
@@ -56,8 +54,6 @@ def test_read_back_equals_what_was_written(tokenizer, tokenizer_dir, tmp_path):
     pairs = collate_pairs([data[0], data[1]], pad_id=0)
     p0, c0 = len(data[0]["prompt"]), len(data[0]["chosen"])
     assert pairs["chosen_response"][0, :p0].sum() == 0 and pairs["chosen_response"][0, p0 : p0 + c0].all()
-    prompts = collate_prompts([data[0], data[1]], pad_id=0)
-    assert prompts["prompt_mask"][:, -1].all()  # left padded
 
 
 def test_same_input_gives_byte_identical_output_and_workers_agree(tokenizer_dir, tmp_path):
@@ -147,19 +143,6 @@ def test_an_incomplete_dataset_is_refused(tokenizer_dir, tmp_path):
     (tmp_path / "d_meta.json").unlink()  # as if the run died before its last write
     with pytest.raises(InputError, match="not a complete preprocessed dataset"):
         TokenizedDataset(tmp_path / "d")
-
-
-def test_dp_sampler_shares_batches_and_resumes():
-    full = DataParallelSampler(10, global_batch_size=4, dp_rank=0, dp_size=2, seed=3)
-    other = DataParallelSampler(10, global_batch_size=4, dp_rank=1, dp_size=2, seed=3)
-    a, b = iter(full), iter(other)
-    first = [next(a) for _ in range(3)]
-    second = [next(b) for _ in range(3)]
-    # Batch k covers global positions 4k..4k+3: rank 0 the first two, rank 1 the next two.
-    epoch0 = first[0] + second[0] + first[1] + second[1] + first[2]
-    assert sorted(epoch0) == list(range(10))
-    resumed = iter(DataParallelSampler(10, global_batch_size=4, dp_rank=0, dp_size=2, seed=3, consumed_samples=8))
-    assert next(resumed) == first[2]
 
 
 def test_cli_exit_code_and_summary(tokenizer_dir, tmp_path):

@@ -9,7 +9,7 @@ broadcasts TP rank 0's tokens, so all ranks agree.
 
 Sampling: greedy (``do_sample=False``) or temperature / top-k / top-p. A sequence stops
 at the first of any ``eos_token_ids``; later positions are padding. The returned
-``sample_logprobs`` are the log-probs of each chosen token under the distribution it
+``rollout_logprobs`` are the log-probs of each chosen token under the distribution it
 was drawn from (after temperature and filtering; log-softmax of the raw logits when
 greedy). The global torch RNG is never touched: a dedicated generator is seeded from
 ``seed``.
@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from dpo_rl.batch import left_pad
 from dpo_rl.workers.megatron.forward import blocked_attention, position_ids_for
 
 
@@ -70,7 +71,7 @@ class GenerationOutput:
     """[b, P+N] 1 for real prompt and response tokens."""
     response_mask: torch.Tensor
     """[b, P+N] 1 for response tokens (EOS included)."""
-    sample_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor
     """[b, N] log-prob of each generated token under the sampling distribution (0 after EOS)."""
     ended_with_eos: torch.Tensor
     """[b] bool, True when the response stopped at an EOS token."""
@@ -81,19 +82,6 @@ class GenerationOutput:
     def responses(self) -> torch.Tensor:
         """[b, N] the generated block."""
         return self.sequences[:, self.prompt_length :]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded ids [b, P] and mask [b, P]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt must hold at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -128,7 +116,7 @@ def choose_tokens(
 
 def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:
     """Full-vocabulary logits of the last position [b, V] (TP-gathered for that position only)."""
-    from megatron.core.tensor_parallel.mappings import (
+    from megatron.core.tensor_parallel.mappings import (  # deferred: megatron-core is heavy to import (the driver never needs it)
         gather_from_tensor_model_parallel_region,
     )
 
@@ -173,8 +161,8 @@ def generate(
 
 
 def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutput:
-    from megatron.core import parallel_state as mpu
-    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.inference.contexts import StaticInferenceContext  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     problems = params.check()
     if problems:
@@ -217,7 +205,7 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
         sequences=ids,
         attention_mask=mask,
         response_mask=response_mask,
-        sample_logprobs=torch.stack(new_logprobs, 1),
+        rollout_logprobs=torch.stack(new_logprobs, 1),
         ended_with_eos=ended_with_eos,
         prompt_length=prompt_len,
     )
@@ -225,7 +213,7 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
     """Make every TP rank use TP rank 0's tokens (guards against ties broken differently)."""
-    from megatron.core import parallel_state as mpu
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     if mpu.get_tensor_model_parallel_world_size() == 1:
         return tokens

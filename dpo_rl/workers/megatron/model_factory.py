@@ -15,13 +15,14 @@ from torch import nn
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig
 from dpo_rl.errors import ConfigError
+from dpo_rl.workers.megatron.parallel_state import torch_device
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     """megatron-core ``TransformerConfig`` for ``model`` sharded as ``parallel``."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     problems = model.check() + parallel.check(model)
     if problems:
@@ -67,14 +68,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
 def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = None):
     """The decoder layer spec: TransformerEngine's on GPU when installed, else megatron's
     local spec with its core attention computed by PyTorch SDPA (:mod:`.sdpa_attention`)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # deferred: megatron-core is heavy to import (the driver never needs it)
 
-    from dpo_rl.workers.megatron.sdpa_attention import SDPAttention
+    from dpo_rl.workers.megatron.sdpa_attention import SDPAttention  # deferred: imports megatron-core
 
     if use_transformer_engine is None:
         use_transformer_engine = parallel.device == "cuda" and _transformer_engine_available()
     if use_transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import (
+        from megatron.core.models.gpt.gpt_layer_specs import (  # deferred: megatron-core is heavy to import (the driver never needs it)
             get_gpt_layer_with_transformer_engine_spec,
         )
 
@@ -86,7 +87,7 @@ def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = N
 
 def _transformer_engine_available() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401  (deferred: GPU-only, optional)
     except ImportError:
         return False
     return True
@@ -100,8 +101,8 @@ def build_gpt_model(
     share_embeddings: bool | None = None,
 ):
     """A ``GPTModel`` for this process's pipeline stage (parallel state must be initialised)."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.models.gpt import GPTModel  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     config = transformer_config(model, parallel)
     tie = model.tie_word_embeddings if share_embeddings is None else share_embeddings
@@ -121,8 +122,6 @@ def build_gpt_model(
     if model.rope_scaling_type == "llama3":
         _apply_llama3_rope_scaling(gpt, model)
     if parallel.device != "cpu":
-        from dpo_rl.workers.megatron.parallel_state import torch_device
-
         gpt = gpt.to(device=torch_device(parallel.device))
     return gpt
 

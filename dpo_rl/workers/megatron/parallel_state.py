@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.errors import ConfigError
+from dpo_rl.workers.megatron.cpu_shim import apply_cpu_shim
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def init_distributed(
              f"pipeline_model_parallel_size ({tp} x {pp}); change the role's process count or TP/PP"]
         )
     if parallel.device == "cpu":
-        from dpo_rl.workers.megatron.cpu_shim import apply_cpu_shim
 
         apply_cpu_shim()
     elif parallel.device == "cuda":
@@ -102,7 +102,7 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
 
-    from megatron.core import parallel_state as mpu
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(
@@ -114,7 +114,7 @@ def init_distributed(
 
 def current_ranks() -> ParallelRanks:
     """This process's position in the initialised Megatron grid."""
-    from megatron.core import parallel_state as mpu
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     return ParallelRanks(
         world_size=dist.get_world_size(),
@@ -132,14 +132,14 @@ def seed_everything(seed: int, device: str) -> None:
     """Seed torch (and Megatron's CUDA RNG tracker on GPU) identically on every TP rank."""
     torch.manual_seed(seed)
     if device == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # deferred: megatron-core is heavy to import (the driver never needs it)
 
         model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:
     """Tear down Megatron's parallel state and the process group (tests, shutdown)."""
-    from megatron.core import parallel_state as mpu
+    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
 
     mpu.destroy_model_parallel()
     if dist.is_initialized():

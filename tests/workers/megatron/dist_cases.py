@@ -73,7 +73,7 @@ def generation_case(family: str, parallel: ParallelConfig) -> dict:
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (4, 9, 6)]
     greedy = generate(model, prompts, SamplingParams(max_new_tokens=12, do_sample=False))
     sampled = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3))
-    return {"greedy": greedy.sequences, "sampled": sampled.sequences, "logprobs": sampled.sample_logprobs}
+    return {"greedy": greedy.sequences, "sampled": sampled.sequences, "logprobs": sampled.rollout_logprobs}
 
 
 def wrong_gate_up_split_case(family: str, parallel: ParallelConfig) -> dict:

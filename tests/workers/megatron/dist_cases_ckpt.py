@@ -7,7 +7,7 @@ import torch
 from dpo_rl.checkpoint.convert import (
     MegatronCheckpoint,
     load_into_model,
-    load_rank_state,
+    load_model_shard,
 )
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward
@@ -29,19 +29,19 @@ def logits_from_checkpoints(parallel: ParallelConfig, mg_dir: str, hf_dir: str, 
     r = current_ranks()
     ckpt = MegatronCheckpoint.open(mg_dir)
     model = build_gpt_model(ckpt.config, parallel).eval()
-    load_into_model(model, load_rank_state(mg_dir, ckpt.config, r.tp_rank, r.tp_size, 0, 1, reward=False))
+    load_into_model(model, load_model_shard(mg_dir, ckpt.config, r.tp_rank, r.tp_size, 0, 1, reward=False))
     ids = torch.randint(3, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ours = _gathered(model_forward(model, Microbatch(ids, mask)))
         theirs = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(ids).logits
     wrong = build_gpt_model(ckpt.config, parallel).eval()
-    load_into_model(wrong, load_rank_state(mg_dir, ckpt.config, 1 - r.tp_rank, r.tp_size, 0, 1, reward=False))
+    load_into_model(wrong, load_model_shard(mg_dir, ckpt.config, 1 - r.tp_rank, r.tp_size, 0, 1, reward=False))
     with torch.no_grad():
         wrong_logits = _gathered(model_forward(wrong, Microbatch(ids, mask)))
     rm = MegatronCheckpoint.open(rm_mg)
     reward = build_reward_model(rm.config, parallel).eval()
-    load_into_model(reward, load_rank_state(rm_mg, rm.config, r.tp_rank, r.tp_size, 0, 1, reward=True))
+    load_into_model(reward, load_model_shard(rm_mg, rm.config, r.tp_rank, r.tp_size, 0, 1, reward=True))
     with torch.no_grad():
         values = model_forward(reward, Microbatch(ids, mask))[:, -1, 0]
         scores = AutoModelForSequenceClassification.from_pretrained(rm_hf).eval()(ids).logits[:, 0]

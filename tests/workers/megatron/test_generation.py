@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpo_rl.batch import left_pad
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.generation import (
     SamplingParams,
     filter_logits,
     generate,
-    left_pad,
 )
 from dpo_rl.workers.megatron.model_factory import build_gpt_model
 from tests.tolerance import assert_close
@@ -91,7 +91,7 @@ def test_kv_cache_equals_recompute(models, params):
     cached = generate(model, prompts(), params, use_kv_cache=True)
     recomputed = generate(model, prompts(), params, use_kv_cache=False)
     assert torch.equal(cached.sequences, recomputed.sequences)
-    assert_close(cached.sample_logprobs, recomputed.sample_logprobs, rtol=1e-5, what="sampled tokens' log-probs")
+    assert_close(cached.rollout_logprobs, recomputed.rollout_logprobs, rtol=1e-5, what="sampled tokens' log-probs")
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(models):
@@ -111,13 +111,13 @@ def test_top_k_one_is_greedy(models):
     greedy = generate(model, prompts(), SamplingParams(max_new_tokens=10, do_sample=False))
     top1 = generate(model, prompts(), SamplingParams(max_new_tokens=10, do_sample=True, top_k=1, seed=9))
     assert torch.equal(greedy.sequences, top1.sequences)
-    assert torch.allclose(top1.sample_logprobs, torch.zeros_like(top1.sample_logprobs))
+    assert torch.allclose(top1.rollout_logprobs, torch.zeros_like(top1.rollout_logprobs))
 
 
-def test_sample_logprobs_are_log_probs_of_the_chosen_tokens(models):
+def test_rollout_logprobs_are_log_probs_of_the_chosen_tokens(models):
     _, _, model = models
     out = generate(model, prompts(), SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, seed=2))
-    assert (out.sample_logprobs <= 0).all()
+    assert (out.rollout_logprobs <= 0).all()
     assert out.sequences.shape == out.attention_mask.shape == out.response_mask.shape
     assert out.response_mask[:, : out.prompt_length].sum() == 0
 
