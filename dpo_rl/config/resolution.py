@@ -1,6 +1,6 @@
 """Resolve and validate a trainer config (any stage) before Ray starts.
 
-:func:`resolve` merges every node into its schema, asks the selected stage (a
+:func:`resolve_config` merges every node into its schema, asks the selected stage (a
 :class:`StageRules`, from the registry in :mod:`dpo_rl.trainer.stages`) which roles it places,
 builds each role's effective
 :class:`RoleConfig` (``training`` defaults overridden by the role section), checks every
@@ -191,7 +191,7 @@ def needs_reference(algorithm: AlgorithmConfig) -> bool:
         return True  # reported by the loss checks
 
 
-def resolve(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_paths: bool = True) -> ResolvedConfig:
+def resolve_config(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_paths: bool = True) -> ResolvedConfig:
     """Validate ``cfg`` (a composed Hydra config) for the stage ``training.stage`` names in ``stages``
     and return its resolved form.
 
@@ -393,8 +393,6 @@ def check_offline(c: ResolvedConfig, check_paths: bool, kinds: tuple[str, ...]) 
                  f"size x {key}.micro_batch_size ({c.dp_size(role)} x {r.micro_batch_size} = {per_step})")
     if not 0.0 <= c.data.eval_fraction < 1.0:
         p.append(f"data.eval_fraction={c.data.eval_fraction} must be in [0, 1)")
-    if c.stage != "dpo" and c.algorithm.reference == "precomputed":
-        p.append(f"algorithm.reference=precomputed has no meaning for stage {c.stage!r}; it is for offline DPO")
     if check_paths:
         for field_key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
             if value is None:
@@ -468,5 +466,5 @@ def _check_path(key: str, value: Optional[str], what: str, directory: bool = Fal
     return []
 
 
-__all__ = ["ResolvedConfig", "StageRules", "resolve", "ROLE_SECTIONS", "check_loss", "check_offline",
+__all__ = ["ResolvedConfig", "StageRules", "resolve_config", "ROLE_SECTIONS", "check_loss", "check_offline",
            "check_online_data", "check_sampling_actor", "needs_reference"]

@@ -104,19 +104,76 @@ def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Ten
     return score_pairs(group, "sequence_logprobs", "sequence_logps", pairs, chunk)
 
 
+class OfflineObjective:
+    """What differs between the offline stages: how examples become a batch, how the rows of a step
+    weigh, and how the trained model is judged on held-out data. The default is pairs, weighted
+    as laid out."""
+
+    def collate(self, items: list[dict], pad_id: int) -> Batch:
+        return pairs_batch(items, pad_id)
+
+    def weight(self, rows: Batch, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class PreferenceObjective(OfflineObjective):
+    """Offline DPO: the preference loss of ``spec``; held-out implicit-reward accuracy and margins."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+
+    def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:
+        chosen, rejected = pair_logps(loop.trained, rows, loop.chunk)
+        ref_c, ref_r = loop.eval_reference(split, rows) if loop.uses_reference else (None, None)
+        lp = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=response_tokens(rows["chosen_response"]),
+                       rejected_tokens=response_tokens(rows["rejected_response"]), ref_chosen=ref_c,
+                       ref_rejected=ref_r)
+        out = compute_preference_loss(lp, self.spec)
+        return {
+            "eval/loss": float(out.losses.mean()),
+            "eval/rewards/accuracies": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
+            "eval/rewards/margins": float((out.chosen_rewards - out.rejected_rewards).mean()),
+            "eval/logps_accuracy": float((lp.chosen_mean > lp.rejected_mean).float().mean()),
+            "eval/logps/chosen": float(chosen.mean()),
+            "eval/logps/rejected": float(rejected.mean()),
+        }
+
+
+class RewardObjective(OfflineObjective):
+    """Reward-model training: held-out pair accuracy, margin and Bradley-Terry loss."""
+
+    def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:
+        return reward_metrics(loop.trained, rows, loop.chunk)
+
+
+class SFTObjective(OfflineObjective):
+    """SFT: sequences; each row weighs 1 / the step's response tokens (a token mean); held-out NLL."""
+
+    def collate(self, items: list[dict], pad_id: int) -> Batch:
+        return sequences_batch(items, pad_id)
+
+    def weight(self, rows: Batch, weight: torch.Tensor) -> torch.Tensor:
+        return (weight > 0).float() / float(response_tokens(rows["response_mask"]).sum().clamp(min=1))
+
+    def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:
+        return sft_metrics(loop.trained, rows, loop.chunk)
+
+
 class OfflineTrainer(TrainingLoop):
     """Drives one trained worker group (and the DPO reference) through ``train_iters`` steps."""
 
-    def __init__(self, config: ResolvedConfig, trained, train: Split, eval_split: Optional[Split], *, pad_token_id: int,
-                 tracker, ref=None, ref_cache: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+    def __init__(self, config: ResolvedConfig, trained, train: Split, eval_split: Optional[Split], *,
+                 objective: OfflineObjective, pad_token_id: int, tracker, ref=None,
+                 ref_cache: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         """``ref_cache`` maps a dataset prefix to the reference's (chosen, rejected) log-probs of all its rows."""
         super().__init__(config, trained, tracker=tracker,
                          sampler=PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle))
-        self.ref, self.ref_cache = ref, ref_cache
+        self.ref, self.ref_cache, self.objective = ref, ref_cache, objective
         self.train, self.eval_split, self.pad_token_id = train, eval_split, pad_token_id
-        self.stage = config.stage
         self.role = config.roles[config.trained_role]
-        self.spec = config.algorithm.loss_spec() if self.stage == "dpo" else None
         self.uses_reference = "ref" in config.roles  # placed only when the loss reads a reference
         self.chunk = max(config.training.global_batch_size, 1)
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -176,8 +233,7 @@ class OfflineTrainer(TrainingLoop):
         return positions, rows, pending
 
     def collate(self, split: Split, positions: Sequence[int]) -> Batch:
-        items = split.items(positions)
-        return (sequences_batch if self.stage == "sft" else pairs_batch)(items, self.pad_token_id)
+        return self.objective.collate(split.items(positions), self.pad_token_id)
 
     def reference_logps(self, split: Split, positions: Sequence[int], rows: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_cache is not None:
@@ -187,40 +243,22 @@ class OfflineTrainer(TrainingLoop):
         return pair_logps(self.ref, rows, self.chunk)
 
     def layout(self, rows: Batch, step: int) -> Batch:
-        """One mini-batch of the whole step, dealt to DP ranks; SFT rows weigh 1 / the step's response tokens."""
+        """One mini-batch of the whole step, dealt to DP ranks, weighted by the objective."""
         index, minibatch, weight = minibatch_layout(
             len(rows), mini_batch_size=len(rows), dp_size=self.c.dp_size(self.c.trained_role),
             micro_batch_size=self.role.micro_batch_size, epochs=1, shuffle=False, seed=step)
-        if self.stage == "sft":
-            weight = (weight > 0).float() / float(response_tokens(rows["response_mask"]).sum().clamp(min=1))
-        return rows.rows(index).update({"minibatch": minibatch, "weight": weight})
+        return rows.rows(index).update({"minibatch": minibatch, "weight": self.objective.weight(rows, weight)})
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         split = self.eval_split
-        rows = self.collate(split, range(len(split)))
-        if self.stage == "reward":
-            return reward_metrics(self.trained, rows, self.chunk)
-        if self.stage == "sft":
-            return sft_metrics(self.trained, rows, self.chunk)
-        chosen, rejected = pair_logps(self.trained, rows, self.chunk)
-        ref_c = ref_r = None
-        if self.uses_reference:
-            if self._eval_ref is None:  # the reference is frozen: score the eval split once
-                self._eval_ref = self.reference_logps(split, range(len(split)), rows)
-            ref_c, ref_r = self._eval_ref
-        lp = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=response_tokens(rows["chosen_response"]),
-                       rejected_tokens=response_tokens(rows["rejected_response"]), ref_chosen=ref_c,
-                       ref_rejected=ref_r)
-        out = compute_preference_loss(lp, self.spec)
-        return {
-            "eval/loss": float(out.losses.mean()),
-            "eval/rewards/accuracies": float((out.chosen_rewards > out.rejected_rewards).float().mean()),
-            "eval/rewards/margins": float((out.chosen_rewards - out.rejected_rewards).mean()),
-            "eval/logps_accuracy": float((lp.chosen_mean > lp.rejected_mean).float().mean()),
-            "eval/logps/chosen": float(chosen.mean()),
-            "eval/logps/rejected": float(rejected.mean()),
-        }
+        return self.objective.evaluate(self, split, self.collate(split, range(len(split))))
+
+    def eval_reference(self, split: Split, rows: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's log-probs of the held-out rows, scored once (the reference is frozen)."""
+        if self._eval_ref is None:
+            self._eval_ref = self.reference_logps(split, range(len(split)), rows)
+        return self._eval_ref
 
 
 def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:

@@ -29,33 +29,27 @@ from dpo_rl.trainer.common import (
     prepare_output,
     special_ids,
 )
-from dpo_rl.trainer.offline import OfflineTrainer, make_splits
+from dpo_rl.trainer.offline import (
+    OfflineObjective,
+    OfflineTrainer,
+    PreferenceObjective,
+    RewardObjective,
+    SFTObjective,
+    make_splits,
+)
 from dpo_rl.trainer.stages import Stage, register_stage
 from dpo_rl.workers.policy import ActorWorker, PolicyWorker
 from dpo_rl.workers.reward import RewardTrainerWorker
 
 logger = logging.getLogger("dpo_rl")
 
-PLOT_KEYS = {
-    "dpo": ("loss", "rewards/margins", "rewards/accuracies"),
-    "reward": ("loss", "accuracy", "margin"),
-    "sft": ("loss",),
-}
-EXPORT_DIRS = {"dpo": "hf_actor", "sft": "hf_actor", "reward": "hf_reward"}
-
-
-def offline_worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict[str, tuple[type, dict]]:
+def offline_worker_specs(stage: "OfflineStage", c: ResolvedConfig, eos_ids: tuple[int, ...],
+                         pad_id: int) -> dict[str, tuple[type, dict]]:
     """Group name (``trained``, ``ref``) -> (worker class, constructor kwargs)."""
     role = c.trained_role
     common = dict(model_config=c.models[role], parallel=c.parallel(role), role=c.roles[role], seed=c.training.seed,
                   total_iters=c.training.train_iters)
-    if c.stage == "reward":
-        specs = {"trained": (RewardTrainerWorker, dict(common, pad_token_id=pad_id))}
-    else:
-        specs = {"trained": (ActorWorker, dict(
-            common, objective="sft" if c.stage == "sft" else "preference",
-            loss_spec=c.algorithm.loss_spec() if c.stage == "dpo" else None, eos_token_ids=eos_ids,
-            pad_token_id=pad_id))}
+    specs = {"trained": stage.trained_worker(c, common, eos_ids, pad_id)}
     if "ref" in c.roles:
         specs["ref"] = (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"),
                                            role=c.roles["ref"], seed=c.training.seed, eos_token_ids=eos_ids,
@@ -94,7 +88,7 @@ def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[Tokeniz
     return train, eval_dataset
 
 
-def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
+def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(c.roles[c.trained_role].tokenizer_name_or_path)
     eos_ids, pad_id = special_ids(tokenizer, require_eos=False)
     train_dataset, eval_dataset = load_datasets(c)
@@ -106,7 +100,7 @@ def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[st
     logger.info("stage %s: %d training examples, %s", c.stage, len(train),
                 f"{len(eval_split)} held-out examples for evaluation" if eval_split else "no evaluation split")
     out = prepare_output(cfg, c)
-    specs = offline_worker_specs(c, eos_ids, pad_id)
+    specs = offline_worker_specs(stage, c, eos_ids, pad_id)
     tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
                              tensorboard=c.training.tensorboard, label=c.stage)
     chunk = max(c.training.global_batch_size, 1)
@@ -119,16 +113,16 @@ def run_offline(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[st
                                               out)
             trained = factory.create("trained", *specs["trained"])
             ref = factory.create("ref", *specs["ref"]) if "ref" in c.roles and cached is None else None
-            trainer = OfflineTrainer(c, trained, train, eval_split, pad_token_id=pad_id, tracker=tracker, ref=ref,
-                                     ref_cache=cached)
+            trainer = OfflineTrainer(c, trained, train, eval_split, objective=stage.objective(c), pad_token_id=pad_id,
+                                     tracker=tracker, ref=ref, ref_cache=cached)
             summary = trainer.fit()
             if c.training.export_hf:
-                summary["hf_model"] = str(export_model(c, trained, out / EXPORT_DIRS[c.stage], c.trained_role,
+                summary["hf_model"] = str(export_model(c, trained, out / stage.export_dir, c.trained_role,
                                                        tokenizer))
     finally:
         tracker.close()
     if c.training.plot:
-        summary["plot"] = str(tracker.plot(keys=PLOT_KEYS[c.stage]))
+        summary["plot"] = str(tracker.plot(keys=stage.plot_keys))
     tracker.write_json("summary.json", summary)
     return summary
 
@@ -157,12 +151,28 @@ class OfflineStage(Stage):
     """An offline stage: one trained role on a preprocessed dataset of ``data_kinds``."""
 
     data_kinds: tuple[str, ...] = ()
+    """The preprocessed dataset kinds (``preprocess_data.py`` handler kinds) it trains on."""
+    plot_keys: tuple[str, ...] = ("loss",)
+    """The metrics ``curves.png`` shows."""
+    export_dir: str = "hf_actor"
+    """Where ``training.export_hf`` writes the trained model, under the run directory."""
+
+    def trained_worker(self, c: ResolvedConfig, common: dict, eos_ids: tuple[int, ...], pad_id: int) -> tuple[type, dict]:
+        """The trained group's worker class and its constructor arguments (``common`` holds the shared ones)."""
+        raise NotImplementedError
+
+    def objective(self, c: ResolvedConfig) -> OfflineObjective:
+        raise NotImplementedError
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
-        return check_offline(c, check_paths, self.data_kinds)
+        problems = check_offline(c, check_paths, self.data_kinds)
+        if c.algorithm.reference == "precomputed" and "ref" not in self.roles(c.training, c.algorithm):
+            problems.append(f"algorithm.reference=precomputed has no meaning for stage {self.name!r}; it is for "
+                            "offline DPO")
+        return problems
 
     def run(self, cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
-        return run_offline(cfg, c, use_ray=use_ray)
+        return run_offline(self, cfg, c, use_ray=use_ray)
 
 
 class OfflineDPOStage(OfflineStage):
@@ -170,9 +180,17 @@ class OfflineDPOStage(OfflineStage):
 
     name = "dpo"
     data_kinds = ("pairwise", "reward")
+    plot_keys = ("loss", "rewards/margins", "rewards/accuracies")
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("actor_rollout", "ref") if needs_reference(algorithm) else ("actor_rollout",)
+
+    def trained_worker(self, c, common, eos_ids, pad_id):
+        return ActorWorker, dict(common, objective="preference", loss_spec=c.algorithm.loss_spec(),
+                                 eos_token_ids=eos_ids, pad_token_id=pad_id)
+
+    def objective(self, c):
+        return PreferenceObjective(c.algorithm.loss_spec())
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
         return check_loss(c) + super().check(c, check_paths)
@@ -183,9 +201,17 @@ class RewardStage(OfflineStage):
 
     name = "reward"
     data_kinds = ("reward", "pairwise")
+    plot_keys = ("loss", "accuracy", "margin")
+    export_dir = "hf_reward"
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("reward",)
+
+    def trained_worker(self, c, common, eos_ids, pad_id):
+        return RewardTrainerWorker, dict(common, pad_token_id=pad_id)
+
+    def objective(self, c):
+        return RewardObjective()
 
 
 class SFTStage(OfflineStage):
@@ -196,6 +222,12 @@ class SFTStage(OfflineStage):
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("actor_rollout",)
+
+    def trained_worker(self, c, common, eos_ids, pad_id):
+        return ActorWorker, dict(common, objective="sft", loss_spec=None, eos_token_ids=eos_ids, pad_token_id=pad_id)
+
+    def objective(self, c):
+        return SFTObjective()
 
 
 for _stage in (OfflineDPOStage(), RewardStage(), SFTStage()):

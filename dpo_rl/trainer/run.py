@@ -22,8 +22,8 @@ logger = logging.getLogger("dpo_rl")
 
 
 def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
-    """Validate ``cfg`` for the registered stage it names (:func:`dpo_rl.config.resolution.resolve`)."""
-    return resolution.resolve(cfg, STAGES, check_paths=check_paths)
+    """Validate ``cfg`` for the registered stage it names (:func:`dpo_rl.config.resolution.resolve_config`)."""
+    return resolution.resolve_config(cfg, STAGES, check_paths=check_paths)
 
 
 def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
