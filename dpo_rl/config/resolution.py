@@ -80,7 +80,7 @@ class ResolvedConfig:
     """Architecture per role."""
     unused: list[str]
     """Accepted keys with no meaning in DPO, one message each."""
-    stage_rules: Any = None
+    stage_rules: StageRules
     """The selected stage (:class:`StageRules`)."""
 
     @property

@@ -309,7 +309,6 @@ def role_pools(c: ResolvedConfig):
     return pools
 
 
-
 class OnlineDPOStage(Stage):
     """``ray_online_dpo``: sample from the actor, score with the reward model, pair, update against the reference."""
 
