@@ -210,7 +210,6 @@ class AlgorithmConfig:
 
     def loss_spec(self):
         """The :class:`dpo_rl.losses.LossSpec` this section describes."""
-
         return LossSpec.create(self.loss_type, self.loss_weights, self.pref_ftx, beta=self.beta,
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
                                simpo_gamma=self.simpo_gamma)

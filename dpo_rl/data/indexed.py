@@ -15,7 +15,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """The fields of one preprocessed prefix; item ``i`` maps field -> int32 token array."""
 
     def __init__(self, prefix: str | Path) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset  # deferred: heavy (megatron-core)
 
         self.prefix = str(prefix)
         meta_path = Path(self.prefix + META_SUFFIX)

@@ -215,7 +215,7 @@ def output_paths(prefix: str, fields: tuple[str, ...]) -> dict[str, str]:
 def write_indexed(prefix: str, fields: tuple[str, ...], examples: list[dict[str, np.ndarray]], meta: dict) -> None:
     """Write one indexed dataset per field, then the meta file; atomic per file, meta last."""
     import torch  # deferred: the preprocessing workers import torch only to write
-    from megatron.core.datasets.indexed_dataset import (  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.datasets.indexed_dataset import (  # deferred: heavy (megatron-core)
         IndexedDatasetBuilder,
         get_bin_path,
         get_idx_path,

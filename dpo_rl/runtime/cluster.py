@@ -71,7 +71,7 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def _loopback_only_cluster() -> Iterator[None]:
     """Start a local cluster on 127.0.0.1 only: child processes read the env var, the driver's
     already-imported constant is switched for the duration of ``ray.init``."""
-    from ray._private import ray_constants  # deferred: Ray is imported only when a run uses it
+    from ray._private import ray_constants  # deferred: Ray, only when a run uses it
 
     saved_env, saved_const = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[SINGLE_MACHINE_ENV] = "0"
@@ -98,7 +98,7 @@ def start_ray(
 
     Returns ``ray.cluster_resources()``. Idempotent when Ray is already initialised.
     """
-    import ray  # deferred: Ray is imported only when a run uses it
+    import ray  # deferred: Ray, only when a run uses it
 
     if ray.is_initialized():
         return ray.cluster_resources()
@@ -122,7 +122,7 @@ def start_ray(
 
 
 def stop_ray() -> None:
-    import ray  # deferred: Ray is imported only when a run uses it
+    import ray  # deferred: Ray, only when a run uses it
 
     if ray.is_initialized():
         ray.shutdown()

@@ -58,7 +58,7 @@ def _describe(pools: list[RolePool]) -> str:
 
 def check_fits(pools: list[RolePool]) -> None:
     """Raise ConfigError at once when ``pools`` together ask for more than the Ray cluster holds."""
-    import ray  # deferred: Ray is imported only when a run uses it
+    import ray  # deferred: Ray, only when a run uses it
 
     cluster = ray.cluster_resources()
     demand = total_demand(pools)
@@ -73,9 +73,9 @@ def check_fits(pools: list[RolePool]) -> None:
 
 def create_pools(pools: list[RolePool], timeout_s: float) -> None:
     """Create and wait for every pool's placement groups; raise ConfigError if they cannot fit."""
-    import ray  # deferred: Ray is imported only when a run uses it
-    from ray.exceptions import GetTimeoutError  # deferred: Ray is imported only when a run uses it
-    from ray.util.placement_group import placement_group, remove_placement_group  # deferred: Ray is imported only when a run uses it
+    import ray  # deferred: Ray, only when a run uses it
+    from ray.exceptions import GetTimeoutError  # deferred: Ray, only when a run uses it
+    from ray.util.placement_group import placement_group, remove_placement_group  # deferred: Ray, only when a run uses it
 
     check_fits(pools)
     cluster = ray.cluster_resources()
@@ -103,7 +103,7 @@ def create_pools(pools: list[RolePool], timeout_s: float) -> None:
 
 
 def remove_pools(pools: list[RolePool]) -> None:
-    from ray.util.placement_group import remove_placement_group  # deferred: Ray is imported only when a run uses it
+    from ray.util.placement_group import remove_placement_group  # deferred: Ray, only when a run uses it
 
     for pool in pools:
         for pg in pool.placement_groups:

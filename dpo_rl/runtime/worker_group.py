@@ -60,8 +60,8 @@ class RayWorkerGroup(_WorkerGroup):
     """One role's ranks as Ray actors placed in ``pool``'s bundles."""
 
     def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1) -> None:
-        import ray  # deferred: Ray is imported only when a run uses it
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # deferred: Ray is imported only when a run uses it
+        import ray  # deferred: Ray, only when a run uses it
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # deferred: Ray, only when a run uses it
 
         self.worker_cls = worker_cls
         self.role = pool.role
@@ -99,7 +99,7 @@ class RayWorkerGroup(_WorkerGroup):
         return _Pending(refs, order, rows=rows)
 
     def shutdown(self) -> None:
-        import ray  # deferred: Ray is imported only when a run uses it
+        import ray  # deferred: Ray, only when a run uses it
 
         for actor in self.actors:
             ray.kill(actor)
@@ -116,7 +116,7 @@ def wait_for(pending: "_Pending | _Done") -> Any:
     """Wait for a ``call_async`` result and collect it."""
     if isinstance(pending, _Done):
         return pending.value
-    import ray  # deferred: Ray is imported only when a run uses it
+    import ray  # deferred: Ray, only when a run uses it
 
     results = ray.get(pending.refs)
     outputs = [results[i] for i in pending.output_indices]

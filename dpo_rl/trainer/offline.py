@@ -263,7 +263,6 @@ class OfflineTrainer(TrainingLoop):
 
 def reward_metrics(group, pairs: Batch, chunk: int) -> dict[str, float]:
     """Pair accuracy, mean margin and Bradley-Terry loss of a reward model on ``pairs``."""
-
     chosen, rejected = score_pairs(group, "score", "scores", pairs, chunk)
     return {"eval/accuracy": float((chosen > rejected).float().mean()),
             "eval/margin": float((chosen - rejected).mean()),

@@ -56,7 +56,7 @@ class MegatronWorker:
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Address and a free port of this (rank 0) process for the group's rendezvous."""
         try:
-            import ray  # deferred: Ray is imported only when a run uses it
+            import ray  # deferred: Ray, only when a run uses it
 
             address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         except ImportError:  # pragma: no cover - Ray is a dependency
@@ -66,7 +66,6 @@ class MegatronWorker:
 
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
-
         torch.set_num_threads(self.role.num_threads)
         self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
         seed_everything(self.seed, self.parallel.device)
@@ -83,7 +82,6 @@ class MegatronWorker:
 
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
-
         if MegatronCheckpoint.is_checkpoint(directory):
             r = self.ranks
             state = load_model_shard(directory, self.model_config, r.tp_rank, r.tp_size, r.pp_rank, r.pp_size,
@@ -101,7 +99,6 @@ class MegatronWorker:
     # -- helpers ------------------------------------------------------------------------
     def forward_only(self, batch: Batch, make_micro: Callable, compute: Callable) -> list[dict]:
         """Forward ``batch`` in micro-batches of ``role.micro_batch_size`` rows (padded to full)."""
-
         padded, _ = batch.pad_to_multiple(self.role.micro_batch_size)
         micros = [make_micro(part) for part in padded.chunk(len(padded) // self.role.micro_batch_size)]
         self.model.eval()
@@ -131,7 +128,6 @@ def sequence_microbatch(batch: Batch, ids: str = "sequences", attention: str = "
 
 def pair_microbatch(pairs: Batch):
     """k pairs -> one micro-batch of 2k sequences: chosen 1..k, then rejected 1..k."""
-
     ids = torch.cat([pairs["chosen_ids"], pairs["rejected_ids"]])
     attention = torch.cat([pairs["chosen_attention"], pairs["rejected_attention"]])
     response = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])

@@ -60,7 +60,6 @@ class PolicyWorker(MegatronWorker):
         Returns ``sequences``/``attention_mask``/``response_mask`` [S, P + max_new_tokens] (fixed
         width so shards concatenate), ``ended_with_eos`` [S] and ``rollout_logprobs``.
         """
-
         with Stopwatch() as watch:
             params = SamplingParams(
                 **sampling, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
@@ -94,7 +93,6 @@ class PolicyWorker(MegatronWorker):
         Computed once per sample (pairs index into it), so the reference can run while the
         reward model scores the same samples.
         """
-
         def make_micro(part: Batch):
             return sequence_microbatch(part, extras={"response_mask": "response_mask"})
 
@@ -110,14 +108,12 @@ class PolicyWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def load_weights(self, state: dict[str, torch.Tensor]) -> str:
         """Load full HF-named weights (pushed from the training ranks); returns their checksum."""
-
         load_into_current_rank(self.model, state, self.model_config)
         return weights_checksum(state)
 
     @register(Dispatch.ALL)
     def checksum(self) -> str:
         """Checksum of this model's full weights (gathered over TP)."""
-
         state = export_from_current_rank(self.model, self.model_config)
         return weights_checksum(state) if state is not None else ""
 

@@ -120,7 +120,7 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
 
     def _sync_value_head(self) -> None:
         """TP ranks hold replicas of the head: give them all TP rank 0's values (a no-op for a loaded head)."""
-        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
         head = dict(self.model.named_parameters()).get(SCORE_HEAD_RULE.mcore)
         if head is not None and mpu.get_tensor_model_parallel_world_size() > 1:

@@ -49,7 +49,6 @@ class TrainableWorker(MegatronWorker):
         ``loss_fn(num_micro)`` returns megatron's per-micro-batch loss function, whose second
         output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry.
         """
-
         self.model.train()
         rows = self.to_device(rows)
         stats = StatSums(stat_keys, self.device)
@@ -69,7 +68,7 @@ class TrainableWorker(MegatronWorker):
 
     def _step(self) -> float:
         """All-reduce gradients over DP, clip by the global norm, step the optimizer."""
-        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.ranks.dp_size > 1:
@@ -89,7 +88,6 @@ class TrainableWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def save_checkpoint(self, directory: str) -> bool:
         """Write this rank's model shard, optimizer, scheduler and RNG states under ``directory``."""
-
         r = self.ranks
         if r.dp_rank == 0:  # DP replicas hold the same state
             save_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
@@ -99,7 +97,6 @@ class TrainableWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def load_checkpoint(self, directory: str) -> bool:
         """Restore what :meth:`save_checkpoint` wrote (same TP/PP layout)."""
-
         r = self.ranks
         load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
                         self.scheduler)
@@ -108,14 +105,13 @@ class TrainableWorker(MegatronWorker):
     @register(Dispatch.ALL)
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full HF-named weights on the output rank (collective over TP and PP)."""
-
         return export_from_current_rank(self.model, self.model_config, reward=self.reward_model)
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the full model's gradient: TP-sharded grads once per shard, replicated once."""
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # deferred: heavy (megatron-core)
 
     device = params[0].grad.device if params else torch.device("cpu")
     square = torch.zeros((), dtype=torch.float64, device=device)
@@ -145,7 +141,7 @@ class StatSums:
         ])
 
     def reduce(self) -> dict[str, float]:
-        from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
         if mpu.get_data_parallel_world_size() > 1:
             dist.all_reduce(self.sums, group=mpu.get_data_parallel_group())

@@ -79,8 +79,8 @@ def _cpu_current_device() -> torch.device:
 
 
 def _patch_causal_mask() -> None:
-    from megatron.core.fusions import fused_softmax  # deferred: megatron-core is heavy to import (the driver never needs it)
-    from megatron.core.transformer import utils as transformer_utils  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.fusions import fused_softmax  # deferred: heavy (megatron-core)
+    from megatron.core.transformer import utils as transformer_utils  # deferred: heavy (megatron-core)
 
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -125,14 +125,14 @@ def _cuda_to_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
 
 
 def _patch_schedules_torch() -> None:
-    from megatron.core.pipeline_parallel import schedules  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.pipeline_parallel import schedules  # deferred: heavy (megatron-core)
 
     schedules.torch = _CpuFactoryTorch(torch)
     _APPLIED.append("pipeline_parallel.schedules.torch")
 
 
 def _patch_rng_tracker() -> None:
-    from megatron.core.tensor_parallel import random as mp_random  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.tensor_parallel import random as mp_random  # deferred: heavy (megatron-core)
 
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     _APPLIED.append("tensor_parallel.random.rng_tracker")

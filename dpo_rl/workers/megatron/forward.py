@@ -89,7 +89,7 @@ def run_microbatches(
     accumulate in ``.grad`` (megatron divides each micro-batch's loss by their number).
     Returns each micro-batch's ``outputs`` on the last stage, an empty list elsewhere.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.pipeline_parallel import get_forward_backward_func  # deferred: heavy (megatron-core)
 
     if not microbatches:
         return []

@@ -116,7 +116,7 @@ def choose_tokens(
 
 def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:
     """Full-vocabulary logits of the last position [b, V] (TP-gathered for that position only)."""
-    from megatron.core.tensor_parallel.mappings import (  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.tensor_parallel.mappings import (  # deferred: heavy (megatron-core)
         gather_from_tensor_model_parallel_region,
     )
 
@@ -161,8 +161,8 @@ def generate(
 
 
 def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutput:
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
-    from megatron.core.inference.contexts import StaticInferenceContext  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+    from megatron.core.inference.contexts import StaticInferenceContext  # deferred: heavy (megatron-core)
 
     problems = params.check()
     if problems:
@@ -213,7 +213,7 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
     """Make every TP rank use TP rank 0's tokens (guards against ties broken differently)."""
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
     if mpu.get_tensor_model_parallel_world_size() == 1:
         return tokens

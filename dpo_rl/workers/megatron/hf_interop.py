@@ -45,7 +45,7 @@ def export_from_current_rank(
     tensors: Optional[dict[str, torch.Tensor]] = None,
 ) -> Optional[dict[str, torch.Tensor]]:
     """:func:`export_hf_weights` over this process's TP and PP groups."""
-    from megatron.core import (  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import (  # deferred: heavy (megatron-core)
         parallel_state as mpu,  # deferred: megatron-core is heavy to import
     )
 

@@ -17,7 +17,7 @@ import torch
 
 
 def _tp_group():
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
     return mpu.get_tensor_model_parallel_group()
 
@@ -28,7 +28,7 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     H = log Z - sum_v p_v (z_v - m), with m the global max, Z = sum_v exp(z_v - m).
     Differentiable (the max is a constant shift and carries no gradient).
     """
-    from megatron.core.tensor_parallel.mappings import (  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.tensor_parallel.mappings import (  # deferred: heavy (megatron-core)
         reduce_from_tensor_model_parallel_region,
     )
 
@@ -48,7 +48,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -
     megatron's cross entropy works in place on its input, so it is given its own fp32
     copy in the [s, b, V/TP] layout it expects; ``logits`` is left untouched.
     """
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # deferred: heavy (megatron-core)
 
     seq_first = logits.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     loss = vocab_parallel_cross_entropy(seq_first, targets.transpose(0, 1).contiguous())

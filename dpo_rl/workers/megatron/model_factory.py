@@ -22,7 +22,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     """megatron-core ``TransformerConfig`` for ``model`` sharded as ``parallel``."""
-    from megatron.core.transformer.transformer_config import TransformerConfig  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.transformer.transformer_config import TransformerConfig  # deferred: heavy (megatron-core)
 
     problems = model.check() + parallel.check(model)
     if problems:
@@ -68,14 +68,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
 def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = None):
     """The decoder layer spec: TransformerEngine's on GPU when installed, else megatron's
     local spec with its core attention computed by PyTorch SDPA (:mod:`.sdpa_attention`)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # deferred: heavy (megatron-core)
 
     from dpo_rl.workers.megatron.sdpa_attention import SDPAttention  # deferred: imports megatron-core
 
     if use_transformer_engine is None:
         use_transformer_engine = parallel.device == "cuda" and _transformer_engine_available()
     if use_transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import (  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core.models.gpt.gpt_layer_specs import (  # deferred: heavy (megatron-core)
             get_gpt_layer_with_transformer_engine_spec,
         )
 
@@ -101,8 +101,8 @@ def build_gpt_model(
     share_embeddings: bool | None = None,
 ):
     """A ``GPTModel`` for this process's pipeline stage (parallel state must be initialised)."""
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
-    from megatron.core.models.gpt import GPTModel  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+    from megatron.core.models.gpt import GPTModel  # deferred: heavy (megatron-core)
 
     config = transformer_config(model, parallel)
     tie = model.tie_word_embeddings if share_embeddings is None else share_embeddings

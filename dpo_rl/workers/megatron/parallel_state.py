@@ -102,7 +102,7 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
 
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(
@@ -114,7 +114,7 @@ def init_distributed(
 
 def current_ranks() -> ParallelRanks:
     """This process's position in the initialised Megatron grid."""
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
     return ParallelRanks(
         world_size=dist.get_world_size(),
@@ -132,14 +132,14 @@ def seed_everything(seed: int, device: str) -> None:
     """Seed torch (and Megatron's CUDA RNG tracker on GPU) identically on every TP rank."""
     torch.manual_seed(seed)
     if device == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # deferred: megatron-core is heavy to import (the driver never needs it)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # deferred: heavy (megatron-core)
 
         model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:
     """Tear down Megatron's parallel state and the process group (tests, shutdown)."""
-    from megatron.core import parallel_state as mpu  # deferred: megatron-core is heavy to import (the driver never needs it)
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
 
     mpu.destroy_model_parallel()
     if dist.is_initialized():
