@@ -8,6 +8,12 @@ driver's worker groups (:mod:`dpo_rl.runtime.worker_group`) read the declaration
   first output rank (TP rank 0, last PP stage of DP rank 0).
 * ``Dispatch.DP``: the first argument is a :class:`~dpo_rl.batch.Batch`, split over the
   data-parallel ranks; each DP group's output rank returns its shard's result.
+
+**One ownership rule.** Whatever a worker method returns to the driver is owned by the output
+rank (TP rank 0 of the last pipeline stage) of its DP group: forward outputs, losses,
+metrics, exported weights and checksums alike. Other ranks may return anything (their
+results are dropped). The worker groups enforce it: an output rank that returns ``None``
+is an error naming the method and the rank, never a ``None`` handed on to the caller.
 """
 
 from __future__ import annotations

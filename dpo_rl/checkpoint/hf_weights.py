@@ -363,7 +363,8 @@ def export_hf_weights(
     """Gather the model from every TP/PP rank into one HF state dict.
 
     Collective over the model-parallel ranks of one DP replica; returns the full HF state
-    dict on (TP rank 0, PP rank 0) and ``None`` elsewhere. Tensors are cloned to the CPU.
+    dict on the output rank (TP rank 0 of the last pipeline stage, the rank that owns every
+    result a worker group returns) and ``None`` elsewhere. Tensors are cloned to the CPU.
     ``tensors`` (local megatron name -> tensor, e.g. gradients) replaces the weights.
     """
     rules = key_map(config, reward=reward)
@@ -384,7 +385,7 @@ def export_hf_weights(
         return stage_part if tp_rank == 0 else None
     gathered: list[Optional[dict]] = [None] * pp_size
     dist.all_gather_object(gathered, stage_part if tp_rank == 0 else {}, group=pp_group)
-    if tp_rank != 0 or pp_rank != 0:
+    if tp_rank != 0 or pp_rank != pp_size - 1:
         return None
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:

@@ -91,12 +91,16 @@ class RayWorkerGroup(_WorkerGroup):
         mode = dispatch_of(self.worker_cls, method)
         if mode is Dispatch.ALL:
             refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-            return _Pending(refs, [self.actors.index(self._output_actor_by_dp[0])], rows=None)
+            return _Pending(refs, [self.actors.index(self._output_actor_by_dp[0])], rows=None,
+                            what=self._what(method))
         batch, rest = args[0], args[1:]
         shards, rows = split_for_dp(batch, self.dp_size)
         refs = [getattr(a, method).remote(shards[r.dp_rank], *rest, **kwargs) for a, r in zip(self.actors, self.ranks)]
         order = [self.actors.index(self._output_actor_by_dp[d]) for d in range(self.dp_size)]
-        return _Pending(refs, order, rows=rows)
+        return _Pending(refs, order, rows=rows, what=self._what(method))
+
+    def _what(self, method: str) -> str:
+        return f"{self.worker_cls.__name__}.{method} of the {self.role} group"
 
     def shutdown(self) -> None:
         import ray  # deferred: Ray, only when a run uses it
@@ -108,8 +112,18 @@ class RayWorkerGroup(_WorkerGroup):
 class _Pending:
     """Refs of one group call and how to collect them."""
 
-    def __init__(self, refs: list, output_indices: list[int], rows: int | None) -> None:
-        self.refs, self.output_indices, self.rows = refs, output_indices, rows
+    def __init__(self, refs: list, output_indices: list[int], rows: int | None, what: str = "") -> None:
+        self.refs, self.output_indices, self.rows, self.what = refs, output_indices, rows, what
+
+
+def owned_results(outputs: list[Any], what: str, ranks: list[int]) -> list[Any]:
+    """The output ranks' results, checked: an output rank owns its result and never returns ``None``
+    (:mod:`dpo_rl.dispatch`)."""
+    for output, rank in zip(outputs, ranks):
+        if output is None:
+            raise RuntimeError(f"{what} returned None on its output rank (global rank {rank}); every worker "
+                               "method returns its result on TP rank 0 of the last pipeline stage")
+    return outputs
 
 
 def wait_for(pending: "_Pending | _Done") -> Any:
@@ -119,7 +133,7 @@ def wait_for(pending: "_Pending | _Done") -> Any:
     import ray  # deferred: Ray, only when a run uses it
 
     results = ray.get(pending.refs)
-    outputs = [results[i] for i in pending.output_indices]
+    outputs = owned_results([results[i] for i in pending.output_indices], pending.what, pending.output_indices)
     if pending.rows is None:
         return outputs[0]
     return collect_dp(outputs, pending.rows)
@@ -146,7 +160,8 @@ class LocalWorkerGroup(_WorkerGroup):
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> _Done:
         """Runs the call now (one process); :func:`wait_for` returns its result."""
         dispatch_of(self.worker_cls, method)
-        return _Done(getattr(self.worker, method)(*args, **kwargs))
+        value = getattr(self.worker, method)(*args, **kwargs)
+        return _Done(owned_results([value], f"{self.worker_cls.__name__}.{method}", [0])[0])
 
     def shutdown(self) -> None:
         pass

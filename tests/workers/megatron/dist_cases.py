@@ -61,7 +61,7 @@ def forward_backward_case(family: str, parallel: ParallelConfig) -> dict:
         "grads": hf_interop.export_from_current_rank(model, config, tensors=grads),
         "export": hf_interop.export_from_current_rank(model, config),
     }
-    if ranks.rank == 0:
+    if ranks.is_output_rank:  # the export is owned by the output rank
         result["source"] = {k: v for k, v in hf_model.state_dict().items() if k in result["export"]}
     return result
 
