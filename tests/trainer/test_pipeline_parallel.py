@@ -57,3 +57,22 @@ def test_split_actor_with_two_pipeline_stages_syncs_and_trains_like_one(world_di
             assert_close(y[key], x[key], rtol=RTOL_LAYOUT, what=f"step {x['step']} {key}")
     assert all("timing/sync" in t for t in rows(tmp_path / "two" / "timing.jsonl"))
     assert_close(two["eval/win_rate"], one["eval/win_rate"], rtol=RTOL_LAYOUT, what="eval/win_rate")
+
+
+def test_offline_dpo_and_the_reward_stage_with_pipeline_stages_match_one_rank(world_dir, offline_data, tmp_path):
+    """Offline DPO with a PP=2 actor (the reference stays PP=1) and the reward stage with TP=2 x PP=2."""
+    dpo = ("training.train_iters=2", "training.eval_interval=0")
+    one = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "dpo1", *dpo), use_ray=False)
+    two = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "dpo2", *dpo, *PP2))
+    for x, y in zip(rows(tmp_path / "dpo1" / "metrics.jsonl"), rows(tmp_path / "dpo2" / "metrics.jsonl")):
+        for key in ("loss", "logps/chosen", "actor/grad_norm"):
+            assert_close(y[key], x[key], rtol=RTOL_LAYOUT, what=f"dpo step {x['step']} {key}")
+    assert_close(two["eval/loss"], one["eval/loss"], rtol=RTOL_LAYOUT, what="dpo eval/loss")
+    # the reward model is trained from the world's RM; TP=2 x PP=2 over 4 processes
+    rm = ("training.train_iters=2", "training.eval_interval=0", f"++reward.load={world_dir}/rm")
+    one = run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "rm1", *rm), use_ray=False)
+    four = run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "rm4", *rm, "resource_pool.reward=[4]",
+                              "++reward.tensor_model_parallel_size=2", "++reward.pipeline_model_parallel_size=2"))
+    for x, y in zip(rows(tmp_path / "rm1" / "metrics.jsonl"), rows(tmp_path / "rm4" / "metrics.jsonl")):
+        assert_close(y["loss"], x["loss"], rtol=RTOL_LAYOUT, what=f"reward step {x['step']} loss")
+    assert_close(four["eval/loss"], one["eval/loss"], rtol=RTOL_LAYOUT, what="reward eval/loss")
