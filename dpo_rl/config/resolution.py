@@ -143,8 +143,8 @@ def _group_of(key: str) -> type:
     return next(group for group in ROLE_SETTING_GROUPS if key in setting_fields((group,)))
 
 
-def role_config(cfg: DictConfig, role: str, problems: list[str], *, stage: str = "",
-                reads: Optional[dict[str, set[str]]] = None) -> Optional[RoleConfig]:
+def role_config(cfg: DictConfig, role: str, problems: list[str], *, stage: str,
+                reads: dict[str, set[str]]) -> Optional[RoleConfig]:
     """``training``'s role fields overridden by the role's own section.
 
     The reference also inherits ``model``, ``load`` and ``tokenizer_name_or_path`` from the
@@ -163,8 +163,7 @@ def role_config(cfg: DictConfig, role: str, problems: list[str], *, stage: str =
     for key in unknown:
         problems.append(f"{section_key}.{key} is not a role setting; valid keys are listed in "
                         f"docs/config_reference.md (RoleConfig)")
-    not_read = [k for k in (section or {}) if reads is not None and k in ROLE_FIELDS
-                and k not in reads[role] and k not in UNUSED_IN_DPO]
+    not_read = [k for k in (section or {}) if k in ROLE_FIELDS and k not in reads[role] and k not in UNUSED_IN_DPO]
     for key in not_read:
         group = _group_of(key)
         readers = [ROLE_SECTIONS[r] for r in reads if key in reads[r]]

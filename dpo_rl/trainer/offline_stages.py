@@ -43,6 +43,7 @@ from dpo_rl.workers.reward import RewardTrainerWorker
 
 logger = logging.getLogger("dpo_rl")
 
+
 def offline_worker_specs(stage: "OfflineStage", c: ResolvedConfig, eos_ids: tuple[int, ...],
                          pad_id: int) -> dict[str, tuple[type, dict]]:
     """Group name (``trained``, ``ref``) -> (worker class, constructor kwargs)."""
@@ -156,6 +157,8 @@ class OfflineStage(Stage):
     """The metrics ``curves.png`` shows."""
     export_dir: str = "hf_actor"
     """Where ``training.export_hf`` writes the trained model, under the run directory."""
+    reads_reference_logps: bool = False
+    """Its objective can use reference log-probs (so ``algorithm.reference: precomputed`` means something)."""
 
     def trained_worker(self, c: ResolvedConfig, common: dict, eos_ids: tuple[int, ...], pad_id: int) -> tuple[type, dict]:
         """The trained group's worker class and its constructor arguments (``common`` holds the shared ones)."""
@@ -166,7 +169,7 @@ class OfflineStage(Stage):
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
         problems = check_offline(c, check_paths, self.data_kinds)
-        if c.algorithm.reference == "precomputed" and "ref" not in self.roles(c.training, c.algorithm):
+        if c.algorithm.reference == "precomputed" and not self.reads_reference_logps:
             problems.append(f"algorithm.reference=precomputed has no meaning for stage {self.name!r}; it is for "
                             "offline DPO")
         return problems
@@ -180,6 +183,7 @@ class OfflineDPOStage(OfflineStage):
 
     name = "dpo"
     data_kinds = ("pairwise", "reward")
+    reads_reference_logps = True
     plot_keys = ("loss", "rewards/margins", "rewards/accuracies")
 
     def roles(self, training, algorithm) -> tuple[str, ...]:

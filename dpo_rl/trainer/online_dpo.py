@@ -110,7 +110,7 @@ class OnlineDPOTrainer(TrainingLoop):
     def before_training(self) -> None:
         # The evaluation's baseline is the actor's own initial weights, whatever ref.load names: sampled
         # before a checkpoint is restored, from the group that samples (its weights are the actor's `load`).
-        self.initial = self.sample_eval(self.groups.sampler) if self.evaluates else None
+        self.initial = self.sample_eval() if self.evaluates else None
 
     def evaluate(self) -> dict[str, float]:
         return self.compare_with_baseline()[0]
@@ -185,10 +185,10 @@ class OnlineDPOTrainer(TrainingLoop):
         return {"max_new_tokens": a.max_new_tokens, "do_sample": a.do_sample, "temperature": a.temperature,
                 "top_k": a.top_k, "top_p": a.top_p}
 
-    def generate_async(self, prompts: Batch, seed: int, group=None) -> list:
-        """Start sampling in calls of ``num_samples_per_step`` prompts (x n responses each); call ``i``
-        samples with ``seed + i`` (:func:`dpo_rl.seeds.rollout`)."""
-        group = group or self.groups.sampler
+    def generate_async(self, prompts: Batch, seed: int) -> list:
+        """Start sampling on the sampling group in calls of ``num_samples_per_step`` prompts (x n responses
+        each); call ``i`` samples with ``seed + i`` (:func:`dpo_rl.seeds.rollout`)."""
+        group = self.groups.sampler
         per_call = self.actor_cfg.num_samples_per_step * self.c.algorithm.num_responses_per_prompt
         return [group.call_async("generate", prompts.rows(slice(start, start + per_call)), self.sampling_params(),
                                  seed + call)
@@ -232,22 +232,20 @@ class OnlineDPOTrainer(TrainingLoop):
             metrics["objective/scores_margin"] = float((scores[pairs.chosen] - scores[pairs.rejected]).mean())
         return metrics
 
-    def sample_eval(self, group) -> dict[str, Any]:
-        """Sample one response per held-out prompt with ``group`` (fixed seed) and score it."""
+    def sample_eval(self) -> dict[str, Any]:
+        """Sample one response per held-out prompt with the sampling group's current weights (fixed seed)
+        and score it."""
         count = min(self.c.training.eval_samples, len(self.eval_prompts))
         prompts = prompt_batch(self.eval_prompts, list(range(count)), 1, self.pad_token_id)
-        samples = self.generate_eval(prompts, group)
+        samples = StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING))
         scores = self.groups.reward.score(samples)["scores"]
         scores = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
         return {"samples": samples, "scores": scores}
 
-    def generate_eval(self, prompts: Batch, group) -> Batch:
-        return StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING, group=group))
-
     def compare_with_baseline(self) -> tuple[dict[str, float], dict[str, Any]]:
         """RM-judged win rate of the current actor over its initial weights on held-out prompts."""
         initial = self.initial
-        current = self.sample_eval(self.groups.sampler)
+        current = self.sample_eval()
         wins = (current["scores"] > initial["scores"]).float() + 0.5 * (current["scores"] == initial["scores"]).float()
         metrics = {
             "eval/scores": float(current["scores"].mean()),

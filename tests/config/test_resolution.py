@@ -195,3 +195,12 @@ def test_role_settings_follow_the_stage():
     # seed 001's PPO key stays accepted, reported once; a training-level default no role reads is reported
     c = resolve(compose("dpo_trainer_tiny", ["+training.temperature=0.5"]), check_paths=False)
     assert c.unused == ["training.temperature=0.5 is read by no role of stage 'dpo'; it is ignored"]
+
+
+def test_a_precomputed_reference_is_for_offline_dpo_only():
+    with pytest.raises(ConfigError, match="algorithm.reference=precomputed has no meaning for stage 'sft'"):
+        resolve(compose("sft_trainer_tiny", ["+algorithm.reference=precomputed"]), check_paths=False)
+    # offline DPO accepts it, even with a reference-free loss that then places no reference
+    c = resolve(compose("dpo_trainer_tiny", ["algorithm.reference=precomputed", "algorithm.loss_type=orpo"]),
+                check_paths=False)
+    assert "ref" not in c.roles
