@@ -35,6 +35,8 @@ from dpo_rl.config.model import ModelConfig
 from dpo_rl.errors import ConfigError
 
 TensorGetter = Callable[[str], torch.Tensor]
+#: The HF tensors one megatron tensor is made of, as ``(hf_name, tensor)``.
+HFGroup = list[tuple[str, torch.Tensor]]
 
 #: How a full tensor is split over TP ranks.
 TP_SPLITS = ("replicated", "column", "row", "vocab", "gate_up")
@@ -347,6 +349,37 @@ def local_mcore_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def stage_hf_groups(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    *,
+    tp_group: Optional[dist.ProcessGroup],
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+    reward: bool = False,
+    tensors: Optional[dict[str, torch.Tensor]] = None,
+) -> Iterator[HFGroup]:
+    """This stage's weights in HF names, one group per megatron tensor (collective over TP).
+
+    On TP rank 0 each group holds full HF tensors (on the model's device); other TP ranks take
+    part in the gathers and yield nothing. Peak extra memory: one full megatron tensor.
+    ``tensors`` (local megatron name -> tensor, e.g. gradients) replaces the weights.
+    """
+    local = local_mcore_state(model) if tensors is None else tensors
+    for rule, layer, local_name in local_tensor_names(key_map(config, reward=reward), config, pp_rank, pp_size):
+        tensor = local[local_name].detach()
+        if tp_size > 1:
+            parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+            tensor = unshard(parts, rule.tp_split)
+        if tp_rank != 0:
+            continue
+        names = [h.format(i=layer) for h in rule.hf]
+        yield [(name, piece.contiguous()) for name, piece in zip(names, decompose(rule, tensor, config))]
+
+
 def export_hf_weights(
     model: torch.nn.Module,
     config: ModelConfig,
@@ -367,19 +400,10 @@ def export_hf_weights(
     result a worker group returns) and ``None`` elsewhere. Tensors are cloned to the CPU.
     ``tensors`` (local megatron name -> tensor, e.g. gradients) replaces the weights.
     """
-    rules = key_map(config, reward=reward)
-    local = local_mcore_state(model) if tensors is None else tensors
     stage_part: dict[str, torch.Tensor] = {}
-    for rule, layer, local_name in local_tensor_names(rules, config, pp_rank, pp_size):
-        tensor = local[local_name]
-        if tp_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-            tensor = unshard(parts, rule.tp_split)
-        if tp_rank != 0:
-            continue
-        names = [h.format(i=layer) for h in rule.hf]
-        for name, piece in zip(names, decompose(rule, tensor, config)):
+    for group in stage_hf_groups(model, config, tp_group=tp_group, tp_rank=tp_rank, tp_size=tp_size,
+                                 pp_rank=pp_rank, pp_size=pp_size, reward=reward, tensors=tensors):
+        for name, piece in group:
             stage_part[name] = piece.detach().to("cpu").clone()
     if pp_size == 1:
         return stage_part if tp_rank == 0 else None

@@ -3,6 +3,8 @@ and resumption (``resume: auto`` = the latest one, if any).
 
 ```
 <save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   model, optimizer, scheduler, RNG
+<save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/distrib_optim_dp{dp:03d}.pt  distributed optimizer: each
+                                                                         DP rank's main params + Adam moments
 <save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts
 <save_dir>/latest_checkpointed_iteration.txt                              "20"
 <save_dir>/dpo_rl_checkpoint.json                                         model config (convert_ckpt reads it)
@@ -76,34 +78,64 @@ def resolve_resume(setting: str, save_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def save_training_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
-    """One rank's model shard, optimizer and scheduler state, and RNG states."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+#: Version 4: megatron-core's optimizer (fp32 main parameters; a per-DP-rank shard file with the
+#: distributed optimizer). Version 3 held a torch AdamW state, which megatron's optimizer cannot read.
+CHECKPOINT_VERSION = 4.0
+
+
+def optimizer_shard_file(directory: str | Path, tp_rank: int, pp_rank: int, pp_size: int, dp_rank: int) -> Path:
+    return Path(directory) / rank_dir_name(tp_rank, pp_rank, pp_size) / f"distrib_optim_dp{dp_rank:03d}.pt"
+
+
+def save_training_state(path: Path, model: torch.nn.Module, optimizer: dict[str, Any],
+                        scheduler: dict[str, Any]) -> None:
+    """One model-parallel rank's model shard, optimizer and scheduler state dicts, and RNG states."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    state = {
+    _atomic_save(path, {
         "model": local_mcore_state(model),  # local-spec names, so convert_ckpt reads it too
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
         "rng": rng,
-        "checkpoint_version": 3.0,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+        "checkpoint_version": CHECKPOINT_VERSION,
+    })
 
 
-def load_training_state(path: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+def load_training_state(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the model shard and RNG states of :func:`save_training_state`; returns the whole state
+    (``optimizer`` and ``scheduler`` for the caller to restore)."""
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
     state = torch.load(path, map_location="cpu", weights_only=False)
+    version = state.get("checkpoint_version")
+    if version != CHECKPOINT_VERSION:
+        raise ConfigError([f"{path} has checkpoint_version {version}, this dpo_rl reads {CHECKPOINT_VERSION} "
+                           "(megatron-core's optimizer); it cannot be resumed: start a new run from its weights "
+                           "(tools/checkpoint/convert_ckpt.py to HF, then the role's load)"])
     load_into_model(model, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state
+
+
+def save_optimizer_shard(path: Path, shard: Any) -> None:
+    _atomic_save(path, shard)
+
+
+def load_optimizer_shard(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError([f"{path} is missing: the checkpoint was written with another data-parallel size or "
+                           "without use_distributed_optimizer"])
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _atomic_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model_config: ModelConfig,

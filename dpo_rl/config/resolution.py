@@ -283,6 +283,7 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.extend(parallel.check(model, where=key))
         if rc.lr_decay_style not in LR_DECAY_STYLES:
             p.append(f"{key}.lr_decay_style={rc.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}")
+        p.extend(_check_training_engine(key, rc))
         if rc.micro_batch_size < 1:
             p.append(f"{key}.micro_batch_size={rc.micro_batch_size} must be >= 1")
         if check_paths:
@@ -451,6 +452,25 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     if r.max_prompt_length + r.max_new_tokens > model.max_position_embeddings:
         p.append(f"{key}.max_prompt_length ({r.max_prompt_length}) + max_new_tokens ({r.max_new_tokens}) exceeds "
                  f"the model's max_position_embeddings ({model.max_position_embeddings})")
+    return p
+
+
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def _check_training_engine(key: str, rc: RoleConfig) -> list[str]:
+    """The megatron DDP / optimizer / recompute knobs of one role."""
+    p = []
+    if rc.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        p.append(f"{key}.recompute_granularity={rc.recompute_granularity!r} is unknown; use null, full or selective")
+    if rc.recompute_granularity == "full":
+        if rc.recompute_method not in RECOMPUTE_METHODS:
+            p.append(f"{key}.recompute_method={rc.recompute_method!r} is unknown; use uniform or block")
+        if rc.recompute_num_layers < 1:
+            p.append(f"{key}.recompute_num_layers={rc.recompute_num_layers} must be >= 1")
+    if rc.weight_sync_bucket_mb <= 0:
+        p.append(f"{key}.weight_sync_bucket_mb={rc.weight_sync_bucket_mb} must be > 0")
     return p
 
 

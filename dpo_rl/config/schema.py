@@ -73,7 +73,23 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     clip_grad: float = 1.0
-    """Max global gradient norm (0 disables clipping)."""
+    """Max global gradient norm over every TP/PP/DP shard (0 disables clipping)."""
+    use_distributed_optimizer: bool = True
+    """Megatron's distributed optimizer: the fp32 main parameters and Adam states are sharded over the
+    data-parallel ranks (ZeRO-1); false keeps a full copy on every DP rank. Same updates either way."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's DP reduction during the backward pass (megatron DDP)."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32 even when the parameters are bf16/fp16 (megatron DDP's
+    ``grad_reduce_in_fp32``; Megatron-LM forces it for bf16)."""
+    recompute_granularity: Optional[str] = None
+    """Activation recomputation: ``null`` (off), ``full`` (whole layers, see ``recompute_method``) or
+    ``selective`` (core attention only)."""
+    recompute_method: str = "uniform"
+    """With ``full``: ``uniform`` (recompute every ``recompute_num_layers``-layer chunk) or ``block``
+    (the first ``recompute_num_layers`` layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
+    """With ``full``: layers per recomputed chunk (``uniform``) or recomputed layers per stage (``block``)."""
 
 
 @dataclass
@@ -111,7 +127,12 @@ class OnlineActorSettings:
     num_gpus_for_infer: int = 0
     """Actor processes that only sample; 0 = colocated (the training ranks sample)."""
     verify_weight_sync: bool = False
-    """Split actor only: compare a checksum of the pushed weights on every infer rank."""
+    """Split actor only: after each sync, compare the checksum of the weights the training ranks sent with
+    the one the infer ranks received and the one of the weights their model then holds."""
+    weight_sync_bucket_mb: float = 256.0
+    """Split actor only: the training ranks stream the weights to the infer ranks in buckets of about this
+    many MB (each side holds about one bucket more than its model; one tensor larger than a bucket is
+    sent alone)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of a response that ends without EOS."""
     clip_ratio: Optional[float] = None

@@ -66,6 +66,7 @@ class RayWorkerGroup(_WorkerGroup):
         self.worker_cls = worker_cls
         self.role = pool.role
         world = pool.world_size
+        self.world_size = world
         remote_cls = ray.remote(worker_cls)
         self.actors = []
         for rank, (pg, bundle) in enumerate(pool.slots()):
@@ -152,6 +153,7 @@ class LocalWorkerGroup(_WorkerGroup):
     def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]) -> None:
         self.worker_cls = worker_cls
         self.worker = worker_cls(rank=0, world_size=1, **worker_kwargs)
+        self.world_size = 1
         address, port = self.worker.rendezvous_endpoint()
         ranks = self.worker.init_distributed(address, port)
         self.ranks = [ranks]

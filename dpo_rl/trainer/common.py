@@ -9,7 +9,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_rl.checkpoint.convert import TOKENIZER_FILES
-from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.errors import ConfigError
 
@@ -44,10 +43,8 @@ def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
 
 def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> Path:
     """A trained role's model as an HF checkpoint (safetensors, config.json, tokenizer files)."""
-    reward = role == "reward"
-    save_hf_checkpoint(directory, group.export_weights(), c.models[role], reward=reward,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    group.save_hf(str(directory), {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                   "pad_token_id": tokenizer.pad_token_id})
     tokenizer_dir = Path(c.roles[role].tokenizer_name_or_path)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():

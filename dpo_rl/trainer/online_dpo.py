@@ -40,6 +40,7 @@ from dpo_rl.errors import ConfigError
 from dpo_rl.pairing import build_pairs
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
+from dpo_rl.runtime.worker_group import wait_for
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.common import (
     export_model,
@@ -74,6 +75,11 @@ class RoleGroups:
 
     def all(self) -> list:
         return [g for g in (self.actor, self.rollout, self.ref, self.reward) if g is not None]
+
+
+def wait_all(pending: list) -> list:
+    """Results of calls started together (e.g. both sides of a collective), in order."""
+    return [wait_for(p) for p in pending]
 
 
 def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -> Batch:
@@ -111,6 +117,8 @@ class OnlineDPOTrainer(TrainingLoop):
         # The evaluation's baseline is the actor's own initial weights, whatever ref.load names: sampled
         # before a checkpoint is restored, from the group that samples (its weights are the actor's `load`).
         self.initial = self.sample_eval() if self.evaluates else None
+        if self.groups.rollout is not None:
+            self.join_weight_sync()
 
     def evaluate(self) -> dict[str, float]:
         return self.compare_with_baseline()[0]
@@ -203,16 +211,30 @@ class OnlineDPOTrainer(TrainingLoop):
         )
         return pairs.rows(index).update({"minibatch": minibatch, "weight": weight})
 
+    def join_weight_sync(self) -> None:
+        """Build the sync groups between the training ranks and the rollout ranks (split actor, once)."""
+        actor, rollout = self.groups.actor, self.groups.rollout
+        address, port = actor.weight_sync_endpoint()
+        senders = self.c.parallel("actor_rollout").pipeline_model_parallel_size
+        wait_all([actor.call_async("join_weight_sync_as_sender", address, port, rollout.world_size),
+                  rollout.call_async("join_weight_sync_as_receiver", address, port, senders)])
+        self._sync_joined = True
+
     def sync_weights(self) -> dict[str, float]:
-        """Push the trained weights to the rollout ranks (split actor), optionally verified."""
+        """Stream the trained weights to the rollout ranks over their sync groups (split actor): the driver
+        only starts both sides; with ``verify_weight_sync`` it compares three checksums."""
+        if not getattr(self, "_sync_joined", False):
+            self.join_weight_sync()
         start = time.perf_counter()
-        state = self.groups.actor.export_weights()
-        received = self.groups.rollout.load_weights(state)
-        if self.actor_cfg.verify_weight_sync:
-            sent = self.groups.actor.checksum()
+        a = self.actor_cfg
+        verify = a.verify_weight_sync
+        sent, received = wait_all([self.groups.actor.call_async("send_weights", a.weight_sync_bucket_mb, verify),
+                                   self.groups.rollout.call_async("receive_weights", verify)])
+        if verify:
             loaded = self.groups.rollout.checksum()
             if not (sent == received == loaded):
-                raise RuntimeError(f"weight sync checksum mismatch: sent {sent[:12]}, rollout loaded {loaded[:12]}")
+                raise RuntimeError(f"weight sync checksum mismatch: sent {sent[:12]}, received {received[:12]}, "
+                                   f"rollout model holds {loaded[:12]}")
         return {"compute_s": time.perf_counter() - start}
 
     # -- metrics and evaluation ----------------------------------------------------------

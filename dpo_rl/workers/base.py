@@ -55,14 +55,8 @@ class MegatronWorker:
     # -- set-up -------------------------------------------------------------------------
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Address and a free port of this (rank 0) process for the group's rendezvous."""
-        try:
-            import ray  # deferred: Ray, only when a run uses it
-
-            address = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        except ImportError:  # pragma: no cover - Ray is a dependency
-            address = "127.0.0.1"
-
-        return address, free_port()
+        address = node_address()
+        return address, free_port(address)
 
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
@@ -76,9 +70,12 @@ class MegatronWorker:
         return self.ranks
 
     def _build_model(self):
-
         build = build_reward_model if self.reward_model else build_gpt_model
-        return build(self.model_config, self.parallel)
+        return build(self.model_config, self.parallel, overrides=self.transformer_overrides())
+
+    def transformer_overrides(self) -> dict:
+        """Further ``TransformerConfig`` fields for this role's model (none; trained roles add recomputation)."""
+        return {}
 
     def _load(self, directory: str) -> None:
         """Weights from a Megatron checkpoint (tools/checkpoint layout, same TP/PP) or an HF directory."""
@@ -107,6 +104,16 @@ class MegatronWorker:
 
     def to_device(self, batch: Batch) -> Batch:
         return Batch({k: v.to(self.device) for k, v in batch.tensors.items()}, dict(batch.meta))
+
+
+def node_address() -> str:
+    """The address other processes reach this one at: Ray's node address in a Ray actor, else loopback."""
+    try:
+        import ray  # deferred: Ray, only when a run uses it
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        return "127.0.0.1"
 
 
 class Stopwatch:

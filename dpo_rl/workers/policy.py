@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional
 
 import torch
@@ -23,20 +22,32 @@ from dpo_rl.losses import (
     PreferenceLossOutput,
     compute_preference_loss,
 )
+from dpo_rl.checkpoint.hf_stream import (
+    StreamingLoader,
+    WeightsDigest,
+    buckets,
+    stage_hf_groups,
+    weights_checksum,
+)
 from dpo_rl.workers.base import (
     MegatronWorker,
     Stopwatch,
+    node_address,
     pair_microbatch,
     sequence_microbatch,
     split_pair_halves,
 )
 from dpo_rl.workers.megatron.forward import Microbatch
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
-from dpo_rl.workers.megatron.hf_interop import (
-    export_from_current_rank,
-    load_into_current_rank,
-)
+from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
 from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+from dpo_rl.workers.megatron.weight_sync import (
+    connect_store,
+    host_store,
+    receive_buckets,
+    send_buckets,
+    sync_group,
+)
 from dpo_rl.workers.trainable import TrainableWorker
 
 
@@ -105,26 +116,36 @@ class PolicyWorker(MegatronWorker):
         result.meta["compute_s"] = watch.seconds
         return result
 
+    # -- weight sync, receiving side (a split actor's rollout ranks) ------------------------------
     @register(Dispatch.ALL)
-    def load_weights(self, state: dict[str, torch.Tensor]) -> str:
-        """Load full HF-named weights (pushed from the training ranks); returns their checksum."""
-        load_into_current_rank(self.model, state, self.model_config)
-        return weights_checksum(state)
+    def join_weight_sync_as_receiver(self, address: str, port: int, senders: int) -> bool:
+        """Join the sync groups of the ``senders`` trainer pipeline stages (rank 1 + this rank in each)."""
+        store = connect_store(address, port)
+        self._sync_groups = [sync_group(store, stage, 1 + self.rank, 1 + self.world_size, self.parallel.device,
+                                        node_address()) for stage in range(senders)]
+        return True
+
+    @register(Dispatch.ALL)
+    def receive_weights(self, verify: bool) -> str:
+        """Load the weights the training ranks stream (every stage's buckets, resharded to this rank's TP
+        shard on arrival); with ``verify``, returns the checksum of the received tensors, else ``""``."""
+        r = self.ranks
+        loader = StreamingLoader(self.model, self.model_config, tp_rank=r.tp_rank, tp_size=r.tp_size,
+                                 pp_rank=r.pp_rank, pp_size=r.pp_size)
+        digest = WeightsDigest()
+        for group in self._sync_groups:
+            for bucket in receive_buckets(group, self.device):
+                loader.add_bucket(bucket)
+                if verify:
+                    digest.add_bucket(bucket)
+        loader.finish()
+        return digest.hexdigest() if verify else ""
 
     @register(Dispatch.ALL)
     def checksum(self) -> str:
-        """Checksum of this model's full weights (gathered over TP)."""
+        """Checksum of this model's full weights as they are now (gathered over TP and PP)."""
         state = export_from_current_rank(self.model, self.model_config)
         return weights_checksum(state) if state is not None else ""
-
-
-def weights_checksum(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over tensor names and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class ActorWorker(PolicyWorker, TrainableWorker):
@@ -156,7 +177,53 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         metrics["compute_s"] = watch.seconds
         return metrics
 
-    def _preference_loss(self, num_micro: int):
+    # -- weight sync, sending side ------------------------------------------------------------------
+    @register(Dispatch.ALL)
+    def weight_sync_endpoint(self) -> tuple[str, int]:
+        """Host the sync groups' store on the output rank of DP replica 0; returns its (address, port)."""
+        r = self.ranks
+        if r.is_output_rank and r.dp_rank == 0:
+            self._sync_store = host_store(node_address())
+            return self._sync_store.address, self._sync_store.port
+        return "", 0  # not the owner: dropped by the worker group
+
+    @register(Dispatch.ALL)
+    def join_weight_sync_as_sender(self, address: str, port: int, receivers: int) -> bool:
+        """TP rank 0 of each pipeline stage of DP replica 0 joins its stage's group as rank 0."""
+        r = self.ranks
+        self._sync_group = None
+        if r.dp_rank == 0 and r.tp_rank == 0:
+            store = getattr(self, "_sync_store", None) or connect_store(address, port)
+            self._sync_group = sync_group(store, r.pp_rank, 0, 1 + receivers, self.parallel.device, node_address())
+        return True
+
+    @register(Dispatch.ALL)
+    def send_weights(self, bucket_mb: float, verify: bool) -> str:
+        """Stream the current weights to the rollout ranks, each stage from its TP rank 0, in buckets of
+        about ``bucket_mb`` MB (collective over DP replica 0's TP and PP groups). With ``verify``, returns
+        the checksum of everything sent (every stage's, on the output rank), else ``""``."""
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+
+        r = self.ranks
+        if r.dp_rank != 0:
+            return ""
+        digest = WeightsDigest()
+        groups = stage_hf_groups(self.model, self.model_config, tp_group=mpu.get_tensor_model_parallel_group(),
+                                 tp_rank=r.tp_rank, tp_size=r.tp_size, pp_rank=r.pp_rank, pp_size=r.pp_size)
+        if r.tp_rank == 0:
+            stream = buckets(groups, int(bucket_mb * 2**20))
+            send_buckets(self._sync_group, _digested(stream, digest) if verify else stream, self.device)
+        else:
+            for _ in groups:  # take part in the stage's TP gathers
+                pass
+        if verify and r.pp_size > 1:
+            parts: list[Optional[dict]] = [None] * r.pp_size
+            torch.distributed.all_gather_object(parts, digest.tensors, group=mpu.get_pipeline_model_parallel_group())
+            for part in parts:
+                digest.update(part or {})
+        return digest.hexdigest() if verify else ""
+
+    def _preference_loss(self, averaged_over: int):
         spec = self.loss_spec
 
         def compute(output, micro):
@@ -170,8 +237,8 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                               rejected_tokens=rejected_tokens, ref_chosen=micro.extras.get("ref_chosen_logps"),
                               ref_rejected=micro.extras.get("ref_rejected_logps"))
             out = real_rows_loss(logps, spec, real)
-            # megatron's schedule divides each micro-batch loss by their number; weights already average.
-            loss = (out.losses * weight).sum() * num_micro
+            # megatron divides by micro-batches x DP ranks (`averaged_over`); the weights already average.
+            loss = (out.losses * weight).sum() * averaged_over
             entropy_c, entropy_r = split_pair_halves(lp.mean_entropy())
             kl = (0.5 * ((chosen - logps.ref_chosen) + (rejected - logps.ref_rejected)) if logps.has_reference
                   else torch.zeros_like(chosen))
@@ -191,13 +258,13 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         return compute
 
-    def _sft_loss(self, num_micro: int):
+    def _sft_loss(self, averaged_over: int):
         def compute(output, micro):
 
             lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
             weight = micro.extras["weight"]
             nll = -lp.summed
-            loss = (nll * weight).sum() * num_micro
+            loss = (nll * weight).sum() * averaged_over
             tokens = lp.num_tokens.clamp(min=1)
             detached = {"count": (weight > 0).float(), "loss": (nll / tokens).detach(), "tokens": lp.num_tokens}
             return loss, detached
@@ -234,3 +301,10 @@ def sft_microbatch(rows: Batch):
 
     return Microbatch(rows["sequences"], rows["attention_mask"],
                       {"response_mask": rows["response_mask"], "weight": rows["weight"]})
+
+
+def _digested(stream, digest: WeightsDigest):
+    """``stream``'s buckets, each added to ``digest`` as it passes."""
+    for bucket in stream:
+        digest.add_bucket(bucket)
+        yield bucket

@@ -136,7 +136,7 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
         metrics["compute_s"] = watch.seconds
         return metrics
 
-    def _loss(self, num_micro: int):
+    def _loss(self, averaged_over: int):
         def compute(output, micro):
             values = output[..., 0].float()
             scores = values.gather(1, last_token_index(micro.attention_mask)[:, None])[:, 0]
@@ -146,6 +146,6 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
             detached = {"count": (weight > 0).float(), "loss": losses.detach(),
                         "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
                         "scores/chosen": chosen.detach(), "scores/rejected": rejected.detach()}
-            return (losses * weight).sum() * num_micro, detached
+            return (losses * weight).sum() * averaged_over, detached
 
         return compute

@@ -1,10 +1,12 @@
-"""What every trained role shares: optimizer, the mini-batch loop, gradient sync, checkpoints, export.
+"""What every trained role shares: megatron's DDP and optimizer, the mini-batch loop, checkpoints, export.
 
 :class:`TrainableWorker` is mixed into the actor (DPO and SFT objectives) and the reward
 model (Bradley-Terry). A trained role's ``update``-style RPC hands :meth:`train_minibatches`
 its rows (``minibatch`` = optimizer step, ``weight`` = the row's share of that step's mean
 loss, 0 on padding), a function building micro-batches from rows and a loss function; the
-loop, the DP all-reduce, clipping, the optimizer and the schedule live here once.
+loop lives here once and steps megatron-core's training path
+(:mod:`dpo_rl.workers.megatron.optimizer`: DDP gradient buckets, fp32 main parameters for
+16-bit models, the distributed optimizer, clipping over every shard).
 """
 
 from __future__ import annotations
@@ -16,111 +18,123 @@ import torch.distributed as dist
 
 from dpo_rl.batch import Batch
 from dpo_rl.checkpoint.training import (
+    load_optimizer_shard,
     load_training_state,
+    optimizer_shard_file,
     rank_file,
+    save_optimizer_shard,
     save_training_state,
 )
+from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
 from dpo_rl.dispatch import Dispatch, register
-from dpo_rl.optim import build_optimizer
 from dpo_rl.workers.base import MegatronWorker
 from dpo_rl.workers.megatron.forward import run_microbatches
 from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
+from dpo_rl.workers.megatron.optimizer import (
+    build_training_engine,
+    load_optimizer_state,
+    optimizer_state,
+)
 
 
 class TrainableWorker(MegatronWorker):
-    """A role that owns an optimizer over its model shard."""
+    """A role that trains its model shard with megatron-core's DDP and optimizer."""
 
     def __init__(self, *, total_iters: int, **kwargs: Any) -> None:
         """``total_iters``: the run's training iterations, the length of the LR schedule."""
         super().__init__(**kwargs)
         self.total_iters = total_iters
+        self.engine = None
 
     def init_distributed(self, address: str, port: int):
-
         ranks = super().init_distributed(address, port)
-        self.optimizer, self.scheduler = build_optimizer(self.model, self.role, self.total_iters)
+        # after the weights are loaded: the optimizer's fp32 main parameters copy them
+        self.engine = build_training_engine(self.model, self.role, self.parallel, self.total_iters)
         return ranks
+
+    def transformer_overrides(self) -> dict[str, Any]:
+        """Activation recomputation (``recompute_*``) for the trained model."""
+        r = self.role
+        if r.recompute_granularity is None:
+            return {}
+        if r.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        return {"recompute_granularity": "full", "recompute_method": r.recompute_method,
+                "recompute_num_layers": r.recompute_num_layers}
 
     def train_minibatches(self, rows: Batch, make_micro: Callable[[Batch], Any], loss_fn: Callable,
                           stat_keys: Sequence[str]) -> dict[str, float]:
         """One training iteration: an optimizer step per distinct ``minibatch`` id in ``rows``, all at
         this iteration's learning rate, then one step of the LR schedule; returns averaged statistics.
 
-        ``loss_fn(num_micro)`` returns megatron's per-micro-batch loss function, whose second
-        output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry.
+        ``loss_fn(averaged_over)`` returns megatron's per-micro-batch loss function, whose second
+        output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry;
+        ``averaged_over`` (micro-batches x DP ranks) is what megatron divides the loss by (the schedule
+        by micro-batches, DDP by DP ranks), which the row weights already account for.
         """
         self.model.train()
         rows = self.to_device(rows)
         stats = StatSums(stat_keys, self.device)
-        grad_norms = []
+        engine = self.engine
+        grad_norms, skipped = [], 0
         for minibatch in torch.unique(rows["minibatch"], sorted=True).tolist():
             part = rows.rows(torch.nonzero(rows["minibatch"] == minibatch).flatten())
             micros = [make_micro(p) for p in part.chunk(len(part) // self.role.micro_batch_size)]
-            for out in run_microbatches(self.model, micros, loss_fn(len(micros)), forward_only=False):
+            engine.zero_grad()
+            for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
+                                        forward_only=False):
                 stats.add(out)
-            grad_norms.append(self._step())
-        self.scheduler.step()
+            applied, norm = engine.step()
+            if applied:
+                grad_norms.append(norm)
+            else:
+                skipped += 1  # fp16 loss scaling found inf/NaN gradients: megatron skipped the update
+        engine.scheduler.step()
         metrics = stats.reduce()
         prefix = "actor" if not self.reward_model else "reward"
-        metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
-        metrics[f"{prefix}/lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan")
+        metrics[f"{prefix}/lr"] = float(engine.scheduler.get_last_lr()[0])
+        if self.parallel.params_dtype == "fp16":
+            metrics[f"{prefix}/loss_scale"] = engine.loss_scale()
+            metrics[f"{prefix}/skipped_steps"] = float(skipped)
         return metrics
-
-    def _step(self) -> float:
-        """All-reduce gradients over DP, clip by the global norm, step the optimizer."""
-        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
-
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.ranks.dp_size > 1:
-            grads = [p.grad for p in params]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=mpu.get_data_parallel_group())
-            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(synced)
-        norm = global_grad_norm(params)
-        if self.role.clip_grad > 0 and norm > self.role.clip_grad:
-            for p in params:
-                p.grad.mul_(self.role.clip_grad / (norm + 1e-6))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     @register(Dispatch.ALL)
     def save_checkpoint(self, directory: str) -> bool:
-        """Write this rank's model shard, optimizer, scheduler and RNG states under ``directory``."""
+        """Write this rank's model shard, optimizer, schedule and RNG states under ``directory``
+        (DP rank 0 of each model-parallel rank), and with the distributed optimizer every DP rank's
+        shard of the main parameters and Adam moments."""
         r = self.ranks
-        if r.dp_rank == 0:  # DP replicas hold the same state
-            save_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
-                            self.scheduler)
+        state = optimizer_state(self.engine.optimizer)
+        if r.dp_rank == 0:  # DP replicas hold the same model and DP-independent optimizer state
+            save_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model,
+                                state["state_dict"], self.engine.scheduler.state_dict())
+        if state["param_shards"]:
+            save_optimizer_shard(optimizer_shard_file(directory, r.tp_rank, r.pp_rank, r.pp_size, r.dp_rank),
+                                 state["param_shards"])
         return True
 
     @register(Dispatch.ALL)
     def load_checkpoint(self, directory: str) -> bool:
-        """Restore what :meth:`save_checkpoint` wrote (same TP/PP layout)."""
+        """Restore what :meth:`save_checkpoint` wrote (same TP/PP/DP layout and optimizer kind)."""
         r = self.ranks
-        load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model, self.optimizer,
-                        self.scheduler)
+        state = load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model)
+        shards = (load_optimizer_shard(optimizer_shard_file(directory, r.tp_rank, r.pp_rank, r.pp_size, r.dp_rank))
+                  if self.role.use_distributed_optimizer else [])
+        load_optimizer_state(self.engine.optimizer, {"state_dict": state["optimizer"], "param_shards": shards})
+        self.engine.scheduler.load_state_dict(state["scheduler"])
         return True
 
     @register(Dispatch.ALL)
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named weights on the output rank (collective over TP and PP)."""
-        return export_from_current_rank(self.model, self.model_config, reward=self.reward_model)
-
-
-def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm of the full model's gradient: TP-sharded grads once per shard, replicated once."""
-    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate  # deferred: heavy (megatron-core)
-
-    device = params[0].grad.device if params else torch.device("cpu")
-    square = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        if param_is_not_tensor_parallel_duplicate(p):
-            square += p.grad.detach().double().pow(2).sum()
-    if mpu.get_model_parallel_group() is not None and dist.get_world_size(mpu.get_model_parallel_group()) > 1:
-        dist.all_reduce(square, group=mpu.get_model_parallel_group())
-    return float(square.sqrt())
+    def save_hf(self, directory: str, token_ids: dict[str, Any]) -> str:
+        """Write the full model as an HF checkpoint (safetensors + config.json) from the output rank of DP
+        replica 0, gathered over TP and PP there: the driver never holds the weights. Returns the directory."""
+        if self.ranks.dp_rank != 0:
+            return directory
+        state = export_from_current_rank(self.model, self.model_config, reward=self.reward_model)
+        if state is not None:
+            save_hf_checkpoint(directory, state, self.model_config, reward=self.reward_model, **token_ids)
+        return directory
 
 
 class StatSums:

@@ -3,8 +3,11 @@
 megatron-core assumes CUDA in a handful of places that have nothing to do with the
 maths: it allocates scratch tensors on ``torch.cuda.current_device()``, builds the
 default causal mask with ``device="cuda"``, counts tokens in the pipeline schedules
-on ``device="cuda"`` and forks a CUDA RNG tracker around dropout. On CPU each of
-those raises "Torch not compiled with CUDA enabled".
+on ``device="cuda"``, forks a CUDA RNG tracker around dropout, keeps the optimizer's
+loss-scale and norm scalars on ``device="cuda"``, recognises 16-bit parameters by
+their ``torch.cuda.*Tensor`` type names and saves the CUDA RNG state around activation
+recomputation. On CPU each of those raises "Torch not compiled with CUDA enabled" (or,
+for the type names, rejects the CPU parameters).
 
 This module is the *only* place the project works around that. Every patch is:
 
@@ -50,6 +53,24 @@ PATCHES: dict[str, str] = {
         "the CUDA RNG tracker forks CUDA generator state around dropout; use megatron's "
         "own inference tracker (a no-op fork). Models here run with dropout 0 on CPU."
     ),
+    "optimizer_and_ddp.torch": (
+        "the optimizer (loss scale, found-inf flag, grad-norm scalars), the gradient "
+        "clipping, the grad scaler, the DDP buffers and megatron.core.utils' local "
+        "multi-tensor kernels create scalars with device='cuda'; give those modules the "
+        "torch whose factory functions map 'cuda' to 'cpu' (as for the schedules)."
+    ),
+    "optimizer.cuda_type_names": (
+        "Float16OptimizerWithFloat16Params and DistributedOptimizer sort parameters into "
+        "16-bit and fp32 ones by tensor.type() == 'torch.cuda.BFloat16Tensor' etc., and "
+        "clip_grad_by_total_norm_fp32 asserts 'torch.cuda.FloatTensor' grads; while those "
+        "three run (and only then), a CPU tensor's type() reports the CUDA name of the "
+        "same dtype."
+    ),
+    "tensor_parallel.random.cuda_rng_state": (
+        "activation recomputation saves and restores the CUDA generator's state next to "
+        "the CPU one; with no CUDA generator there is nothing to save: the CUDA part is an "
+        "empty tensor and restoring it a no-op (the CPU state is still saved and restored)."
+    ),
 }
 
 
@@ -66,6 +87,9 @@ def apply_cpu_shim() -> None:
     _patch_causal_mask()
     _patch_schedules_torch()
     _patch_rng_tracker()
+    _patch_optimizer_torch()
+    _patch_cuda_type_names()
+    _patch_cuda_rng_state()
     logger.debug("megatron-core CPU shim applied: %s", ", ".join(_APPLIED))
 
 
@@ -136,3 +160,69 @@ def _patch_rng_tracker() -> None:
 
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     _APPLIED.append("tensor_parallel.random.rng_tracker")
+
+
+def _patch_optimizer_torch() -> None:
+    from megatron.core import utils as mcore_utils  # deferred: heavy (megatron-core)
+    from megatron.core.distributed import param_and_grad_buffer  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer import (  # deferred: heavy (megatron-core)
+        clip_grads,
+        distrib_optimizer,
+        grad_scaler,
+    )
+    from megatron.core.optimizer import optimizer as mcore_optimizer  # deferred: heavy (megatron-core)
+
+    for module in (mcore_utils, param_and_grad_buffer, clip_grads, distrib_optimizer, grad_scaler,
+                   mcore_optimizer):
+        module.torch = _CpuFactoryTorch(torch)
+    _APPLIED.append("optimizer_and_ddp.torch")
+
+
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_named_type(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """``Tensor.type()`` that names a CPU tensor's type as the CUDA one (``torch.cuda.FloatTensor``)."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _REAL_TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_cuda_type_names(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.Tensor.type = _cuda_named_type  # type: ignore[method-assign]
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _REAL_TENSOR_TYPE  # type: ignore[method-assign]
+
+    return wrapper
+
+
+def _patch_cuda_type_names() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer import optimizer as mcore_optimizer  # deferred: heavy (megatron-core)
+
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    clipping = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clipping
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = clipping  # imported there by name
+    _APPLIED.append("optimizer.cuda_type_names")
+
+
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _patch_cuda_rng_state() -> None:
+    from megatron.core.tensor_parallel import random as mp_random  # deferred: heavy (megatron-core)
+
+    mp_random._get_cuda_rng_state = _no_cuda_rng_state
+    mp_random._set_cuda_rng_state = _set_no_cuda_rng_state
+    _APPLIED.append("tensor_parallel.random.cuda_rng_state")

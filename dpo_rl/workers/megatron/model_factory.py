@@ -20,8 +20,9 @@ from dpo_rl.workers.megatron.parallel_state import torch_device
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig):
-    """megatron-core ``TransformerConfig`` for ``model`` sharded as ``parallel``."""
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, overrides: dict | None = None):
+    """megatron-core ``TransformerConfig`` for ``model`` sharded as ``parallel``; ``overrides`` sets further
+    ``TransformerConfig`` fields (a trained role's activation recomputation)."""
     from megatron.core.transformer.transformer_config import TransformerConfig  # deferred: heavy (megatron-core)
 
     problems = model.check() + parallel.check(model)
@@ -62,6 +63,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         apply_rope_fusion=False,
         batch_p2p_comm=not on_cpu,  # gloo has no batched isend/irecv
         deallocate_pipeline_outputs=False,
+        **(overrides or {}),
     )
 
 
@@ -99,12 +101,13 @@ def build_gpt_model(
     *,
     use_transformer_engine: bool | None = None,
     share_embeddings: bool | None = None,
+    overrides: dict | None = None,
 ):
     """A ``GPTModel`` for this process's pipeline stage (parallel state must be initialised)."""
     from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
     from megatron.core.models.gpt import GPTModel  # deferred: heavy (megatron-core)
 
-    config = transformer_config(model, parallel)
+    config = transformer_config(model, parallel, overrides)
     tie = model.tie_word_embeddings if share_embeddings is None else share_embeddings
     gpt = GPTModel(
         config=config,
@@ -165,6 +168,7 @@ def build_reward_model(
     parallel: ParallelConfig,
     *,
     use_transformer_engine: bool | None = None,
+    overrides: dict | None = None,
 ):
     """The GPT trunk with a scalar value head instead of the LM head.
 
@@ -172,7 +176,7 @@ def build_reward_model(
     value at each sequence's last real token.
     """
     gpt = build_gpt_model(
-        model, parallel, use_transformer_engine=use_transformer_engine, share_embeddings=False
+        model, parallel, use_transformer_engine=use_transformer_engine, share_embeddings=False, overrides=overrides
     )
     if gpt.post_process:
         param = next(gpt.parameters())

@@ -24,6 +24,7 @@ PROBE = textwrap.dedent(
     from megatron.core.fusions import fused_softmax
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.optimizer import clip_grads, grad_scaler
     from dpo_rl.workers.megatron import cpu_shim
 
     def attempt(fn):
@@ -37,6 +38,18 @@ PROBE = textwrap.dedent(
         with mp_random.get_cuda_rng_tracker().fork():
             return torch.rand(1).shape
 
+    def clip_fp32_grads():
+        param = torch.nn.Parameter(torch.ones(3))
+        param.grad = torch.full((3,), 2.0)
+        clip_grads.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
+        # clipped by 1/4, and the CPU type names are back once the call returned
+        return [round(g, 4) for g in param.grad.tolist()], torch.zeros(1).type()
+
+    def recompute():
+        x = torch.ones(2, requires_grad=True)
+        mp_random.checkpoint(lambda t: (t * 3).sum(), False, x).backward()
+        return x.grad.tolist()
+
     calls = {
         "torch.cuda.current_device": lambda: torch.cuda.current_device(),
         "transformer.utils.get_default_causal_mask":
@@ -45,6 +58,9 @@ PROBE = textwrap.dedent(
             lambda: (schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type,
                      schedules.torch.nn is torch.nn),
         "tensor_parallel.random.rng_tracker": fork_tracker,
+        "optimizer_and_ddp.torch": lambda: grad_scaler.ConstantGradScaler(8.0).scale.device.type,
+        "optimizer.cuda_type_names": clip_fp32_grads,
+        "tensor_parallel.random.cuda_rng_state": recompute,
     }
     report = {"before": {k: attempt(f) for k, f in calls.items()}}
     real = torch.cuda.is_available
@@ -91,6 +107,9 @@ def test_patched_values_are_right(report):
     assert after["torch.cuda.current_device"]["value"] == "device(type='cpu')"
     assert after["transformer.utils.get_default_causal_mask"]["value"] == "[[0, 1, 1], [0, 0, 1], [0, 0, 0]]"
     assert after["pipeline_parallel.schedules.torch"]["value"] == "('cpu', True)"
+    assert after["optimizer_and_ddp.torch"]["value"] == "'cpu'"
+    assert after["optimizer.cuda_type_names"]["value"] == "([0.5, 0.5, 0.5], 'torch.FloatTensor')"
+    assert after["tensor_parallel.random.cuda_rng_state"]["value"] == "[3.0, 3.0]"
 
 
 def test_refuses_to_patch_a_cuda_process(report):

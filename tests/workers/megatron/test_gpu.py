@@ -39,3 +39,32 @@ def test_bf16_logits_close_to_hf_on_cuda(cuda_world, family):
     assert rel < 2e-2
     out = generate(model, [[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=8, do_sample=False), device="cuda")
     assert out.sequences.shape[1] <= 3 + 8
+
+
+def test_bf16_training_moves_fp32_main_weights_on_cuda(cuda_world):
+    """megatron's mixed-precision optimizer on CUDA at the shipped LR: every update lands in the main weights."""
+    from tests.workers.megatron.test_optimizer import (
+        SHIPPED_LR,
+        changed_fraction,
+        main_weights,
+        sft_actor,
+        train_steps,
+    )
+
+    fp32 = sft_actor(ParallelConfig(device="cuda", params_dtype="fp32"), lr=SHIPPED_LR)
+    bf16 = sft_actor(ParallelConfig(device="cuda", params_dtype="bf16"), lr=SHIPPED_LR)
+    f0, b0 = main_weights(fp32), main_weights(bf16)
+    train_steps(fp32, 5)
+    train_steps(bf16, 5)
+    assert changed_fraction(b0, main_weights(bf16)) >= 0.99 * changed_fraction(f0, main_weights(fp32))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank of the sync group")
+def test_weight_sync_over_nccl_is_bit_identical():
+    from tests.workers.megatron.test_weight_sync import run_sync
+
+    cuda = ParallelConfig(device="cuda", params_dtype="bf16")
+    results = run_sync(cuda, 1, cuda, 1, bucket_mb=0.05)
+    sent = next(r for r in results if r["trainer"])
+    received = next(r for r in results if not r["trainer"])
+    assert sent["digest"] == sent["after"] == received["digest"] == received["after"]

@@ -1,0 +1,129 @@
+"""Trainer -> rollout weight sync over a process group of their own, never through the driver.
+
+The training ranks and the rollout ranks live in different torch.distributed worlds (each role
+has its own), so the sync uses process groups built directly on a TCP store: one group per
+pipeline stage of the trainer, joining that stage's sender (TP rank 0 of DP replica 0; rank 0
+of the group) and every rollout rank (ranks 1..R). gloo on CPU, nccl on CUDA.
+
+The wire format is the bucket stream of :mod:`dpo_rl.checkpoint.hf_stream`: for each bucket the
+sender broadcasts a length, a JSON table ``[(name, dtype, shape, offset), ...]`` and one flat
+byte buffer holding the tensors; a length of 0 ends the stage's stream. Receivers view the
+tensors in the buffer (no copy) and hand the bucket on (:func:`receive_buckets` is an iterator
+of buckets, the interface a rollout engine consumes). Each side holds about one bucket at a time.
+
+The store listens on the address the ranks use (a socket bound there, handed to ``TCPStore`` as
+``master_listen_fd``), not on every interface.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from dpo_rl.checkpoint.hf_stream import HFGroup
+
+END_OF_STREAM = 0
+
+
+@dataclass
+class SyncStore:
+    """The rendezvous store of the sync groups, hosted by the trainer's output rank."""
+
+    store: dist.TCPStore
+    address: str
+    port: int
+    listener: socket.socket | None = None  # the bound socket the master store accepts on
+
+
+def host_store(address: str, timeout_s: float = 600.0) -> SyncStore:
+    """A TCP store listening on ``address`` only (a free port)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(address, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.fileno())
+    return SyncStore(store, address, port, listener)
+
+
+def connect_store(address: str, port: int, timeout_s: float = 600.0) -> SyncStore:
+    store = dist.TCPStore(address, port, None, False, datetime.timedelta(seconds=timeout_s))
+    return SyncStore(store, address, port)
+
+
+def sync_group(store: SyncStore, stage: int, rank: int, size: int, device: str, local_address: str,
+               timeout_s: float = 600.0):
+    """The process group of trainer stage ``stage``'s sync (``rank`` 0 = the sender)."""
+    prefixed = dist.PrefixStore(f"weight_sync/stage{stage}", store.store)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device == "cpu":
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address)]
+        options._timeout = timeout
+        return dist.ProcessGroupGloo(prefixed, rank, size, options)
+    if device == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    raise NotImplementedError(f"weight sync over {device!r} process groups is not implemented (cpu, cuda)")
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    options.rootTensor = 0
+    group.broadcast([tensor], options).wait()
+
+
+def send_buckets(group, buckets: Iterable[HFGroup], device: torch.device) -> int:
+    """Broadcast every bucket from this (rank 0) process, then the end mark; returns the bytes sent."""
+    sent = 0
+    for bucket in buckets:
+        table, offset = [], 0
+        for name, tensor in bucket:
+            nbytes = tensor.numel() * tensor.element_size()
+            table.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset))
+            offset += nbytes
+        flat = torch.empty(offset, dtype=torch.uint8, device=device)
+        for (name, tensor), (_, _, _, start) in zip(bucket, table):
+            nbytes = tensor.numel() * tensor.element_size()
+            flat[start:start + nbytes].copy_(tensor.contiguous().view(-1).view(torch.uint8))
+        meta = torch.frombuffer(bytearray(json.dumps(table).encode()), dtype=torch.uint8).to(device)
+        _broadcast(group, torch.tensor([meta.numel(), offset], dtype=torch.int64, device=device))
+        _broadcast(group, meta)
+        _broadcast(group, flat)
+        sent += offset
+        del flat
+    _broadcast(group, torch.tensor([END_OF_STREAM, 0], dtype=torch.int64, device=device))
+    return sent
+
+
+def receive_buckets(group, device: torch.device) -> Iterator[HFGroup]:
+    """The buckets one sender broadcasts, as ``[(name, tensor), ...]`` viewing a fresh buffer each."""
+    while True:
+        header = torch.zeros(2, dtype=torch.int64, device=device)
+        _broadcast(group, header)
+        meta_len, data_len = (int(v) for v in header.tolist())
+        if meta_len == END_OF_STREAM:
+            return
+        meta = torch.empty(meta_len, dtype=torch.uint8, device=device)
+        _broadcast(group, meta)
+        flat = torch.empty(data_len, dtype=torch.uint8, device=device)
+        _broadcast(group, flat)
+        table = json.loads(meta.cpu().numpy().tobytes().decode())
+        bucket = []
+        for name, dtype, shape, start in table:
+            dt = getattr(torch, dtype)
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dt).element_size()
+            bucket.append((name, flat[start:start + nbytes].view(dt).view(shape)))
+        yield bucket
