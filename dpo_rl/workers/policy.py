@@ -1,10 +1,11 @@
 """Policy-model workers: sampling and log-probs (reference, rollout) and the trained actor.
 
 * :class:`PolicyWorker` — ``generate`` (KV-cached sampling) and ``sequence_logprobs``; used for
-  the reference role and for the actor's separate rollout ranks.
+  the reference role and for the actor's separate rollout ranks, which ``receive_weights``.
 * :class:`ActorWorker` — a PolicyWorker that also trains (:class:`TrainableWorker`): ``update``
   runs the preference loss (online and offline DPO) or the SFT loss over the step's
-  mini-batches; weights can be exported to rollout ranks.
+  mini-batches; ``send_weights`` streams the trained weights to the rollout ranks
+  (:mod:`dpo_rl.workers.megatron.weight_sync`).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class PolicyWorker(MegatronWorker):
 
 
 class ActorWorker(PolicyWorker, TrainableWorker):
-    """The trained policy: preference (DPO-family) or SFT updates; weights export to rollout ranks.
+    """The trained policy: preference (DPO-family) or SFT updates; streams its weights to rollout ranks.
 
     ``objective`` is ``preference`` (rows are pairs, see :func:`pair_microbatch`) or ``sft``
     (rows are sequences with a ``response_mask``; ``weight`` is 1 / response tokens of the
@@ -167,7 +168,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         """One training step over this rank's share of the step's rows.
 
         ``rows`` carries ``minibatch`` (optimizer step index) and ``weight`` (the row's share of
-        its mini-batch's mean loss, 0 on padding) so gradients summed over DP ranks equal the mean.
+        its mini-batch's mean loss, 0 on padding) so the DP-reduced gradient is the mini-batch mean's.
         """
         with Stopwatch() as watch:
             if self.objective == "sft":

@@ -108,6 +108,11 @@ def problems(overrides, check_paths=False):
         (["resource_pool.ref=[3]", "+actor_rollout_ref.ref.tensor_model_parallel_size=2"],
          "resource_pool.ref=[3] (3 processes) must be a multiple of actor_rollout_ref.ref TP x PP (2 x 1)"),
         (["+actor_rollout_ref.actor_rollout.lr_decay_style=step"], "lr_decay_style='step' is unknown"),
+        (["+actor_rollout_ref.actor_rollout.recompute_granularity=layers"],
+         "actor_rollout_ref.actor_rollout.recompute_granularity='layers' is unknown; use null, full or selective"),
+        (["+actor_rollout_ref.actor_rollout.recompute_granularity=full",
+          "+actor_rollout_ref.actor_rollout.recompute_method=every"], "recompute_method='every' is unknown"),
+        (["+actor_rollout_ref.actor_rollout.weight_sync_bucket_mb=0"], "weight_sync_bucket_mb=0.0 must be > 0"),
     ],
 )
 def test_rule_message(overrides, message):

@@ -60,10 +60,13 @@ def test_split_actor_with_two_pipeline_stages_syncs_and_trains_like_one(world_di
 
 
 def test_offline_dpo_and_the_reward_stage_with_pipeline_stages_match_one_rank(world_dir, offline_data, tmp_path):
-    """Offline DPO with a PP=2 actor (the reference stays PP=1) and the reward stage with TP=2 x PP=2."""
+    """Offline DPO with a TP=2 x PP=2 actor (the reference stays TP=PP=1) and the reward stage with TP=2 x PP=2."""
     dpo = ("training.train_iters=2", "training.eval_interval=0")
     one = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "dpo1", *dpo), use_ray=False)
-    two = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "dpo2", *dpo, *PP2))
+    two = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "dpo2", *dpo,
+                             "++actor_rollout_ref.actor_rollout.pipeline_model_parallel_size=2",
+                             "++actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                             "resource_pool.actor_rollout=[4]"))
     for x, y in zip(rows(tmp_path / "dpo1" / "metrics.jsonl"), rows(tmp_path / "dpo2" / "metrics.jsonl")):
         for key in ("loss", "logps/chosen", "actor/grad_norm"):
             assert_close(y[key], x[key], rtol=RTOL_LAYOUT, what=f"dpo step {x['step']} {key}")
