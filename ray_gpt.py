@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dpo_rl.errors import ConfigError
+from dpo_rl.errors import ConfigError, TrainingStopped
 
 
 @hydra.main(config_path="configs/rlxf", config_name=None, version_base="1.3")
@@ -22,6 +22,9 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as err:
+        print(f"ray_gpt.py: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as err:
         print(f"ray_gpt.py: {err}", file=sys.stderr)
         sys.exit(2)
 

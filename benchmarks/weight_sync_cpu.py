@@ -30,7 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from dpo_rl.dispatch import Dispatch, register  # noqa: E402
 from dpo_rl.workers.base import MegatronWorker  # noqa: E402
-from dpo_rl.workers.megatron.hf_interop import export_from_current_rank, load_into_current_rank  # noqa: E402
+from dpo_rl.workers.megatron.hf_interop import (  # noqa: E402
+    export_from_current_rank,
+    load_into_current_rank,
+)
 from dpo_rl.workers.policy import ActorWorker, PolicyWorker  # noqa: E402
 
 

@@ -1,6 +1,10 @@
-"""The one error type for bad configuration: it carries every problem found, not just the first."""
+"""The project's own errors: bad configuration (every problem found, not just the first) and a deliberate stop."""
 
 from __future__ import annotations
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose mid-training (e.g. a non-finite step); the message says why and what to do."""
 
 
 class ConfigError(ValueError):

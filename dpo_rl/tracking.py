@@ -9,6 +9,7 @@ two runs with one seed on CPU write identical files; wall-clock measurements
 from __future__ import annotations
 
 import json
+import math
 import logging
 import sys
 import time
@@ -72,7 +73,7 @@ class MetricsTracker:
             self.timing_file = (self.dir / "timing.jsonl").open("w")
         values, timing = split_timing(metrics)
         record = {"step": step, **{k: _round(v) for k, v in sorted(values.items())}}
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self.metrics_file.flush()
         self.timing_file.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in sorted(timing.items())}}) + "\n")
         self.timing_file.flush()
@@ -121,7 +122,7 @@ class MetricsTracker:
         steps = [h["step"] for h in self.history]
         fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            ax.plot(steps, [h.get(key, float("nan")) for h in self.history], lw=1)
+            ax.plot(steps, [float("nan") if h.get(key) is None else h[key] for h in self.history], lw=1)
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -146,5 +147,6 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def _round(value: float) -> float:
-    return float(f"{value:.8g}")
+def _round(value: float) -> Optional[float]:
+    """8 significant digits; NaN/inf become ``null`` (metrics.jsonl stays valid JSON)."""
+    return float(f"{value:.8g}") if math.isfinite(value) else None

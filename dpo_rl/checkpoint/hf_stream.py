@@ -23,10 +23,10 @@ from typing import Iterable, Iterator
 import torch
 
 from dpo_rl.checkpoint.hf_weights import (
+    HFGroup,
     combine,
     key_map,
     local_tensor_names,
-    HFGroup,
     shard,
     stage_hf_groups,
     te_name,

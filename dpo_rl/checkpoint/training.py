@@ -107,7 +107,7 @@ def load_training_state(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     (``optimizer`` and ``scheduler`` for the caller to restore)."""
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_load(path)
     version = state.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
         raise ConfigError([f"{path} has checkpoint_version {version}, this dpo_rl reads {CHECKPOINT_VERSION} "
@@ -128,7 +128,20 @@ def load_optimizer_shard(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with another data-parallel size or "
                            "without use_distributed_optimizer"])
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path)
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only, so a planted checkpoint cannot
+    run code; anything else is a :class:`ConfigError` naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError([f"{path} holds more than tensors and plain data, so it was not loaded (loading it could "
+                           f"run code): {reason}; was it written by dpo_rl?"]) from None
 
 
 def _atomic_save(path: Path, obj: Any) -> None:

@@ -270,6 +270,8 @@ def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]])
 def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     p: list[str] = []
     t = c.training
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        p.append(f"training.on_nonfinite={t.on_nonfinite!r} is unknown; use stop or skip")
     expected_resource = DEVICE_RESOURCE.get(t.device)
     if expected_resource is None:
         p.append(f"training.device={t.device!r} is unknown; use cpu, cuda or npu")
@@ -455,6 +457,7 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     return p
 
 
+NONFINITE_POLICIES = ("stop", "skip")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 

@@ -191,6 +191,10 @@ class TrainingConfig(RoleConfig):
     """Checkpoints kept (older ones are deleted after a save; 0 = keep all)."""
     resume: str = "auto"
     """``auto`` (the latest checkpoint in save_dir, if any), ``none``, or an ``iter_XXXXXXX`` directory."""
+    on_nonfinite: str = "stop"
+    """A step whose gradients (or loss, grad norm, any metric) are NaN/inf is never applied to the weights; then
+    ``stop``: the run ends at that step naming the metric and the last checkpoint (exit 2), or ``skip``: the step is
+    skipped, counted (``train/nonfinite_steps``) and logged, and training goes on."""
     export_hf: bool = False
     """At the end, write the trained model as an HF checkpoint to ``<output_dir>/hf_actor`` (``hf_reward`` for the
     reward stage)."""
@@ -288,6 +292,9 @@ class RayConfig:
     """Dashboard bind address (local cluster)."""
     resource_timeout_s: float = 60.0
     """Fail if the placement groups are not ready within this time."""
+    connect_timeout_s: float = 30.0
+    """Joining an existing cluster (``address`` / ``RAY_ADDRESS``): fail, naming the address, if its head is not
+    reachable within this time (instead of retrying forever)."""
     home_dir: Optional[str] = None
     """HOME for Ray's processes (holds an empty ray_bootstrap_config.yaml; see docs/ray.md).
     ``null`` = a per-user directory under the system temp dir."""

@@ -30,6 +30,7 @@ from dpo_rl.data.adapters import get_adapter
 from dpo_rl.data.formats import META_SUFFIX, InputError
 from dpo_rl.data.handlers import CANONICAL_COLUMNS, Handler, RowError, get_handler
 from dpo_rl.data.templates import get_template, tokenize_example
+from dpo_rl.data.tokenizers import check_tokenizer_dir, load_local_tokenizer
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -159,9 +160,8 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer_path: str, handler_name: str, prompt_type: str, map_keys: dict[str, str],
                  adapter: Optional[str]) -> None:
-    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
-
-    _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(tokenizer_path), handler=get_handler(handler_name),
+    _WORKER.update(tokenizer=load_local_tokenizer(tokenizer_path, "--tokenizer-name-or-path"),
+                   handler=get_handler(handler_name),
                    prompt_type=prompt_type, map_keys=map_keys, adapter=get_adapter(adapter) if adapter else None)
 
 
@@ -265,6 +265,9 @@ def preprocess(options: PreprocessOptions, progress: bool = True) -> Summary:
         if handler.style != "alpaca" or options.map_keys:
             raise InputError(f"--dataset-adapter {options.dataset_adapter} yields canonical alpaca-style rows: use an "
                              "AlpacaStyle* handler and no --map-keys")
+    problems = check_tokenizer_dir(options.tokenizer_name_or_path, "--tokenizer-name-or-path")
+    if problems:
+        raise InputError(problems[0])
     files = input_files(options.input)
     summary = Summary()
     examples: list[dict[str, np.ndarray]] = []

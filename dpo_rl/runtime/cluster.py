@@ -16,9 +16,13 @@ import contextlib
 import getpass
 import logging
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Optional
+
+from dpo_rl.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ def start_ray(
     include_dashboard: bool = False,
     dashboard_host: str = "127.0.0.1",
     home_dir: Optional[str] = None,
+    connect_timeout_s: float = 30.0,
 ) -> dict:
     """``ray.init`` for this project: join ``address`` (or ``RAY_ADDRESS``), else start locally.
 
@@ -106,6 +111,7 @@ def start_ray(
     address = address or os.environ.get("RAY_ADDRESS")
     with ray_process_env(home):
         if address:
+            check_reachable(address, connect_timeout_s)
             logger.info("joining Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
@@ -119,6 +125,38 @@ def start_ray(
                     runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
                 )
     return ray.cluster_resources()
+
+
+def head_endpoint(address: str) -> Optional[tuple[str, int]]:
+    """(host, port) of a cluster address ``host:port`` or ``ray://host:port``; None for ``auto`` / ``local``."""
+    if address in ("auto", "local"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError([f"ray.address={address!r} is not host:port, ray://host:port or auto"])
+    return host, int(port)
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` (one clear message) when the cluster head at ``address`` takes no connection."""
+    endpoint = head_endpoint(address)
+    if endpoint is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    error: Exception = TimeoutError()
+    while True:
+        try:
+            with socket.create_connection(endpoint, timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            error = err
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise ConfigError([f"ray.address={address!r}: no Ray cluster head answers there after {timeout_s:g} s "
+                       f"({type(error).__name__}: {error}); is `ray start --head` running on {endpoint[0]}, is port "
+                       f"{endpoint[1]} open from here, or unset ray.address / RAY_ADDRESS to start a local cluster "
+                       "(ray.connect_timeout_s sets the wait)"])
 
 
 def stop_ray() -> None:

@@ -38,7 +38,7 @@ class GroupFactory:
             c = self.c
             start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
                       include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host,
-                      home_dir=c.ray.home_dir)
+                      home_dir=c.ray.home_dir, connect_timeout_s=c.ray.connect_timeout_s)
             try:
                 for together in ([pools] if self.coexisting else [[p] for p in pools]):
                     check_fits(together)

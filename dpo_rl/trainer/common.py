@@ -9,16 +9,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_rl.checkpoint.convert import TOKENIZER_FILES
-from dpo_rl.config.resolution import ResolvedConfig
+from dpo_rl.config.resolution import ROLE_SECTIONS, ResolvedConfig
+from dpo_rl.data.tokenizers import load_local_tokenizer
 from dpo_rl.errors import ConfigError
 
 logger = logging.getLogger("dpo_rl")
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer  # deferred: transformers is heavy to import
+def load_tokenizer(path: str, key: str = "tokenizer_name_or_path"):
+    """The tokenizer of setting ``key`` (a local directory; never the Hub); ``key`` names it in errors."""
+    return load_local_tokenizer(path, key)
 
-    return AutoTokenizer.from_pretrained(path)
+
+def tokenizer_key(role: str) -> str:
+    """The full key of a role's tokenizer setting, for messages."""
+    return f"{ROLE_SECTIONS[role]}.tokenizer_name_or_path"
 
 
 def special_ids(tokenizer, *, require_eos: bool = True) -> tuple[tuple[int, ...], int]:

@@ -17,6 +17,7 @@ reads as the steps every stage takes:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -24,8 +25,13 @@ from typing import Any, Optional
 import torch
 
 from dpo_rl.batch import Batch
-from dpo_rl.checkpoint.training import restore_group_checkpoint, save_group_checkpoint
-from dpo_rl.config.resolution import ResolvedConfig
+from dpo_rl.checkpoint.training import (
+    latest_step,
+    restore_group_checkpoint,
+    save_group_checkpoint,
+)
+from dpo_rl.config.resolution import ROLE_SECTIONS, ResolvedConfig
+from dpo_rl.errors import TrainingStopped
 from dpo_rl.runtime.worker_group import wait_for
 
 logger = logging.getLogger(__name__)
@@ -52,13 +58,48 @@ class TrainingLoop:
         if first == 1:  # a resumed run reported its start already
             self.start_evaluation()
         for step in range(first, t.train_iters + 1):
-            metrics = self.train_step(step)
+            try:
+                metrics = self.train_step(step)
+            except FloatingPointError as err:  # a worker met non-finite numbers it cannot go on with
+                raise TrainingStopped(f"step {step}: {str(err).splitlines()[-1].strip()}; {self.checkpoint_hint()}. "
+                                      f"{self.nonfinite_advice()}") from None
+            self.check_finite(step, metrics)
             if self.evaluates and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
                 metrics.update(self.evaluate())
             self.tracker.log(step, metrics)
             if t.save_interval and step % t.save_interval == 0:
                 self.save(step)
         return self.finish()
+
+    def check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        """A step with a non-finite gradient (never applied by the workers) or metric: stop or skip it.
+
+        ``training.on_nonfinite: stop`` logs the step (NaN as null) and raises :class:`TrainingStopped`
+        naming the step, the metrics and the last checkpoint; ``skip`` counts it
+        (``train/nonfinite_steps``, cumulative) and goes on.
+        """
+        bad = nonfinite_keys(metrics)
+        if not bad:
+            return
+        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+        metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
+        shown = ", ".join(f"{k}={metrics[k]}" for k in bad[:4])
+        if self.c.training.on_nonfinite == "skip":
+            logger.warning("step %d: non-finite %s; its update was not applied, skipped (%d so far)", step, shown,
+                           self.nonfinite_steps)
+            return
+        self.tracker.log(step, metrics)
+        raise TrainingStopped(f"step {step}: non-finite {shown}; the update was not applied and the run stopped; "
+                              f"{self.checkpoint_hint()}. {self.nonfinite_advice()}, or set training.on_nonfinite: skip")
+
+    def checkpoint_hint(self) -> str:
+        last = latest_step(self.save_dir)
+        if last:
+            return f"the last checkpoint is step {last} in {self.save_dir} (resume: auto restarts from it)"
+        return "there is no checkpoint (training.save_interval is 0 or none was due yet)"
+
+    def nonfinite_advice(self) -> str:
+        return f"Lower {ROLE_SECTIONS[self.trained_role]}.lr or its clip_grad"
 
     # -- hooks --------------------------------------------------------------------------------
     @property
@@ -109,6 +150,17 @@ class TrainingLoop:
         self.tracker.resume_from(state["step"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+
+def nonfinite_keys(metrics: dict[str, float]) -> list[str]:
+    """Metrics that are NaN/inf, and the workers' counts of non-finite gradients that are not 0."""
+    bad = []
+    for key, value in sorted(metrics.items()):
+        if key.startswith("timing/") or key == "train/nonfinite_steps" or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or (key.endswith("/nonfinite_steps") and value > 0):
+            bad.append(key)
+    return bad
 
 
 def minibatch_layout(

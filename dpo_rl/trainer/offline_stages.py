@@ -28,6 +28,7 @@ from dpo_rl.trainer.common import (
     load_tokenizer,
     prepare_output,
     special_ids,
+    tokenizer_key,
 )
 from dpo_rl.trainer.offline import (
     OfflineObjective,
@@ -90,7 +91,7 @@ def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[Tokeniz
 
 
 def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
-    tokenizer = load_tokenizer(c.roles[c.trained_role].tokenizer_name_or_path)
+    tokenizer = load_tokenizer(c.roles[c.trained_role].tokenizer_name_or_path, tokenizer_key(c.trained_role))
     eos_ids, pad_id = special_ids(tokenizer, require_eos=False)
     train_dataset, eval_dataset = load_datasets(c)
     try:

@@ -47,6 +47,7 @@ from dpo_rl.trainer.common import (
     load_tokenizer,
     prepare_output,
     special_ids,
+    tokenizer_key,
 )
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 from dpo_rl.trainer.stages import Stage, register_stage
@@ -356,7 +357,7 @@ class OnlineDPOStage(Stage):
 
 def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:
     actor = c.roles["actor_rollout"]
-    tokenizer = load_tokenizer(actor.tokenizer_name_or_path)
+    tokenizer = load_tokenizer(actor.tokenizer_name_or_path, tokenizer_key("actor_rollout"))
     eos_ids, pad_id = special_ids(tokenizer)
     prompts = load_prompt_source(c.data.train_path, tokenizer, prompt_key=c.data.prompt_key,
                                  max_prompt_length=actor.max_prompt_length)

@@ -58,7 +58,7 @@ def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_i
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [N], rejected [N]) reference log-probs of every row of ``dataset``."""
     if path.is_file():
-        cached = torch.load(path)
+        cached = torch.load(path, map_location="cpu", weights_only=True)
         logger.info("reference log-probs of %s: reusing %s", dataset.prefix, path)
         return cached["chosen"], cached["rejected"]
     chosen, rejected = [], []

@@ -61,7 +61,8 @@ class MegatronWorker:
     def init_distributed(self, address: str, port: int):
         """Join the role's process group, build the model and load its weights; returns ranks."""
         torch.set_num_threads(self.role.num_threads)
-        self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port)
+        self.ranks = init_distributed(self.parallel, self.rank, self.world_size, address, port,
+                                      local_address=node_address())
         seed_everything(self.seed, self.parallel.device)
         self.device = torch_device(self.parallel.device)
         self.model = self._build_model()

@@ -16,19 +16,19 @@ import torch
 
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
-from dpo_rl.dispatch import Dispatch, register
-from dpo_rl.losses import (
-    LossSpec,
-    PairLogps,
-    PreferenceLossOutput,
-    compute_preference_loss,
-)
 from dpo_rl.checkpoint.hf_stream import (
     StreamingLoader,
     WeightsDigest,
     buckets,
     stage_hf_groups,
     weights_checksum,
+)
+from dpo_rl.dispatch import Dispatch, register
+from dpo_rl.losses import (
+    LossSpec,
+    PairLogps,
+    PreferenceLossOutput,
+    compute_preference_loss,
 )
 from dpo_rl.workers.base import (
     MegatronWorker,
@@ -42,9 +42,8 @@ from dpo_rl.workers.megatron.forward import Microbatch
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
 from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
 from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+from dpo_rl.workers.megatron.parallel_state import connect_store, host_store
 from dpo_rl.workers.megatron.weight_sync import (
-    connect_store,
-    host_store,
     receive_buckets,
     send_buckets,
     sync_group,
@@ -203,7 +202,9 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         """Stream the current weights to the rollout ranks, each stage from its TP rank 0, in buckets of
         about ``bucket_mb`` MB (collective over DP replica 0's TP and PP groups). With ``verify``, returns
         the checksum of everything sent (every stage's, on the output rank), else ``""``."""
-        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+        from megatron.core import (
+            parallel_state as mpu,  # deferred: heavy (megatron-core)
+        )
 
         r = self.ranks
         if r.dp_rank != 0:

@@ -17,6 +17,7 @@ import torch
 
 from dpo_rl.batch import Batch
 from dpo_rl.checkpoint.hf_weights import SCORE_HEAD_RULE
+from dpo_rl.data.tokenizers import load_local_tokenizer
 from dpo_rl.dispatch import Dispatch, register
 from dpo_rl.workers.base import (
     MegatronWorker,
@@ -56,10 +57,9 @@ class RewardWorker(MegatronWorker):
     def init_distributed(self, address: str, port: int):
         ranks = super().init_distributed(address, port)
         if self.retokenize:
-            from transformers import AutoTokenizer  # deferred: transformers is heavy to import
-
-            self.actor_tokenizer = AutoTokenizer.from_pretrained(self.actor_tokenizer_path)
-            self.own_tokenizer = AutoTokenizer.from_pretrained(self.role.tokenizer_name_or_path)
+            self.actor_tokenizer = load_local_tokenizer(self.actor_tokenizer_path,
+                                                        "actor_rollout_ref.actor_rollout.tokenizer_name_or_path")
+            self.own_tokenizer = load_local_tokenizer(self.role.tokenizer_name_or_path, "reward.tokenizer_name_or_path")
         return ranks
 
     @register(Dispatch.DP)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import Batch
+from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
 from dpo_rl.checkpoint.training import (
     load_optimizer_shard,
     load_training_state,
@@ -25,7 +26,6 @@ from dpo_rl.checkpoint.training import (
     save_optimizer_shard,
     save_training_state,
 )
-from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
 from dpo_rl.dispatch import Dispatch, register
 from dpo_rl.workers.base import MegatronWorker
 from dpo_rl.workers.megatron.forward import run_microbatches
@@ -76,7 +76,7 @@ class TrainableWorker(MegatronWorker):
         rows = self.to_device(rows)
         stats = StatSums(stat_keys, self.device)
         engine = self.engine
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, nonfinite = [], 0, 0
         for minibatch in torch.unique(rows["minibatch"], sorted=True).tolist():
             part = rows.rows(torch.nonzero(rows["minibatch"] == minibatch).flatten())
             micros = [make_micro(p) for p in part.chunk(len(part) // self.role.micro_batch_size)]
@@ -84,6 +84,10 @@ class TrainableWorker(MegatronWorker):
             for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
                                         forward_only=False):
                 stats.add(out)
+            if self.parallel.params_dtype != "fp16" and not engine.grads_finite():
+                nonfinite += 1  # never applied; the driver stops the run or skips the step (training.on_nonfinite)
+                grad_norms.append(float("nan"))
+                continue
             applied, norm = engine.step()
             if applied:
                 grad_norms.append(norm)
@@ -94,6 +98,7 @@ class TrainableWorker(MegatronWorker):
         prefix = "actor" if not self.reward_model else "reward"
         metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan")
         metrics[f"{prefix}/lr"] = float(engine.scheduler.get_last_lr()[0])
+        metrics[f"{prefix}/nonfinite_steps"] = float(nonfinite)
         if self.parallel.params_dtype == "fp16":
             metrics[f"{prefix}/loss_scale"] = engine.loss_scale()
             metrics[f"{prefix}/skipped_steps"] = float(skipped)
@@ -155,7 +160,9 @@ class StatSums:
         ])
 
     def reduce(self) -> dict[str, float]:
-        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+        from megatron.core import (
+            parallel_state as mpu,  # deferred: heavy (megatron-core)
+        )
 
         if mpu.get_data_parallel_world_size() > 1:
             dist.all_reduce(self.sums, group=mpu.get_data_parallel_group())

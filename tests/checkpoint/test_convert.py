@@ -140,3 +140,27 @@ def test_pytorch_bin_checkpoints_convert_too(tmp_path):
     back = safetensors_state(tmp_path / "back")
     original = {k: v for k, v in model.state_dict().items() if k in back}
     assert set(original) == set(back) and all(torch.equal(original[k], back[k]) for k in back)
+
+
+class _Planted:
+    """An object whose unpickling would run code (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_training_checkpoint_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from dpo_rl.checkpoint.training import load_training_state
+    from dpo_rl.errors import ConfigError
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {}, "evil": _Planted(marker)}, path)
+    with pytest.raises(ConfigError, match="holds more than tensors and plain data"):
+        load_training_state(path, torch.nn.Linear(2, 2))
+    assert not marker.exists()

@@ -235,3 +235,11 @@ def test_llama_factory_alpaca_files_need_no_map_keys(tokenizer, tokenizer_dir, t
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"broken\.jsonl: line 4: column 'rejected': is missing"):
         preprocess(options(tokenizer_dir, tmp_path / "broken.jsonl", tmp_path / "b", map_keys={}), progress=False)
+
+
+def test_a_missing_tokenizer_is_named_before_any_input_is_read(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "q", "chosen": "a", "rejected": "b"}])
+    prefix = tmp_path / "out" / "pairs"
+    with pytest.raises(InputError, match=r"--tokenizer-name-or-path='no/such/tokenizer' is not a local directory"):
+        preprocess(options("no/such/tokenizer", path, prefix), progress=False)
+    assert not prefix.parent.exists()

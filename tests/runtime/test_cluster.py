@@ -106,3 +106,4 @@ def test_pools_that_cannot_be_placed_fail_within_the_timeout(small_cluster):
     fits = [RolePool("actor", [1])]
     create_pools(fits, timeout_s=10)  # after the failure nothing is left holding resources
     remove_pools(fits)
+

@@ -102,8 +102,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def choose_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row from full-vocabulary logits [b, V]; return (tokens, logprobs)."""
+    """Pick one token per row from full-vocabulary logits [b, V]; return (tokens, logprobs).
+
+    Raises ``FloatingPointError`` when a logit is NaN or +inf (the weights have diverged): the driver
+    stops the run naming the step (``training.on_nonfinite``) instead of failing inside sampling.
+    """
     logits = logits.float()
+    if not bool((~torch.isnan(logits) & (logits != float("inf"))).all()):
+        raise FloatingPointError("the policy's logits are NaN or inf while sampling: its weights have diverged")
     if not params.do_sample:
         logprobs = logits.log_softmax(dim=-1)
         tokens = logits.argmax(dim=-1)

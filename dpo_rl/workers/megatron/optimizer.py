@@ -58,12 +58,28 @@ class TrainingEngine:
         applied, grad_norm, _ = self.optimizer.step()
         return bool(applied), float(grad_norm) if grad_norm is not None else float("nan")
 
+    def grads_finite(self) -> bool:
+        """Whether every gradient of every rank of the role is finite (collective over the role's world).
+
+        Checked before :meth:`step` so a NaN/inf gradient never reaches the weights (fp16 loss scaling
+        would skip it, bf16/fp32 training would apply it).
+        """
+        import torch.distributed as dist
+
+        local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)
+        flag = torch.tensor([0.0 if local else 1.0], device=self.ddp.buffers[0].grad_data.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return float(flag) == 0.0
+
     def loss_scale(self) -> float:
         return float(self.optimizer.get_loss_scale())
 
 
 def ddp_config(role: RoleConfig):
-    from megatron.core.distributed import DistributedDataParallelConfig  # deferred: heavy (megatron-core)
+    from megatron.core.distributed import (
+        DistributedDataParallelConfig,  # deferred: heavy (megatron-core)
+    )
 
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=role.grad_reduce_in_fp32,
@@ -73,7 +89,9 @@ def ddp_config(role: RoleConfig):
 
 
 def optimizer_config(role: RoleConfig, parallel: ParallelConfig):
-    from megatron.core.optimizer import OptimizerConfig  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer import (
+        OptimizerConfig,  # deferred: heavy (megatron-core)
+    )
 
     return OptimizerConfig(
         optimizer="adam",
@@ -97,7 +115,9 @@ def param_group_overrides(config) -> dict:
     The place an adapter method adds its group (e.g. a ``ParamKey`` matching adapter weights
     with its own ``max_lr``).
     """
-    from megatron.core.optimizer import get_standard_config_overrides  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer import (
+        get_standard_config_overrides,  # deferred: heavy (megatron-core)
+    )
 
     return get_standard_config_overrides(config)
 
@@ -109,7 +129,9 @@ def build_training_engine(model: torch.nn.Module, role: RoleConfig, parallel: Pa
         DistributedDataParallel,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import get_megatron_optimizer  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer import (
+        get_megatron_optimizer,  # deferred: heavy (megatron-core)
+    )
 
     ddp = DistributedDataParallel(model.config, ddp_config(role), model)
     config = optimizer_config(role, parallel)
@@ -164,7 +186,9 @@ def optimizer_state(optimizer) -> dict[str, Any]:
     optimizer's holds only the DP-independent part, so this rank's shard of main parameters and Adam
     moments is added (megatron's "dp-reshardable" layout, loaded back at the same DP size).
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer.distrib_optimizer import (
+        DistributedOptimizer,  # deferred: heavy (megatron-core)
+    )
 
     shards = [o.get_parameter_state_dp_reshardable() for o in _inner(optimizer)
               if isinstance(o, DistributedOptimizer)]
@@ -173,7 +197,9 @@ def optimizer_state(optimizer) -> dict[str, Any]:
 
 def load_optimizer_state(optimizer, state: dict[str, Any]) -> None:
     """Inverse of :func:`optimizer_state` (same TP/PP/DP layout)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # deferred: heavy (megatron-core)
+    from megatron.core.optimizer.distrib_optimizer import (
+        DistributedOptimizer,  # deferred: heavy (megatron-core)
+    )
 
     optimizer.load_state_dict(state["state_dict"])
     distributed = [o for o in _inner(optimizer) if isinstance(o, DistributedOptimizer)]

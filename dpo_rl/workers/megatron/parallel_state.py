@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from dpo_rl.workers.megatron.cpu_shim import apply_cpu_shim
 logger = logging.getLogger(__name__)
 
 BACKEND_BY_DEVICE = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+_RENDEZVOUS: list = []
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,67 @@ class ParallelRanks:
         return self.tp_rank == 0 and self.is_last_stage
 
 
-def free_port(host: str = "") -> int:
-    """A TCP port that is free on this machine now (for a process group's rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` (an address of this machine) now, for a rendezvous."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class Rendezvous:
+    """A TCP store for a process group's rendezvous; the host's listens on one address only."""
+
+    store: dist.TCPStore
+    address: str
+    port: int
+    listener: Optional[socket.socket] = None  # the bound socket the hosting store accepts on
+
+
+def host_store(address: str, port: int = 0, timeout_s: float = 600.0) -> Rendezvous:
+    """Host a TCP store on ``address``:``port`` (0 = a free port) and nowhere else.
+
+    ``TCPStore`` alone listens on every interface; handed a socket already bound to the address
+    (``master_listen_fd``), it accepts there only.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, port))
+    listener.listen()
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(address, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.fileno())
+    return Rendezvous(store, address, port, listener)
+
+
+def connect_store(address: str, port: int, timeout_s: float = 600.0) -> Rendezvous:
+    store = dist.TCPStore(address, port, None, False, datetime.timedelta(seconds=timeout_s))
+    return Rendezvous(store, address, port)
+
+
+def interface_of(address: str) -> Optional[str]:
+    """The name of this machine's network interface that holds ``address`` (``lo`` for 127.0.0.1)."""
+    import psutil  # deferred: only process-group set-up needs it (a Ray dependency)
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == address for a in addresses):
+            return name
+    return None
+
+
+def pin_collective_interface(local_address: str, device: str) -> Optional[str]:
+    """Make gloo (or NCCL's bootstrap) open its sockets on ``local_address``'s interface only, unless the
+    user chose one (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``); returns the interface used."""
+    variable = "NCCL_SOCKET_IFNAME" if device == "cuda" else "GLOO_SOCKET_IFNAME"
+    if os.environ.get(variable):
+        return os.environ[variable]
+    interface = interface_of(local_address)
+    if interface is None:
+        logger.warning("no network interface of this machine holds %s; %s left unset", local_address, variable)
+        return None
+    os.environ[variable] = interface
+    logger.info("process group sockets on %s (%s, %s=%s)", local_address, device, variable, interface)
+    return interface
 
 
 def torch_device(device: str) -> torch.device:
@@ -75,11 +133,14 @@ def init_distributed(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     timeout_s: float = 600.0,
+    local_address: Optional[str] = None,
 ) -> ParallelRanks:
     """Initialise torch.distributed and Megatron's parallel state for this process.
 
-    On CPU the megatron-core CPU shim is applied first. Raises :class:`ConfigError` when
-    the world size is not a multiple of TP x PP.
+    Rank 0 hosts the rendezvous store on ``master_addr`` only (not every interface); every rank's
+    collective sockets use the interface of ``local_address`` (its own node address; default
+    ``master_addr``). On CPU the megatron-core CPU shim is applied first. Raises
+    :class:`ConfigError` when the world size is not a multiple of TP x PP.
     """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp):
@@ -94,9 +155,13 @@ def init_distributed(
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
 
     if not dist.is_initialized():
+        pin_collective_interface(local_address or master_addr, parallel.device)
+        rendezvous = (host_store(master_addr, master_port, timeout_s) if rank == 0
+                      else connect_store(master_addr, master_port, timeout_s))
+        _RENDEZVOUS.append(rendezvous)  # the hosting store must outlive the process group's set-up
         dist.init_process_group(
             backend=BACKEND_BY_DEVICE[parallel.device],
-            init_method=f"tcp://{master_addr}:{master_port}",
+            store=rendezvous.store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -144,3 +209,4 @@ def destroy_distributed() -> None:
     mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _RENDEZVOUS.clear()

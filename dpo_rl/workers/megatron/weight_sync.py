@@ -11,54 +11,26 @@ byte buffer holding the tensors; a length of 0 ends the stage's stream. Receiver
 tensors in the buffer (no copy) and hand the bucket on (:func:`receive_buckets` is an iterator
 of buckets, the interface a rollout engine consumes). Each side holds about one bucket at a time.
 
-The store listens on the address the ranks use (a socket bound there, handed to ``TCPStore`` as
-``master_listen_fd``), not on every interface.
+The store (:func:`~dpo_rl.workers.megatron.parallel_state.host_store`) listens on the address the
+ranks use, not on every interface; each gloo group opens its sockets on its rank's node address.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import socket
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from dpo_rl.checkpoint.hf_stream import HFGroup
+from dpo_rl.workers.megatron.parallel_state import Rendezvous
 
 END_OF_STREAM = 0
 
 
-@dataclass
-class SyncStore:
-    """The rendezvous store of the sync groups, hosted by the trainer's output rank."""
-
-    store: dist.TCPStore
-    address: str
-    port: int
-    listener: socket.socket | None = None  # the bound socket the master store accepts on
-
-
-def host_store(address: str, timeout_s: float = 600.0) -> SyncStore:
-    """A TCP store listening on ``address`` only (a free port)."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((address, 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(address, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
-                          master_listen_fd=listener.fileno())
-    return SyncStore(store, address, port, listener)
-
-
-def connect_store(address: str, port: int, timeout_s: float = 600.0) -> SyncStore:
-    store = dist.TCPStore(address, port, None, False, datetime.timedelta(seconds=timeout_s))
-    return SyncStore(store, address, port)
-
-
-def sync_group(store: SyncStore, stage: int, rank: int, size: int, device: str, local_address: str,
+def sync_group(store: Rendezvous, stage: int, rank: int, size: int, device: str, local_address: str,
                timeout_s: float = 600.0):
     """The process group of trainer stage ``stage``'s sync (``rank`` 0 = the sender)."""
     prefixed = dist.PrefixStore(f"weight_sync/stage{stage}", store.store)

@@ -19,7 +19,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpo_rl.checkpoint.hf_stream import StreamingLoader, WeightsDigest, buckets, weights_checksum
+from dpo_rl.checkpoint.hf_stream import (
+    StreamingLoader,
+    WeightsDigest,
+    buckets,
+    weights_checksum,
+)
 from dpo_rl.checkpoint.hf_weights import export_hf_weights
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.errors import ConfigError
@@ -80,7 +85,10 @@ def _sync_process(index: int, trainer: ParallelConfig, rollout: ParallelConfig, 
     torch.set_num_threads(1)
     from dpo_rl.config.schema import RoleConfig
     from dpo_rl.workers.megatron import hf_interop
-    from dpo_rl.workers.megatron.parallel_state import destroy_distributed, init_distributed
+    from dpo_rl.workers.megatron.parallel_state import (
+        destroy_distributed,
+        init_distributed,
+    )
     from dpo_rl.workers.policy import ActorWorker, PolicyWorker
 
     is_trainer = index < n_train
