@@ -194,7 +194,7 @@ class TrainingConfig(RoleConfig):
     on_nonfinite: str = "stop"
     """A step whose gradients (or loss, grad norm, any metric) are NaN/inf is never applied to the weights; then
     ``stop``: the run ends at that step naming the metric and the last checkpoint (exit 2), or ``skip``: the step is
-    skipped, counted (``train/nonfinite_steps``) and logged, and training goes on."""
+    counted (``train/nonfinite_steps``) and logged, and training goes on."""
     export_hf: bool = False
     """At the end, write the trained model as an HF checkpoint to ``<output_dir>/hf_actor`` (``hf_reward`` for the
     reward stage)."""

@@ -84,12 +84,15 @@ class TrainingLoop:
         self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
         metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
         shown = ", ".join(f"{k}={metrics[k]}" for k in bad[:4])
+        withheld = any(k.endswith("/nonfinite_steps") for k in bad)
+        update = ("its non-finite update was not applied" if withheld
+                  else "its gradients were finite and the update was applied")
         if self.c.training.on_nonfinite == "skip":
-            logger.warning("step %d: non-finite %s; its update was not applied, skipped (%d so far)", step, shown,
+            logger.warning("step %d: non-finite %s; %s; going on (%d such steps so far)", step, shown, update,
                            self.nonfinite_steps)
             return
         self.tracker.log(step, metrics)
-        raise TrainingStopped(f"step {step}: non-finite {shown}; the update was not applied and the run stopped; "
+        raise TrainingStopped(f"step {step}: non-finite {shown}; {update}; the run stopped; "
                               f"{self.checkpoint_hint()}. {self.nonfinite_advice()}, or set training.on_nonfinite: skip")
 
     def checkpoint_hint(self) -> str:

@@ -40,7 +40,7 @@ def test_offline_dpo_stops_at_the_diverging_step_without_applying_it(world_dir, 
     message = str(err.value)
     # step 1's update is finite (the weights become huge), step 2's gradients are not: never applied
     assert message.startswith("step 2: non-finite ")
-    assert "actor/nonfinite_steps=1.0" in message
+    assert "actor/nonfinite_steps=1.0" in message and "its non-finite update was not applied" in message
     assert f"the last checkpoint is step 1 in {out / 'checkpoints'}" in message
     assert "actor_rollout_ref.actor_rollout.lr" in message and "training.on_nonfinite: skip" in message
     rows = strict_rows(out / "metrics.jsonl")
