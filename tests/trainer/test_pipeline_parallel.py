@@ -79,3 +79,18 @@ def test_offline_dpo_and_the_reward_stage_with_pipeline_stages_match_one_rank(wo
     for x, y in zip(rows(tmp_path / "rm1" / "metrics.jsonl"), rows(tmp_path / "rm4" / "metrics.jsonl")):
         assert_close(y["loss"], x["loss"], rtol=RTOL_LAYOUT, what=f"reward step {x['step']} loss")
     assert_close(four["eval/loss"], one["eval/loss"], rtol=RTOL_LAYOUT, what="reward eval/loss")
+
+
+def test_resume_with_the_distributed_optimizer_sharded_over_two_dp_ranks(world_dir, offline_data, tmp_path):
+    """DP=2 on Ray: each DP rank writes its shard of the main parameters and Adam moments; resume equals straight."""
+    from dpo_rl.checkpoint import training as ckpt
+
+    dp2 = ("resource_pool.actor_rollout=[2]", "training.eval_interval=0", "++training.save_interval=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(offline_config("dpo_trainer_tiny", world_dir, straight, "training.train_iters=4", *dp2))
+    run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=2", *dp2))
+    shards = sorted(p.name for p in (resumed / "checkpoints" / "iter_0000002").rglob("distrib_optim_dp*.pt"))
+    assert shards == ["distrib_optim_dp000.pt", "distrib_optim_dp001.pt"]
+    assert ckpt.latest_step(resumed / "checkpoints") == 2
+    run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=4", *dp2))  # resume: auto
+    assert (resumed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
