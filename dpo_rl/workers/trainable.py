@@ -96,7 +96,8 @@ class TrainableWorker(MegatronWorker):
         engine.scheduler.step()
         metrics = stats.reduce()
         prefix = "actor" if not self.reward_model else "reward"
-        metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan")
+        if grad_norms:  # none when fp16 loss scaling skipped every step (normal while the scale settles)
+            metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
         metrics[f"{prefix}/lr"] = float(engine.scheduler.get_last_lr()[0])
         metrics[f"{prefix}/nonfinite_steps"] = float(nonfinite)
         if self.parallel.params_dtype == "fp16":
