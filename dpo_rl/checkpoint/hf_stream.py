@@ -25,11 +25,13 @@ import torch
 from dpo_rl.checkpoint.hf_weights import (
     HFGroup,
     combine,
+    copy_local_tensor,
     key_map,
     local_tensor_names,
+    model_tensors,
     shard,
     stage_hf_groups,
-    te_name,
+    uses_te_names,
 )
 from dpo_rl.config.model import ModelConfig
 from dpo_rl.errors import ConfigError
@@ -61,42 +63,40 @@ class StreamingLoader:
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, *, tp_rank: int, tp_size: int, pp_rank: int,
                  pp_size: int, reward: bool = False) -> None:
-        self.model, self.config = model, config
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-        self.uses_te = any(k.endswith("layer_norm_weight") for k in self.params)
-        self.wanted: dict[str, tuple] = {}  # hf name -> (rule, layer, local name) for this shard
-        for rule, layer, local_name in local_tensor_names(key_map(config, reward=reward), config, pp_rank, pp_size):
+        self.config, self.tp_rank, self.tp_size = config, tp_rank, tp_size
+        self.params = model_tensors(model)
+        self.uses_te = uses_te_names(self.params)
+        rules = key_map(config, reward=reward)
+        #: every HF name of the model (all stages), and hf name -> (rule, layer, local name) for this shard
+        self.known = {h.format(i=layer) for rule, layer, _ in local_tensor_names(rules, config, 0, 1) for h in rule.hf}
+        self.wanted: dict[str, tuple] = {}
+        for rule, layer, local_name in local_tensor_names(rules, config, pp_rank, pp_size):
             for h in rule.hf:
                 self.wanted[h.format(i=layer)] = (rule, layer, local_name)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.filled: set[str] = set()
-        self.ignored = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Take one full HF tensor; tensors of other pipeline stages are counted and skipped."""
+        """Take one full HF tensor; tensors of other pipeline stages are skipped, unknown names refused."""
         target = self.wanted.get(name)
         if target is None:
-            self.ignored += 1
+            if name not in self.known:
+                raise ConfigError([f"weight stream: {name!r} is no tensor of the configured model; do the two "
+                                   "sides' model configs match?"])
             return
         rule, layer, local_name = target
-        parts = self.pending.setdefault(local_name, {})
-        parts[name] = tensor
         names = [h.format(i=layer) for h in rule.hf]
-        if len(parts) < len(names):
+        parts = self.pending.setdefault(local_name, {})
+        if len(parts) + 1 < len(names):
             parts[name] = tensor.clone()  # held past this bucket: own the memory
             return
+        parts[name] = tensor
         del self.pending[local_name]
         local = shard(combine(rule, [parts[n] for n in names], self.config), rule.tp_split, self.tp_rank,
                       self.tp_size)
-        target_name = te_name(local_name) if self.uses_te else local_name
-        target = self.params.get(target_name)
-        if target is None or target.shape != local.shape:
-            raise ConfigError([f"weight stream: {names[0]!r} gives {local_name} shape {tuple(local.shape)}, the model "
-                               f"has {None if target is None else tuple(target.shape)}; do the two sides' model "
-                               "configs match?"])
-        with torch.no_grad():
-            target.copy_(local)
+        target_name, problem = copy_local_tensor(self.params, local_name, local, uses_te=self.uses_te, label=f"weight stream {names[0]!r}")
+        if problem:
+            raise ConfigError([problem])
         self.filled.add(target_name)
 
     def add_bucket(self, bucket: HFGroup) -> None:

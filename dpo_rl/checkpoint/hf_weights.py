@@ -297,6 +297,36 @@ def load_hf_weights(
     return {"loaded": loaded, "skipped_non_weights": skipped}
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state-dict tensors by name (TransformerEngine's extra states left out)."""
+    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def uses_te_names(params: dict[str, torch.Tensor]) -> bool:
+    """Whether a model's tensors carry TransformerEngine-spec names (its norms fused into the linears)."""
+    return any(k.endswith("layer_norm_weight") for k in params)
+
+
+def copy_local_tensor(params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor, *, uses_te: bool,
+                      label: str) -> tuple[str, Optional[str]]:
+    """Copy one local-spec tensor into ``params`` (a :func:`model_tensors` dict; TE names mapped when
+    ``uses_te``, see :func:`uses_te_names`).
+
+    Returns (the parameter's name, ``None``) or (that name, the problem) when the model has no such
+    parameter or its shape differs; ``label`` names the tensor's source in the problem.
+    """
+    target_name = te_name(name) if uses_te else name
+    target = params.get(target_name)
+    if target is None:
+        return target_name, f"model has no parameter {target_name!r} (for {label}); wrong family or spec?"
+    if target.shape != tensor.shape:
+        return target_name, (f"{label}: shape {tuple(tensor.shape)} after sharding does not match {target_name} "
+                             f"{tuple(target.shape)}; does the model config match the checkpoint?")
+    with torch.no_grad():
+        target.copy_(tensor)
+    return target_name, None
+
+
 def copy_local_state(
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -309,24 +339,17 @@ def copy_local_state(
     Every model parameter must be filled and every shape must match; otherwise raises one
     :class:`ConfigError` with all problems (``labels`` names each tensor's source in messages).
     """
-    params = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    uses_te = any(k.endswith("layer_norm_weight") for k in params)
+    params = model_tensors(model)
+    uses_te = uses_te_names(params)
     problems = [] if problems is None else problems
     filled: set[str] = set()
     for name, tensor in state.items():
-        target_name = te_name(name) if uses_te else name
-        label = (labels or {}).get(name, name)
-        target = params.get(target_name)
-        if target is None:
-            problems.append(f"model has no parameter {target_name!r} (for {label}); wrong family or spec?")
-            continue
-        if target.shape != tensor.shape:
-            problems.append(f"{label}: shape {tuple(tensor.shape)} after sharding does not match {target_name} "
-                            f"{tuple(target.shape)}; does the model config match the checkpoint?")
-            continue
-        with torch.no_grad():
-            target.copy_(tensor)
-        filled.add(target_name)
+        target_name, problem = copy_local_tensor(params, name, tensor, uses_te=uses_te,
+                                                 label=(labels or {}).get(name, name))
+        if problem:
+            problems.append(problem)
+        else:
+            filled.add(target_name)
     unfilled = sorted(set(params) - filled)
     if unfilled:
         problems.append(f"model parameters not filled from the checkpoint: {unfilled[:5]}")

@@ -49,6 +49,7 @@ class TrainingLoop:
         self.c, self.trained, self.tracker, self.sampler = config, trained, tracker, sampler
         self.trained_role = config.trained_role
         self.summary: dict[str, Any] = {}
+        self.nonfinite_steps = 0  # steps with a non-finite gradient or metric (training.on_nonfinite)
 
     # -- the skeleton -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class TrainingLoop:
         bad = nonfinite_keys(metrics)
         if not bad:
             return
-        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+        self.nonfinite_steps += 1
         metrics["train/nonfinite_steps"] = float(self.nonfinite_steps)
         shown = ", ".join(f"{k}={metrics[k]}" for k in bad[:4])
         withheld = any(k.endswith("/nonfinite_steps") for k in bad)

@@ -219,13 +219,11 @@ class OnlineDPOTrainer(TrainingLoop):
         senders = self.c.parallel("actor_rollout").pipeline_model_parallel_size
         wait_all([actor.call_async("join_weight_sync_as_sender", address, port, rollout.world_size),
                   rollout.call_async("join_weight_sync_as_receiver", address, port, senders)])
-        self._sync_joined = True
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the trained weights to the rollout ranks over their sync groups (split actor): the driver
-        only starts both sides; with ``verify_weight_sync`` it compares three checksums."""
-        if not getattr(self, "_sync_joined", False):
-            self.join_weight_sync()
+        only starts both sides; with ``verify_weight_sync`` it compares three checksums. The groups are joined
+        in :meth:`before_training`, which runs before any restore or step."""
         start = time.perf_counter()
         a = self.actor_cfg
         verify = a.verify_weight_sync

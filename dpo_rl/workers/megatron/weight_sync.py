@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from typing import Iterable, Iterator
 
 import torch
@@ -60,13 +61,12 @@ def send_buckets(group, buckets: Iterable[HFGroup], device: torch.device) -> int
     for bucket in buckets:
         table, offset = [], 0
         for name, tensor in bucket:
-            nbytes = tensor.numel() * tensor.element_size()
             table.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset))
-            offset += nbytes
+            offset += tensor.numel() * tensor.element_size()
         flat = torch.empty(offset, dtype=torch.uint8, device=device)
-        for (name, tensor), (_, _, _, start) in zip(bucket, table):
-            nbytes = tensor.numel() * tensor.element_size()
-            flat[start:start + nbytes].copy_(tensor.contiguous().view(-1).view(torch.uint8))
+        for (_, tensor), (_, _, _, start) in zip(bucket, table):
+            data = tensor.contiguous().view(-1).view(torch.uint8)
+            flat[start:start + data.numel()].copy_(data)
         meta = torch.frombuffer(bytearray(json.dumps(table).encode()), dtype=torch.uint8).to(device)
         _broadcast(group, torch.tensor([meta.numel(), offset], dtype=torch.int64, device=device))
         _broadcast(group, meta)
@@ -93,9 +93,6 @@ def receive_buckets(group, device: torch.device) -> Iterator[HFGroup]:
         bucket = []
         for name, dtype, shape, start in table:
             dt = getattr(torch, dtype)
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dt).element_size()
+            nbytes = math.prod(shape) * dt.itemsize
             bucket.append((name, flat[start:start + nbytes].view(dt).view(shape)))
         yield bucket

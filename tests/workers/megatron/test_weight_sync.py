@@ -76,6 +76,8 @@ def test_streaming_loader_fills_a_model_and_refuses_an_incomplete_stream(megatro
             partial.add(name, hf_state[name])
     with pytest.raises(ConfigError, match="not filled"):
         partial.finish()
+    with pytest.raises(ConfigError, match="is no tensor of the configured model"):  # another architecture
+        partial.add("model.layers.99.mlp.up_proj.weight", hf_state["model.layers.0.mlp.up_proj.weight"])
 
 
 # --------------------------------------------------------------------------- two worlds
