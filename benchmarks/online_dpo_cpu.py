@@ -6,9 +6,10 @@ temperature 0.9, beta 0.1 and missing-EOS penalty 1.0, one after the other in th
 Prints per-phase medians (generate, reward, reference, update, sync) for ours,
 orchestration overhead (step wall time minus the workers' own compute), TRL's median
 step time, and the ratio. TRL (``pip install -e ".[bench]"``) runs in this process with
-``--trl-threads`` torch threads (default 1, as each of our workers has).
+``--trl-threads`` torch threads (default 1, as each of our workers has). ``--engines`` runs ours
+once per rollout engine (``megatron``, ``vllm``), one after the other.
 
-    python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5]
+    python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5] [--engines megatron,vllm]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 PHASES = ("generate", "reward", "reference", "update", "sync")
 
 
-def run_ours(steps: int, out: Path) -> list[dict]:
+def run_ours(steps: int, out: Path, engine: str = "megatron") -> list[dict]:
     from dpo_rl.config.compose import compose
     from dpo_rl.trainer.run import run
 
@@ -37,6 +38,7 @@ def run_ours(steps: int, out: Path) -> list[dict]:
         f"training.tokenizer_name_or_path={ROOT / art / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ROOT / art / 'sft'}", f"actor_rollout_ref.ref.load={ROOT / art / 'sft'}",
         f"reward.load={ROOT / art / 'rm'}", f"data.train_path={ROOT / art / 'prompts_train.jsonl'}",
+        f"actor_rollout_ref.actor_rollout.rollout_engine={engine}",
     ])
     run(cfg)
     return [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
@@ -85,34 +87,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="leading steps left out of the medians")
     parser.add_argument("--trl-threads", type=int, default=1)
+    parser.add_argument("--engines", default="megatron", help="comma-separated rollout engines of ours to run")
     args = parser.parse_args()
 
     from examples.tiny_world.build import build
 
     build()
-    with tempfile.TemporaryDirectory() as out:
-        timing = run_ours(args.steps, Path(out))[args.warmup:]
+    timings = {}
+    for engine in args.engines.split(","):
+        with tempfile.TemporaryDirectory() as out:
+            timings[engine] = run_ours(args.steps, Path(out), engine)[args.warmup:]
     trl_steps = run_trl(args.steps, args.trl_threads)[args.warmup:]
+    trl_step = statistics.median(trl_steps)
 
-    def med(key):
+    print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; "
+          f"medians of {args.steps - args.warmup} steps after {args.warmup} warm-up\n")
+    print("| phase (ours)          | " + " | ".join(f"{e + ' s':>10}" for e in timings) + " |")
+    print("|-----------------------|" + "|".join("-" * 12 for _ in timings) + "|")
+
+    def med(timing, key):
         values = [t[key] for t in timing if key in t]
         return statistics.median(values) if values else None
 
-    ours_step, trl_step = med("timing/step"), statistics.median(trl_steps)
-    overhead = statistics.median(t["timing/orchestration"] / t["timing/step"] for t in timing)
-    print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; "
-          f"medians of {len(timing)} steps after {args.warmup} warm-up\n")
-    print("| phase (ours)          | median s |")
-    print("|-----------------------|----------|")
-    for phase in PHASES:
-        value = med(f"timing/{phase}")
-        print(f"| {phase:<21} | {'-' if value is None else f'{value:.3f}':>8} |")
-    print(f"| orchestration         | {med('timing/orchestration'):>8.3f} |")
-    print(f"| step                  | {ours_step:>8.3f} |")
-    print(f"\norchestration overhead: {overhead:.1%} of the step (goal < 10%)")
-    print(f"TRL OnlineDPOTrainer step: {trl_step:.3f} s ({args.trl_threads} torch thread(s))")
-    ratio = ours_step / trl_step
-    print(f"ours / TRL step time: {ratio:.2f} (goal <= 1.0): {'MET' if ratio <= 1.0 else 'MISSED'}")
+    for phase in (*(f"timing/{p}" for p in PHASES), "timing/orchestration", "timing/step"):
+        cells = []
+        for timing in timings.values():
+            value = med(timing, phase)
+            cells.append(f"{'-' if value is None else f'{value:.3f}':>10}")
+        print(f"| {phase.removeprefix('timing/'):<21} | " + " | ".join(cells) + " |")
+    print(f"\nTRL OnlineDPOTrainer step: {trl_step:.3f} s ({args.trl_threads} torch thread(s), HF generate with "
+          "its KV cache, no gradient checkpointing)")
+    for engine, timing in timings.items():
+        overhead = statistics.median(t["timing/orchestration"] / t["timing/step"] for t in timing)
+        ratio = med(timing, "timing/step") / trl_step
+        print(f"ours ({engine}) / TRL step time: {ratio:.2f} (goal <= 1.0): {'MET' if ratio <= 1.0 else 'MISSED'}; "
+              f"orchestration {overhead:.1%} of the step")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def main() -> None:
                 else:
                     sent, received = (wait_for(p) for p in (
                         sender.call_async("send_weights", args.bucket_mb, False),
-                        receiver.call_async("receive_weights", False)))
+                        receiver.call_async("receive_weights", False, 1)))
                 seconds = time.perf_counter() - start
                 results[path].append({"s": seconds, "trainer": max(sender.peak()) - base["trainer"],
                                       "rollout": max(receiver.peak()) - base["rollout"],

@@ -14,6 +14,7 @@ streams never share a value for small counters.
 | :func:`epoch_order` | the data order of each epoch | ``seed + epoch`` |
 | :func:`held_out_split` | ``data.eval_fraction``'s held-out rows | ``seed`` |
 | :func:`data_parallel_rank` | per-DP-rank sampling streams in a worker | ``seed + 1_000_003 * dp_rank`` |
+| :func:`request` | one request of an engine seeded per request (vLLM) | ``(seed * 10_007 + row) mod 2**63`` |
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 ROLLOUT_STRIDE = 7919
 MINIBATCH_STRIDE = 31
 DP_RANK_STRIDE = 1_000_003
+REQUEST_STRIDE = 10_007
 #: One fixed seed for evaluation sampling: the initial and the current policy sample the same
 #: held-out prompts with the same noise, so their RM scores compare policy with policy.
 EVALUATION_SAMPLING = 424242
@@ -54,3 +56,9 @@ def held_out_split(seed: int) -> int:
 def data_parallel_rank(seed: int, dp_rank: int) -> int:
     """A worker's sampling seed on data-parallel rank ``dp_rank`` (ranks draw different samples)."""
     return seed + DP_RANK_STRIDE * dp_rank
+
+
+def request(seed: int, row: int) -> int:
+    """Seed of request ``row`` of a sampling call seeded with ``seed`` (an engine that seeds each request,
+    so a sample depends on its call and row, not on how the engine batches)."""
+    return (seed * REQUEST_STRIDE + row) % 2**63

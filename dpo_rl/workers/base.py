@@ -94,6 +94,9 @@ class MegatronWorker:
         """Whether to load only the trunk of an HF checkpoint and keep the model's value head (no by default)."""
         return False
 
+    def close(self) -> None:
+        """Release what would outlive this process (called before the group kills it); nothing here."""
+
     # -- helpers ------------------------------------------------------------------------
     def forward_only(self, batch: Batch, make_micro: Callable, compute: Callable) -> list[dict]:
         """Forward ``batch`` in micro-batches of ``role.micro_batch_size`` rows (padded to full)."""
@@ -142,9 +145,11 @@ def pair_microbatch(pairs: Batch):
     extras = {"response_mask": response}
     if "weight" in pairs:
         extras["weight"] = pairs["weight"]
-    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "gap_measured"):
         if key in pairs:
             extras[key] = pairs[key]
+    if "chosen_rollout_logps" in pairs:  # [k, s] per position, for the rollout-vs-trainer log-prob gap
+        extras["rollout_logps"] = torch.cat([pairs["chosen_rollout_logps"], pairs["rejected_rollout_logps"]])
     return Microbatch(ids, attention, extras)
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
@@ -41,7 +42,7 @@ from dpo_rl.workers.base import (
 from dpo_rl.workers.megatron.forward import Microbatch
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
 from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
-from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+from dpo_rl.workers.megatron.logprobs import logprob_gap, sequence_logprobs
 from dpo_rl.workers.megatron.parallel_state import connect_store, host_store
 from dpo_rl.workers.megatron.weight_sync import (
     receive_buckets,
@@ -58,18 +59,67 @@ def _logprobs_compute(output, micro):
 
 
 class PolicyWorker(MegatronWorker):
-    """Samples and scores log-probs with a causal LM (no optimizer)."""
+    """Samples and scores log-probs with a causal LM (no optimizer).
 
-    def __init__(self, *, eos_token_ids: tuple[int, ...], pad_token_id: int, **kwargs: Any) -> None:
+    ``rollout_engine`` is what samples: ``megatron`` (the KV-cached decode loop on this rank's
+    Megatron-core model), ``vllm`` (a :class:`~dpo_rl.workers.vllm_engine.VLLMEngine` in this process)
+    or ``None`` (a role that never samples, the reference). A rank whose weights only ever arrive
+    through the weight sync and that samples with vLLM (a split actor's infer rank) builds no
+    Megatron-core model at all (``holds_model=False``).
+    """
+
+    def __init__(self, *, eos_token_ids: tuple[int, ...], pad_token_id: int, rollout_engine: Optional[str] = None,
+                 holds_model: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.eos_token_ids, self.pad_token_id = tuple(eos_token_ids), pad_token_id
+        if not holds_model and rollout_engine != "vllm":
+            raise ValueError("only a vLLM rollout rank can do without a Megatron-core model")
+        self.rollout_engine, self.holds_model = rollout_engine, holds_model
+        self.vllm = None
+        #: the actor updates the sampling weights reflect (reported with every sample as ``policy_version``)
+        self.policy_version = 0
+
+    def init_distributed(self, address: str, port: int):
+        ranks = super().init_distributed(address, port)
+        if self.rollout_engine == "vllm":
+            from dpo_rl.workers.vllm_engine import VLLMEngine  # deferred: vLLM is optional and heavy
+
+            r = self.role
+            self.vllm = VLLMEngine(self.model_config, params_dtype=self.parallel.params_dtype,
+                                   device=self.parallel.device, seed=self.seed,
+                                   max_model_len=r.max_prompt_length + r.max_new_tokens,
+                                   kv_cache_mb=r.vllm_kv_cache_mb, enforce_eager=r.vllm_enforce_eager,
+                                   host_ip=node_address())
+            if self.model is not None:
+                self.vllm.load_weights(self._own_weight_stream())
+        return ranks
+
+    def _build_model(self):
+        return super()._build_model() if self.holds_model else None
+
+    def _load(self, directory: str) -> None:
+        if self.holds_model:  # otherwise the first weight sync brings the weights
+            super()._load(directory)
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.shutdown()
+            self.vllm = None
+
+    def _own_weight_stream(self):
+        """This (TP = PP = 1) rank's Megatron-core weights as HF buckets, for its own vLLM engine."""
+        groups = stage_hf_groups(self.model, self.model_config, tp_group=None, tp_rank=0, tp_size=1, pp_rank=0,
+                                 pp_size=1)
+        return buckets(groups, int(self.role.weight_sync_bucket_mb * 2**20))
 
     @register(Dispatch.DP)
     def generate(self, prompts: Batch, sampling: dict, seed: int) -> Batch:
         """Sample one response per row of ``prompts`` (``prompt_ids``/``prompt_mask`` [S, P]).
 
         Returns ``sequences``/``attention_mask``/``response_mask`` [S, P + max_new_tokens] (fixed
-        width so shards concatenate), ``ended_with_eos`` [S] and ``rollout_logprobs``.
+        width so shards concatenate), ``ended_with_eos`` [S], ``rollout_logprobs`` [S, max_new_tokens]
+        (the sampled tokens' log-probs under the model's raw distribution) and ``policy_version`` [S]
+        (:attr:`policy_version` of the weights that sampled), whichever engine samples.
         """
         with Stopwatch() as watch:
             params = SamplingParams(
@@ -78,7 +128,14 @@ class PolicyWorker(MegatronWorker):
             )
             ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
             token_lists = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-            out = generate(self.model, token_lists, params, device=self.device)
+            if self.vllm is not None:
+                problems = params.check()
+                if problems:
+                    raise ValueError("bad sampling parameters: " + "; ".join(problems))
+                out = self.vllm.generate(token_lists, params,
+                                         [seeds.request(params.seed, row) for row in range(len(token_lists))])
+            else:
+                out = generate(self.model, token_lists, params, device=self.device)
             width_p, width_r = ids.shape[1], params.max_new_tokens
             left = width_p - out.prompt_length
             right = width_r - out.responses.shape[1]
@@ -92,6 +149,7 @@ class PolicyWorker(MegatronWorker):
                 "response_mask": fit(out.response_mask, 0),
                 "ended_with_eos": out.ended_with_eos.cpu(),
                 "rollout_logprobs": torch.nn.functional.pad(out.rollout_logprobs.cpu(), (0, right)),
+                "policy_version": torch.full((len(token_lists),), self.policy_version, dtype=torch.long),
                 "prompt_index": prompts["prompt_index"],
             })
         result.meta["compute_s"] = watch.seconds
@@ -126,26 +184,65 @@ class PolicyWorker(MegatronWorker):
         return True
 
     @register(Dispatch.ALL)
-    def receive_weights(self, verify: bool) -> str:
-        """Load the weights the training ranks stream (every stage's buckets, resharded to this rank's TP
-        shard on arrival); with ``verify``, returns the checksum of the received tensors, else ``""``."""
-        r = self.ranks
-        loader = StreamingLoader(self.model, self.model_config, tp_rank=r.tp_rank, tp_size=r.tp_size,
-                                 pp_rank=r.pp_rank, pp_size=r.pp_size)
+    def set_policy_version(self, version: int) -> bool:
+        """The actor updates the current weights reflect (after a restore)."""
+        self.policy_version = version
+        return True
+
+    @register(Dispatch.ALL)
+    def receive_weights(self, verify: bool, version: int) -> str:
+        """Load the weights the training ranks stream (every stage's buckets) into this rank's model
+        (resharded to its TP shard on arrival) or its vLLM engine (in place, prefix cache reset); with
+        ``verify``, returns the checksum of the received tensors, else ``""``. ``version``: the actor updates
+        the weights reflect."""
         digest = WeightsDigest()
-        for group in self._sync_groups:
-            for bucket in receive_buckets(group, self.device):
+        stream = itertools.chain.from_iterable(receive_buckets(group, self.device) for group in self._sync_groups)
+        if verify:
+            stream = _digested(stream, digest)
+        if self.vllm is not None:
+            self.vllm.load_weights(stream)
+        else:
+            r = self.ranks
+            loader = StreamingLoader(self.model, self.model_config, tp_rank=r.tp_rank, tp_size=r.tp_size,
+                                     pp_rank=r.pp_rank, pp_size=r.pp_size)
+            for bucket in stream:
                 loader.add_bucket(bucket)
-                if verify:
-                    digest.add_bucket(bucket)
-        loader.finish()
+            loader.finish()
+        self.policy_version = version
         return digest.hexdigest() if verify else ""
 
     @register(Dispatch.ALL)
     def checksum(self) -> str:
-        """Checksum of this model's full weights as they are now (gathered over TP and PP)."""
+        """Checksum of this model's full weights as they are now (gathered over TP and PP); ``""`` for a rank
+        that samples with vLLM only (its CPU build packs the weights; :meth:`probe_logprobs` checks them)."""
+        if self.model is None:
+            return ""
         state = export_from_current_rank(self.model, self.model_config)
         return weights_checksum(state) if state is not None else ""
+
+    @register(Dispatch.ALL)
+    def probe_logprobs(self) -> torch.Tensor:
+        """[n, L-1] per-token log-probs of the fixed :func:`probe_sequences` under the weights that sample
+        here (the vLLM engine's when there is one, else the Megatron model's): two sides holding the same
+        weights agree to float rounding."""
+        sequences = probe_sequences(self.model_config.vocab_size)
+        if self.vllm is not None:
+            return self.vllm.token_logprobs(sequences)
+        return self._model_token_logprobs(sequences)
+
+    def _model_token_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
+        ids = torch.tensor(sequences, dtype=torch.long)
+        batch = Batch({"sequences": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones_like(ids)})
+
+        def compute(output, micro):
+            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
+            return output.sum() * 0, {"token_logprobs": lp.token_logprobs}
+
+        outputs = self.forward_only(self.to_device(batch), lambda part: sequence_microbatch(
+            part, extras={"response_mask": "response_mask"}), compute)
+        if not outputs:
+            return torch.zeros(0)  # not an output rank: dropped by the worker group
+        return torch.cat([o["token_logprobs"] for o in outputs])[: len(sequences)].float().cpu()
 
 
 class ActorWorker(PolicyWorker, TrainableWorker):
@@ -172,10 +269,36 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         with Stopwatch() as watch:
             if self.objective == "sft":
                 metrics = self.train_minibatches(rows, sft_microbatch, self._sft_loss, SFT_STAT_KEYS)
+            elif "chosen_rollout_logps" in rows:
+                # the first optimizer step's rows are still on the weights that sampled them
+                rows = rows.update({"gap_measured": (rows["minibatch"] == rows["minibatch"].min()).float()})
+                metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss,
+                                                 STAT_KEYS + GAP_SUM_KEYS, max_keys=(GAP_MAX_KEY,))
+                metrics = gap_metrics(metrics)
             else:
                 metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss, STAT_KEYS)
+            self.policy_version += 1
+            if self.vllm is not None:  # colocated engine: the next sampling must see the new weights
+                self.vllm.load_weights(self._own_weight_stream())
+                if self.role.verify_weight_sync:
+                    self._verify_engine_weights()
         metrics["compute_s"] = watch.seconds
         return metrics
+
+    def _verify_engine_weights(self) -> None:
+        sequences = probe_sequences(self.model_config.vocab_size)
+        problem = probe_mismatch(self._model_token_logprobs(sequences), self.vllm.token_logprobs(sequences),
+                                 self.parallel.params_dtype)
+        if problem:
+            raise RuntimeError(f"weight sync check failed: the trained model and its vLLM engine {problem}")
+
+    @register(Dispatch.ALL)
+    def load_checkpoint(self, directory: str) -> bool:
+        """Restore a training checkpoint (:meth:`TrainableWorker.load_checkpoint`), and the vLLM engine's weights."""
+        loaded = super().load_checkpoint(directory)
+        if self.vllm is not None:
+            self.vllm.load_weights(self._own_weight_stream())
+        return loaded
 
     # -- weight sync, sending side ------------------------------------------------------------------
     @register(Dispatch.ALL)
@@ -239,6 +362,15 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                               rejected_tokens=rejected_tokens, ref_chosen=micro.extras.get("ref_chosen_logps"),
                               ref_rejected=micro.extras.get("ref_rejected_logps"))
             out = real_rows_loss(logps, spec, real)
+            gap = {}
+            if "rollout_logps" in micro.extras:
+                measured = micro.extras["gap_measured"].repeat(2)[:, None]
+                g = logprob_gap(lp.token_logprobs, micro.extras["rollout_logps"][:, 1:], lp.mask * measured)
+                pair_sum = lambda v: sum(split_pair_halves(v))  # noqa: E731 - chosen + rejected of each pair
+                gap = {"rollout/_gap_abs_sum": pair_sum(g.abs_sum), "rollout/_gap_tokens": pair_sum(g.tokens),
+                       "rollout/_gap_sequence_abs": pair_sum(g.sequence_abs),
+                       "rollout/_gap_sequences": 2 * micro.extras["gap_measured"],
+                       GAP_MAX_KEY: torch.maximum(*split_pair_halves(g.max))}
             # megatron divides by micro-batches x DP ranks (`averaged_over`); the weights already average.
             loss = (out.losses * weight).sum() * averaged_over
             entropy_c, entropy_r = split_pair_halves(lp.mean_entropy())
@@ -255,6 +387,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                 "logps/rejected": rejected.detach(),
                 "objective/kl": kl.detach(),
                 "objective/entropy": 0.5 * (entropy_c + entropy_r).detach(),
+                **gap,
             }
             return loss, detached
 
@@ -274,11 +407,51 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         return compute
 
 
+#: Largest per-token log-prob difference two copies of the same weights may show on the probe, by dtype.
+PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
+
+
+def probe_sequences(vocab_size: int, count: int = 2, length: int = 24) -> list[list[int]]:
+    """Fixed token sequences (seeded, ids >= 3) on which both sides of a weight sync are compared."""
+    g = torch.Generator().manual_seed(20240611)
+    return torch.randint(3, vocab_size, (count, length), generator=g).tolist()
+
+
+def probe_mismatch(expected: torch.Tensor, actual: torch.Tensor, params_dtype: str) -> str:
+    """``""`` when two probes agree within :data:`PROBE_TOLERANCE`, else what differs."""
+    if expected.shape != actual.shape:
+        return f"gave probe log-probs of shapes {tuple(expected.shape)} and {tuple(actual.shape)}"
+    worst = float((expected - actual).abs().max())
+    if worst > PROBE_TOLERANCE[params_dtype]:
+        return (f"disagree on the probe sequences by up to {worst:.3g} nats per token (tolerance "
+                f"{PROBE_TOLERANCE[params_dtype]:g} for {params_dtype}): they do not hold the same weights")
+    return ""
+
+
 STAT_KEYS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "objective/kl", "objective/entropy",
 )
 SFT_STAT_KEYS = ("loss", "tokens")
+#: Per-pair sums behind the rollout-vs-trainer log-prob gap (turned into metrics by :func:`gap_metrics`).
+GAP_SUM_KEYS = ("rollout/_gap_abs_sum", "rollout/_gap_tokens", "rollout/_gap_sequence_abs", "rollout/_gap_sequences")
+GAP_MAX_KEY = "rollout/logprob_diff_max"
+
+
+def gap_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Turn the gap's per-pair means into per-token and per-sequence means (the common row count cancels).
+
+    ``rollout/logprob_diff_mean``: mean |trainer - rollout| log-prob over the measured response tokens;
+    ``rollout/seq_logprob_diff_mean``: mean |difference of summed log-probs| over the measured sequences;
+    ``rollout/logprob_diff_max``: the largest per-token difference; ``rollout/logprob_diff_tokens``: the
+    measured tokens per pair (the first optimizer step's pairs, still on the weights that sampled them).
+    """
+    out = {k: v for k, v in metrics.items() if not k.startswith("rollout/_gap")}
+    tokens, sequences = metrics["rollout/_gap_tokens"], metrics["rollout/_gap_sequences"]
+    out["rollout/logprob_diff_mean"] = metrics["rollout/_gap_abs_sum"] / tokens if tokens else 0.0
+    out["rollout/seq_logprob_diff_mean"] = metrics["rollout/_gap_sequence_abs"] / sequences if sequences else 0.0
+    out["rollout/logprob_diff_tokens"] = tokens
+    return out
 
 
 def real_rows_loss(logps: PairLogps, spec: LossSpec, real: torch.Tensor) -> PreferenceLossOutput:

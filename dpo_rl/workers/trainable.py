@@ -63,18 +63,19 @@ class TrainableWorker(MegatronWorker):
                 "recompute_num_layers": r.recompute_num_layers}
 
     def train_minibatches(self, rows: Batch, make_micro: Callable[[Batch], Any], loss_fn: Callable,
-                          stat_keys: Sequence[str]) -> dict[str, float]:
+                          stat_keys: Sequence[str], max_keys: Sequence[str] = ()) -> dict[str, float]:
         """One training iteration: an optimizer step per distinct ``minibatch`` id in ``rows``, all at
         this iteration's learning rate, then one step of the LR schedule; returns averaged statistics.
 
         ``loss_fn(averaged_over)`` returns megatron's per-micro-batch loss function, whose second
         output holds ``count`` (1 on real rows) and one per-row tensor per ``stat_keys`` entry;
         ``averaged_over`` (micro-batches x DP ranks) is what megatron divides the loss by (the schedule
-        by micro-batches, DDP by DP ranks), which the row weights already account for.
+        by micro-batches, DDP by DP ranks), which the row weights already account for. ``max_keys`` are
+        further per-row statistics reported as their maximum over real rows.
         """
         self.model.train()
         rows = self.to_device(rows)
-        stats = StatSums(stat_keys, self.device)
+        stats = StatSums(stat_keys, self.device, max_keys)
         engine = self.engine
         grad_norms, skipped, nonfinite = [], 0, 0
         for minibatch in torch.unique(rows["minibatch"], sorted=True).tolist():
@@ -150,15 +151,19 @@ class StatSums:
     zeros) so the all-reduce lines up.
     """
 
-    def __init__(self, keys: Sequence[str], device) -> None:
-        self.keys = ("count", *keys)
+    def __init__(self, keys: Sequence[str], device, max_keys: Sequence[str] = ()) -> None:
+        """``keys`` are averaged over real rows; ``max_keys`` (non-negative statistics) report their maximum."""
+        self.keys, self.max_keys = ("count", *keys), tuple(max_keys)
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+        self.maxima = torch.zeros(len(self.max_keys), dtype=torch.float64, device=device)
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
         real = out["count"]
         self.sums += torch.stack([
             real.sum().double() if key == "count" else (out[key] * real).sum().double() for key in self.keys
         ])
+        if self.max_keys:
+            self.maxima = torch.maximum(self.maxima, torch.stack([(out[k] * real).max().double() for k in self.max_keys]))
 
     def reduce(self) -> dict[str, float]:
         from megatron.core import (
@@ -167,6 +172,10 @@ class StatSums:
 
         if mpu.get_data_parallel_world_size() > 1:
             dist.all_reduce(self.sums, group=mpu.get_data_parallel_group())
+            if self.max_keys:
+                dist.all_reduce(self.maxima, op=dist.ReduceOp.MAX, group=mpu.get_data_parallel_group())
         values = dict(zip(self.keys, self.sums.tolist()))
         count = values.pop("count")
-        return {k: v / count if count else 0.0 for k, v in values.items()}
+        out = {k: v / count if count else 0.0 for k, v in values.items()}
+        out.update(zip(self.max_keys, self.maxima.tolist()))
+        return out

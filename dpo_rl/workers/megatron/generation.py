@@ -9,9 +9,9 @@ broadcasts TP rank 0's tokens, so all ranks agree.
 
 Sampling: greedy (``do_sample=False``) or temperature / top-k / top-p. A sequence stops
 at the first of any ``eos_token_ids``; later positions are padding. The returned
-``rollout_logprobs`` are the log-probs of each chosen token under the distribution it
-was drawn from (after temperature and filtering; log-softmax of the raw logits when
-greedy). The global torch RNG is never touched: a dedicated generator is seeded from
+``rollout_logprobs`` are the log-probs of each chosen token under the model's own
+distribution (log-softmax of the raw logits, before temperature and filtering): what the
+trainer computes for the same tokens, so the two can be compared (vLLM's ``raw_logprobs``). The global torch RNG is never touched: a dedicated generator is seeded from
 ``seed``.
 """
 
@@ -72,7 +72,7 @@ class GenerationOutput:
     response_mask: torch.Tensor
     """[b, P+N] 1 for response tokens (EOS included)."""
     rollout_logprobs: torch.Tensor
-    """[b, N] log-prob of each generated token under the sampling distribution (0 after EOS)."""
+    """[b, N] log-prob of each generated token under the model's raw distribution (0 after EOS)."""
     ended_with_eos: torch.Tensor
     """[b] bool, True when the response stopped at an EOS token."""
     prompt_length: int
@@ -115,9 +115,8 @@ def choose_tokens(
         tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
     scaled = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    logprobs = scaled.log_softmax(dim=-1)
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    tokens = torch.multinomial(scaled.log_softmax(dim=-1).exp(), 1, generator=generator)[:, 0]
+    return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def _last_token_logits_full_vocab(model, ids, mask, context) -> torch.Tensor:

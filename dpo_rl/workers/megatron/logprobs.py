@@ -103,3 +103,25 @@ def sequence_logprobs(
         mask=response_mask[:, 1:].to(token_logprobs.dtype),
         entropy=entropy,
     )
+
+
+@dataclass
+class LogprobGap:
+    """How far a rollout engine's log-probs of the sampled tokens are from the trainer's, per sequence."""
+
+    abs_sum: torch.Tensor
+    """[b] sum over measured tokens of |trainer - rollout|."""
+    tokens: torch.Tensor
+    """[b] measured tokens."""
+    max: torch.Tensor
+    """[b] largest per-token |trainer - rollout| (0 where none is measured)."""
+    sequence_abs: torch.Tensor
+    """[b] |sum of trainer log-probs - sum of rollout log-probs| over the measured tokens."""
+
+
+def logprob_gap(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> LogprobGap:
+    """Compare per-token log-probs ``trainer`` and ``rollout`` [b, t] (aligned alike) where ``mask`` [b, t] is 1."""
+    mask = mask.to(trainer.dtype)
+    diff = (trainer.detach() - rollout.to(trainer.dtype)) * mask
+    return LogprobGap(abs_sum=diff.abs().sum(-1), tokens=mask.sum(-1), max=diff.abs().amax(-1),
+                      sequence_abs=diff.sum(-1).abs())

@@ -111,15 +111,27 @@ def test_top_k_one_is_greedy(models):
     greedy = generate(model, prompts(), SamplingParams(max_new_tokens=10, do_sample=False))
     top1 = generate(model, prompts(), SamplingParams(max_new_tokens=10, do_sample=True, top_k=1, seed=9))
     assert torch.equal(greedy.sequences, top1.sequences)
-    assert torch.allclose(top1.rollout_logprobs, torch.zeros_like(top1.rollout_logprobs))
+    # rollout log-probs are the model's raw ones, whatever the filtering: top-k 1 reports greedy's
+    assert torch.allclose(top1.rollout_logprobs, greedy.rollout_logprobs)
+    assert (greedy.rollout_logprobs < 0).any()
 
 
-def test_rollout_logprobs_are_log_probs_of_the_chosen_tokens(models):
+def test_rollout_logprobs_are_raw_log_probs_of_the_chosen_tokens(models):
+    """Under temperature and top-k, the reported log-probs are still the model's own (what the trainer
+    computes for the same tokens), not the sampling distribution's."""
+    from dpo_rl.workers.megatron.forward import Microbatch, model_forward
+    from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+
     _, _, model = models
-    out = generate(model, prompts(), SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, seed=2))
-    assert (out.rollout_logprobs <= 0).all()
+    out = generate(model, prompts(), SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20,
+                                                    seed=2))
     assert out.sequences.shape == out.attention_mask.shape == out.response_mask.shape
     assert out.response_mask[:, : out.prompt_length].sum() == 0
+    with torch.no_grad():
+        logits = model_forward(model, Microbatch(out.sequences, out.attention_mask))
+    trainer = sequence_logprobs(logits, out.sequences, out.response_mask).token_logprobs[:, out.prompt_length - 1:]
+    mask = out.response_mask[:, out.prompt_length:].bool()
+    assert_close(out.rollout_logprobs[mask], trainer[mask], rtol=1e-5, what="rollout vs trainer log-probs")
 
 
 def test_outputs_feed_a_training_forward(models):

@@ -123,7 +123,7 @@ def _sync_process(index: int, trainer: ParallelConfig, rollout: ParallelConfig, 
         else:
             before = worker.checksum()
             worker.join_weight_sync_as_receiver(address, port, trainer.pipeline_model_parallel_size)
-            digest = worker.receive_weights(True)
+            digest = worker.receive_weights(True, 1)
         result = {"trainer": is_trainer, "output": worker.ranks.is_output_rank, "digest": digest,
                   "before": before, "after": worker.checksum()}
         torch.save({"ok": result}, os.path.join(out_dir, f"{index}.pt"))
