@@ -30,4 +30,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from dpo_rl.config.overrides import settable_as_written
+
+    sys.argv[1:] = settable_as_written(sys.argv[1:])  # documented keys need no "+" (docs/config_reference.md)
     main()

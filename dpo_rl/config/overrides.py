@@ -1,0 +1,52 @@
+"""Command-line overrides: every key the schema documents is settable as written.
+
+Hydra refuses ``key=value`` for a key the composed YAML lacks (it wants ``+key=value``), yet the
+docs list every schema key, most of which a shipped config leaves at its default. So before Hydra
+composes, :func:`settable_as_written` turns ``key=value`` for a documented key into
+``++key=value`` (set it, or add it when the YAML lacks it). Anything else is left to Hydra: a
+typo'd key still fails there, and explicit ``+``/``++``/``~`` overrides pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from dpo_rl.config.schema import (
+    AlgorithmConfig,
+    DataConfig,
+    RayConfig,
+    ResourcePoolConfig,
+    RoleConfig,
+    TrainingConfig,
+)
+
+#: Config section -> the schema of its keys.
+SECTION_SCHEMAS = {
+    "training": TrainingConfig,
+    "actor_rollout_ref.actor_rollout": RoleConfig,
+    "actor_rollout_ref.ref": RoleConfig,
+    "reward": RoleConfig,
+    "algorithm": AlgorithmConfig,
+    "data": DataConfig,
+    "resource_pool": ResourcePoolConfig,
+    "ray": RayConfig,
+}
+_PLAIN_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
+
+
+def documented_keys() -> frozenset[str]:
+    """Every ``section.field`` the schema documents (docs/config_reference.md)."""
+    return frozenset(f"{section}.{f.name}" for section, cls in SECTION_SCHEMAS.items()
+                     for f in dataclasses.fields(cls))
+
+
+def settable_as_written(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with each plain ``key=value`` of a documented key made ``++key=value``."""
+    known = documented_keys()
+    out = []
+    for item in overrides:
+        match = _PLAIN_OVERRIDE.match(item)
+        out.append(f"++{item}" if match and match.group(1) in known else item)
+    return out
