@@ -129,9 +129,6 @@ class PolicyWorker(MegatronWorker):
             ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
             token_lists = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
             if self.vllm is not None:
-                problems = params.check()
-                if problems:
-                    raise ValueError("bad sampling parameters: " + "; ".join(problems))
                 out = self.vllm.generate(token_lists, params,
                                          [seeds.request(params.seed, row) for row in range(len(token_lists))])
             else:

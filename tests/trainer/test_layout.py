@@ -37,11 +37,15 @@ def test_layout_pads_with_zero_weight_rows_and_shuffles_by_seed():
 
 def test_micro_batch_with_several_prompts_lays_out_chosen_then_rejected():
     seqs = torch.arange(6)[:, None] * 100 + torch.arange(4)  # sample s has tokens s*100 + t
+    rollout = -(torch.arange(6)[:, None] + torch.tensor([0.1, 0.2]))  # 2 response tokens: -(s + 0.1), -(s + 0.2)
     samples = Batch({"sequences": seqs, "attention_mask": torch.ones(6, 4, dtype=torch.long),
-                     "response_mask": torch.ones(6, 4, dtype=torch.long)})
+                     "response_mask": torch.tensor([[0, 0, 1, 1]] * 6), "rollout_logprobs": rollout})
     # Three prompts' pairs: (chosen, rejected) = (1, 0), (2, 3), (5, 4).
     pairs = gather_pairs(samples, torch.tensor([1, 2, 5]), torch.tensor([0, 3, 4]))
     micro = pair_microbatch(pairs)
     assert micro.input_ids[:, 0].tolist() == [100, 200, 500, 0, 300, 400]
+    # the rollout log-probs follow their sequences and sit at the response tokens' positions
+    assert torch.equal(micro.extras["rollout_logps"][:, :2], torch.zeros(6, 2))
+    assert torch.allclose(micro.extras["rollout_logps"][:, 2:], rollout[[1, 2, 5, 0, 3, 4]])
     chosen, rejected = split_pair_halves(micro.input_ids[:, 0])
     assert chosen.tolist() == [100, 200, 500] and rejected.tolist() == [0, 300, 400]

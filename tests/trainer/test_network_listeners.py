@@ -1,8 +1,9 @@
 """Every socket a real online run listens on is on loopback: the roles' rendezvous stores, the gloo
-connections, the weight-sync store and groups, and Ray's own (``ss -ltnp`` mid-run)."""
+connections, the weight-sync store and groups, a vLLM engine's, and Ray's own (``ss -ltnp`` mid-run)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -47,9 +48,13 @@ def test_a_split_actor_run_listens_on_loopback_only(world_dir, tmp_path, monkeyp
         return metrics
 
     monkeypatch.setattr(OnlineDPOTrainer, "train_step", snapshot_after_step_2)
+    # the infer rank samples with vLLM where it is installed (its engine's sockets too)
+    engine = "vllm" if importlib.util.find_spec("vllm") else "megatron"
     run(small_config(world_dir, tmp_path / "split", "resource_pool.actor_rollout=[3]",
                      "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",
-                     "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1"))
+                     "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
+                     f"actor_rollout_ref.actor_rollout.rollout_engine={engine}",
+                     "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=64"))
     sockets = listeners(seen["ss"], seen["pids"])
     assert len({pid for _, _, pid in sockets}) >= 3, sockets  # it saw the run's processes listening
     exposed = [s for s in sockets if s[0] not in LOOPBACK]

@@ -19,6 +19,7 @@ EXPECTED_KEYS = {
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
     "objective/scores", "objective/scores_margin", "objective/kl", "objective/entropy", "val/contain_eos_token",
     "response_length/mean", "pairs/tie_rate", "loss", "actor/grad_norm", "actor/lr",
+    "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/seq_logprob_diff_mean", "rollout/policy_version",
 }
 TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference", "timing/score_and_reference",
                "timing/update", "timing/step",
@@ -50,6 +51,9 @@ def test_ray_run_writes_metrics_timing_plot_and_summary(runs):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert EXPECTED_KEYS <= set(m), EXPECTED_KEYS - set(m)
+        # the native engine samples with the weights it trains: its log-probs are the trainer's to rounding
+        assert m["rollout/logprob_diff_tokens"] > 0 and m["rollout/logprob_diff_mean"] < 1e-4, m
+        assert m["rollout/policy_version"] == m["step"] - 1
     assert "eval/win_rate" in metrics[1]  # eval_interval=2
     timing = rows(out / "timing.jsonl")
     assert all(TIMING_KEYS <= set(t) for t in timing)

@@ -4,7 +4,9 @@ rollout-vs-trainer log-prob gap measured, caught when a sync is skipped, reprodu
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import pytest
 
@@ -53,6 +55,21 @@ def test_colocated_vllm_run_trains_with_the_engine_in_sync(runs):
         assert m["rollout/policy_version"] == m["step"] - 1  # sampled after every earlier update
     assert metrics[-1]["objective/kl"] != 0.0  # the actor did train
     assert 0.0 <= summary["eval/win_rate"] <= 1.0
+
+
+def vllm_leftovers() -> set[str]:
+    return ({p for p in glob.glob("/tmp/*") if "vllm" in os.path.basename(p)} | set(glob.glob("/dev/shm/*")))
+
+
+def test_a_vllm_run_leaves_no_files_or_processes_behind(world_dir, tmp_path):
+    import psutil
+
+    before, children = vllm_leftovers(), {p.pid for p in psutil.Process().children(recursive=True)}
+    run(small_config(world_dir, tmp_path, *VLLM, "training.train_iters=1", "data.eval_path=null"), use_ray=True)
+    assert vllm_leftovers() - before == set()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in children and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [(p.pid, p.name()) for p in left]
 
 
 def test_two_seeded_vllm_runs_give_identical_metrics(runs):

@@ -30,7 +30,8 @@ RTOL_TP = 1e-4
 
 def fixed_pairs() -> Batch:
     ids, attention, response = random_batch(8, 24, prompt_lens=[10, 12, 8, 10, 14, 9, 11, 10])
-    samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response})
+    samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response,
+                     "rollout_logprobs": torch.zeros(ids.shape)})
     pairs = gather_pairs(samples, torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5, 7]))
     g = torch.Generator().manual_seed(3)
     ref = {"ref_chosen_logps": -60 - torch.rand(4, generator=g), "ref_rejected_logps": -60 - torch.rand(4, generator=g)}
@@ -101,7 +102,8 @@ def test_lr_schedule_reaches_min_lr_however_many_pairs_survive(megatron_single_r
     lrs = []
     for kept in (4, 1, 2):  # pairs left after pairing in each iteration: 4, 1 and 2 optimizer steps
         ids, attention, response = random_batch(2 * kept, 24, prompt_lens=[10] * (2 * kept))
-        samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response})
+        samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response,
+                     "rollout_logprobs": torch.zeros(ids.shape)})
         pairs = gather_pairs(samples, torch.arange(0, 2 * kept, 2), torch.arange(1, 2 * kept, 2))
         pairs = pairs.update({"ref_chosen_logps": torch.full((kept,), -60.0), "ref_rejected_logps": torch.full((kept,), -61.0)})
         index, minibatch, weight = minibatch_layout(kept, mini_batch_size=1, dp_size=1, micro_batch_size=1, epochs=1,

