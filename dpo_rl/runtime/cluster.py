@@ -115,6 +115,7 @@ def start_ray(
             logger.info("joining Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
+            warn_if_loopback_names_need_dns()
             with _loopback_only_cluster():
                 ray.init(
                     num_cpus=num_cpus,
@@ -125,6 +126,31 @@ def start_ray(
                     runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
                 )
     return ray.cluster_resources()
+
+
+#: How torch.distributed's store sees its peer on one machine (its client socket is dual-stack).
+MAPPED_LOOPBACK = "::ffff:127.0.0.1"
+
+
+def warn_if_loopback_names_need_dns(hosts_file: str = "/etc/hosts") -> bool:
+    """Warn (and return True) when ``hosts_file`` cannot name :data:`MAPPED_LOOPBACK`.
+
+    PyTorch's ``TCPStore`` looks up the host name of every peer address it connects to or accepts
+    (``getnameinfo``); on one machine that is ``::ffff:127.0.0.1``, which a usual ``/etc/hosts`` (naming
+    only ``127.0.0.1``) does not list, so glibc asks the configured DNS resolver: one PTR query per
+    rendezvous leaves the machine. Nothing in the project can switch that lookup off; one line in
+    ``/etc/hosts`` answers it locally (docs/troubleshooting.md, "What listens on the network").
+    """
+    try:
+        lines = Path(hosts_file).read_text().splitlines()
+    except OSError:
+        return False
+    named = any(line.split("#", 1)[0].split()[:1] == [MAPPED_LOOPBACK] for line in lines)
+    if not named:
+        logger.warning("%s does not name %s: each torch.distributed rendezvous will ask your DNS resolver for it "
+                       "(a PTR query leaves this machine); add the line '%s localhost' to %s to answer it locally",
+                       hosts_file, MAPPED_LOOPBACK, MAPPED_LOOPBACK, hosts_file)
+    return not named
 
 
 def head_endpoint(address: str) -> Optional[tuple[str, int]]:

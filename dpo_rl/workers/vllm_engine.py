@@ -31,6 +31,7 @@ head_dim >= 32; the config checks say so before anything starts). vLLM replaces
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -61,8 +62,17 @@ def engine_environment(host_ip: str) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         # Ray places the roles on shared cores; vLLM's default pins its OpenMP threads to cores itself.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+        # vLLM logs every weight reload at INFO; keep the run's log to what matters (override to see it)
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+
+
+class _RotaryReloadNote(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every in-place reload: the rotary cache is
+    computed, not a checkpoint tensor, and vLLM keeps it (any other layer's failure still shows)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
 
 
 def vllm_sampling_params(params: SamplingParams, seed: int):
@@ -141,6 +151,8 @@ class VLLMEngine:
                  kv_cache_mb: float, enforce_eager: bool = False, host_ip: str = "127.0.0.1") -> None:
         os.environ.update(engine_environment(host_ip))
         from vllm import LLM  # deferred: heavy, optional (rollout_engine: vllm)
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNote())
 
         self.config = config
         self.names = hf_names(config)

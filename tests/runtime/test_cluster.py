@@ -113,3 +113,15 @@ def test_pools_that_cannot_be_placed_fail_within_the_timeout(small_cluster):
     create_pools(fits, timeout_s=10)  # after the failure nothing is left holding resources
     remove_pools(fits)
 
+
+
+def test_a_hosts_file_that_cannot_name_the_mapped_loopback_is_reported(tmp_path, caplog):
+    from dpo_rl.runtime.cluster import warn_if_loopback_names_need_dns
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n# ::ffff:127.0.0.1 localhost\n")
+    with caplog.at_level("WARNING", logger="dpo_rl.runtime.cluster"):
+        assert warn_if_loopback_names_need_dns(str(hosts))
+    assert "::ffff:127.0.0.1 localhost" in caplog.text and str(hosts) in caplog.text
+    hosts.write_text("127.0.0.1 localhost\n::ffff:127.0.0.1 localhost\n")
+    assert not warn_if_loopback_names_need_dns(str(hosts))

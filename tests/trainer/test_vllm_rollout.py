@@ -61,33 +61,23 @@ def vllm_leftovers() -> set[str]:
     return ({p for p in glob.glob("/tmp/*") if "vllm" in os.path.basename(p)} | set(glob.glob("/dev/shm/*")))
 
 
-def test_a_vllm_run_leaves_no_files_or_processes_behind(world_dir, tmp_path):
+def test_a_second_seeded_run_is_identical_and_leaves_no_files_or_processes(runs):
     import psutil
 
+    a, _ = runs("vllm", *VLLM)
     before, children = vllm_leftovers(), {p.pid for p in psutil.Process().children(recursive=True)}
-    run(small_config(world_dir, tmp_path, *VLLM, "training.train_iters=1", "data.eval_path=null"), use_ray=True)
+    b, _ = runs("vllm_again", *VLLM)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
     assert vllm_leftovers() - before == set()
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in children and p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.pid not in children and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]
 
 
-def test_two_seeded_vllm_runs_give_identical_metrics(runs):
-    a, _ = runs("vllm", *VLLM)
-    b, _ = runs("vllm_again", *VLLM)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-
-
-def test_split_actor_tp2_syncs_into_vllm_and_verifies(runs):
-    out, _ = runs("split_vllm", *VLLM, *SPLIT_TP2_TO_1)
-    metrics = rows(out / "metrics.jsonl")
-    assert len(metrics) == 3
-    for m in metrics:  # verify_weight_sync compared sent == received == the engine's weights every sync
-        assert m["rollout/logprob_diff_mean"] < GAP_IN_SYNC, m
-
-
-def test_a_skipped_sync_shows_in_the_log_prob_gap(runs, monkeypatch):
-    """Negative control: the sync after step 1 is skipped, so step 2 samples with stale weights."""
+def test_split_actor_tp2_syncs_into_vllm_verified_and_a_skipped_sync_shows(runs, monkeypatch):
+    """Trainer TP 2 -> one vLLM infer rank, ``verify_weight_sync`` on every sync that happens; the sync after
+    step 1 is skipped (negative control), so step 2 samples with stale weights and the gap jumps, and the
+    sync after step 2 brings it back."""
     calls = []
     real = OnlineDPOTrainer.sync_weights
 
@@ -96,8 +86,11 @@ def test_a_skipped_sync_shows_in_the_log_prob_gap(runs, monkeypatch):
         return {"compute_s": 0.0} if len(calls) == 2 else real(self)  # 1: the initial sync, 2: after step 1
 
     monkeypatch.setattr(OnlineDPOTrainer, "sync_weights", skip_second)
-    out, _ = runs("split_vllm_stale", *VLLM, *SPLIT_TP2_TO_1[:-1])
+    out, _ = runs("split_vllm", *VLLM, *SPLIT_TP2_TO_1)
     metrics = rows(out / "metrics.jsonl")
-    in_sync, stale = metrics[0]["rollout/logprob_diff_mean"], metrics[1]["rollout/logprob_diff_mean"]
-    assert in_sync < GAP_IN_SYNC
-    assert stale > 100 * max(in_sync, 1e-7), (in_sync, stale)
+    gap = [m["rollout/logprob_diff_mean"] for m in metrics]
+    assert len(calls) == 4  # initial + after each of the 3 steps
+    # the samples carry the version of the weights that drew them: step 2's are still the initial ones
+    assert [m["rollout/policy_version"] for m in metrics] == [0, 0, 2]
+    assert gap[0] < GAP_IN_SYNC and gap[2] < GAP_IN_SYNC, gap
+    assert gap[1] > 100 * max(gap[0], 1e-7), gap

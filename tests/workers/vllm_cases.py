@@ -121,13 +121,14 @@ def _set_num_threads_works() -> bool:
 
 
 def sample_once() -> int:
-    """Start an engine, load weights, sample, shut down (what the network test traces)."""
+    """Start an engine, load weights, sample, shut down: what the network test traces. Runs in a plain
+    process (no torch.distributed rendezvous of ours), so the trace shows vLLM's own traffic only."""
     from dpo_rl.workers.vllm_engine import VLLMEngine
 
     config = tiny_config("llama")
-    model = build_gpt_model(config, ParallelConfig())
+    state = tiny_hf_model(config, seed=1).state_dict()
     engine = VLLMEngine(config, params_dtype="fp32", device="cpu", seed=0, max_model_len=64, kv_cache_mb=16)
-    engine.load_weights(stream(model, config))
+    engine.load_weights([[(name, state[name]) for name in engine.names]])
     out = engine.generate(prompts()[:2], SamplingParams(max_new_tokens=4, do_sample=True, seed=1), [1, 2])
     engine.shutdown()
     return int(out.response_mask.sum())
