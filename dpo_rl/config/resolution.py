@@ -470,7 +470,8 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
         return p
     infer_tp = rollout_tp(r)
     if infer_tp < 1 or r.num_gpus_for_infer % infer_tp:
-        which = "rollout_tensor_parallel_size" if r.rollout_tensor_parallel_size is not None else "tensor_model_parallel_size"
+        which = ("rollout_tensor_parallel_size" if r.rollout_tensor_parallel_size is not None
+                 else "tensor_model_parallel_size")
         p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of {which} ({infer_tp})")
         return p
     if c.colocated and r.rollout_tensor_parallel_size not in (None, tp):

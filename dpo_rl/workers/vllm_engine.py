@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 

@@ -116,7 +116,8 @@ def problems(overrides, check_paths=False):
         # documented keys need no "+" (dpo_rl.config.overrides)
         (["actor_rollout_ref.actor_rollout.rollout_engine=sglang"],
          "actor_rollout_ref.actor_rollout.rollout_engine='sglang': choose one of megatron, vllm"),
-        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm",
+          "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
           "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
          "rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank and needs TP=PP=1"),
         (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "resource_pool.actor_rollout=[3]",

