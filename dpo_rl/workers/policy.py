@@ -89,7 +89,7 @@ class PolicyWorker(MegatronWorker):
                                    device=self.parallel.device, seed=self.seed,
                                    max_model_len=r.max_prompt_length + r.max_new_tokens,
                                    kv_cache_mb=r.vllm_kv_cache_mb, enforce_eager=r.vllm_enforce_eager,
-                                   host_ip=node_address())
+                                   host_ip=node_address(), tensor_parallel_size=self.ranks.tp_size, rank=self.rank)
             if self.model is not None:
                 self.vllm.load_weights(self._own_weight_stream())
         return ranks

@@ -67,12 +67,23 @@ def engine_environment(host_ip: str) -> dict[str, str]:
     }
 
 
-class _RotaryReloadNote(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every in-place reload: the rotary cache is
-    computed, not a checkpoint tensor, and vLLM keeps it (any other layer's failure still shows)."""
+#: vLLM warnings that say nothing about this use of it, by logger: "RotaryEmbedding: Failed to load
+#: weights" on every in-place reload (the rotary cache is computed, not a checkpoint tensor, and vLLM keeps
+#: it; any other layer's failure still shows), and the chat-template warm-up's traceback at start-up (the
+#: engine gets token ids, never chat messages: it has no tokenizer).
+KNOWN_NOISE = {
+    "vllm.model_executor.model_loader.reload.layerwise": "RotaryEmbedding: Failed to load weights",
+    "vllm.renderers.base": "Chat template warmup failed",
+}
+
+
+class _KnownNoise(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+        return not record.getMessage().startswith(self.prefix)
 
 
 def vllm_sampling_params(params: SamplingParams, seed: int):
@@ -145,14 +156,27 @@ def _set_rng_states(states: tuple) -> None:
 
 
 class VLLMEngine:
-    """A vLLM engine for one sampling rank (TP 1), created without weights; see the module docstring."""
+    """A vLLM engine for one sampling rank, created without weights; see the module docstring.
+
+    With ``tensor_parallel_size`` > 1 the engine is one TP shard of an engine spread over the ranks of
+    this process's torch.distributed world (vLLM's ``external_launcher``: every rank runs the same calls
+    in lockstep, consecutive ranks form a TP group, as Megatron lays them out). ``rank`` is this
+    process's rank in that world.
+    """
 
     def __init__(self, config: ModelConfig, *, params_dtype: str, device: str, seed: int, max_model_len: int,
-                 kv_cache_mb: float, enforce_eager: bool = False, host_ip: str = "127.0.0.1") -> None:
+                 kv_cache_mb: float, enforce_eager: bool = False, host_ip: str = "127.0.0.1",
+                 tensor_parallel_size: int = 1, rank: int = 0) -> None:
         os.environ.update(engine_environment(host_ip))
+        sharded = {}
+        if tensor_parallel_size > 1:
+            # the launcher reads the rank from the environment; each Ray actor sees its own device as 0
+            os.environ.update({"RANK": str(rank), "LOCAL_RANK": "0" if device != "cpu" else str(rank)})
+            sharded = {"distributed_executor_backend": "external_launcher"}
         from vllm import LLM  # deferred: heavy, optional (rollout_engine: vllm)
 
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNote())
+        for name, prefix in KNOWN_NOISE.items():
+            logging.getLogger(name).addFilter(_KnownNoise(prefix))
 
         self.config = config
         self.names = hf_names(config)
@@ -167,8 +191,8 @@ class VLLMEngine:
                 model=self.directory, skip_tokenizer_init=True, load_format="dummy",
                 dtype=VLLM_DTYPES[params_dtype], seed=seed, max_model_len=max_model_len,
                 kv_cache_memory_bytes=int(kv_cache_mb * 2**20), enforce_eager=enforce_eager or on_cpu,
-                block_size=CPU_BLOCK_SIZE if on_cpu else None, tensor_parallel_size=1,
-                enable_prefix_caching=True, disable_log_stats=True,
+                block_size=CPU_BLOCK_SIZE if on_cpu else None, tensor_parallel_size=tensor_parallel_size,
+                enable_prefix_caching=True, disable_log_stats=True, **sharded,
             )
         finally:
             # vLLM read the config while starting; nothing of it stays behind even if this process is killed

@@ -17,7 +17,7 @@ import torch
 from dpo_rl.config.model import ParallelConfig
 from tests.tolerance import assert_close
 from tests.workers.megatron.common import run_distributed
-from tests.workers.vllm_cases import engine_case
+from tests.workers.vllm_cases import engine_case, tp2_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,3 +103,13 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
     assert not outside, f"a vLLM rollout connected beyond this machine: {outside}"
     assert "8.8.8.8" not in text
     assert ipaddress.ip_address("127.0.0.1") in remote, "the trace missed the known loopback connection"
+
+
+def test_a_tensor_parallel_engine_spans_two_ranks():
+    """``rollout_tensor_parallel_size: 2`` with vLLM: one engine over two ranks of their world (external
+    launcher), each loading the full stream; both ranks agree and match HF."""
+    ranks = run_distributed(tp2_case, 2, ParallelConfig(tensor_model_parallel_size=2))
+    for r in ranks:
+        assert torch.equal(r["greedy"], r["hf"][:, : r["greedy"].shape[1]])
+        assert_close(r["probe"], r["hf_probe"], rtol=1e-5, what="TP-2 engine probe log-probs vs HF")
+    assert torch.equal(ranks[0]["sampled"], ranks[1]["sampled"])

@@ -133,3 +133,30 @@ def sample_once() -> int:
     out = engine.generate(prompts()[:2], SamplingParams(max_new_tokens=4, do_sample=True, seed=1), [1, 2])
     engine.shutdown()
     return int(out.response_mask.sum())
+
+
+def tp2_case() -> dict:
+    """One TP-2 engine over two ranks (each holding full HF tensors; vLLM takes its shard): greedy, sampling
+    and probe log-probs, to compare with HF's and across the ranks."""
+    import torch.distributed as dist
+
+    from dpo_rl.workers.vllm_engine import VLLMEngine
+
+    torch.set_num_threads(1)
+    config = tiny_config("llama")
+    hf_model = tiny_hf_model(config, seed=4)
+    state = hf_model.state_dict()
+    engine = VLLMEngine(config, params_dtype="fp32", device="cpu", seed=0, max_model_len=64, kv_cache_mb=16,
+                        tensor_parallel_size=2, rank=dist.get_rank())
+    engine.load_weights([[(name, state[name]) for name in engine.names]])
+    batch = prompts()[:4]
+    greedy = engine.generate(batch, SamplingParams(max_new_tokens=8, do_sample=False), [0] * len(batch))
+    sampled = engine.generate(batch, SamplingParams(max_new_tokens=8, do_sample=True, seed=3), [5, 6, 7, 8])
+    probe = torch.tensor(prompts()[:1] * 2)[:, :5].tolist()
+    engine_probe = engine.token_logprobs(probe)
+    with torch.no_grad():
+        hf_probe = hf_model(torch.tensor(probe)).logits.log_softmax(-1)[:, :-1].gather(
+            -1, torch.tensor(probe)[:, 1:, None])[..., 0]
+    engine.shutdown()
+    return {"greedy": greedy.sequences, "hf": hf_greedy(hf_model, batch, 8, eos=()), "sampled": sampled.sequences,
+            "probe": engine_probe, "hf_probe": hf_probe}
