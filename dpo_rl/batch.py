@@ -13,10 +13,13 @@ samples, N pairs, L = prompt block + response width):
 | ``attention_mask``           | [S, L] | long  | 1 on real tokens                                 |
 | ``response_mask``            | [S, L] | long  | 1 on response tokens (EOS included)              |
 | ``ended_with_eos``           | [S]    | bool  | response stopped at EOS                          |
+| ``rollout_logprobs``         | [S, R] | float | the engine's raw log-prob of each sampled token (R = response width; 0 after EOS) |
+| ``policy_version``           | [S]    | long  | actor updates the sampling weights reflected     |
 | ``scores``                   | [S]    | float | reward-model score (before the EOS penalty)      |
 | ``{chosen,rejected}_ids``    | [N, L] | long  | the pair's two sequences                         |
 | ``{chosen,rejected}_attention`` / ``_response`` | [N, L] | long | their masks               |
 | ``ref_{chosen,rejected}_logps`` | [N] | float | summed reference log-probs of the responses      |
+| ``{chosen,rejected}_rollout_logps`` | [N, L] | float | ``rollout_logprobs`` by token position (0 on the prompt), for the log-prob gap |
 | ``minibatch``                | [N]    | long  | mini-batch (optimizer step) a pair belongs to    |
 | ``weight``                   | [N]    | float | 1 / real pairs in its mini-batch; 0 on padding   |
 
