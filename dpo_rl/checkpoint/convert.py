@@ -68,6 +68,12 @@ class MegatronCheckpoint:
         if not meta_path.is_file():
             raise ConfigError([f"{directory}: no {META_FILE}; not a checkpoint written by tools/checkpoint"])
         meta = json.loads(meta_path.read_text())
+        if meta.get("lora"):
+            raise ConfigError([f"{directory} is a LoRA training checkpoint: its rank files hold the adapters alone "
+                               f"({meta['lora']}), not a model. Export the run with training.export_hf: true (a "
+                               "merged HF model and the PEFT adapter), or merge a PEFT adapter into its base with "
+                               "tools/checkpoint/convert_ckpt.py --load-model-type hf --save-model-type hf "
+                               "--lora-adapter-dir <adapter>"])
         tracker = directory / TRACKER_FILE
         iteration = tracker.read_text().strip() if tracker.is_file() else RELEASE
         iteration = iteration if iteration == RELEASE else f"iter_{int(iteration):07d}"

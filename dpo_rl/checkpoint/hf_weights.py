@@ -105,6 +105,10 @@ KEY_MAPS: dict[str, tuple[TensorRule, ...]] = {
     "qwen2": _LLAMA_RULES + (_QKV_BIAS_RULE,),
 }
 
+#: Infix of LoRA adapter parameters (``<linear>.adapter.lora_a``, :mod:`dpo_rl.workers.megatron.lora`): they are
+#: no base weight, so the key maps, loaders and exporters here never see them.
+ADAPTER_PREFIX = ".adapter."
+
 #: HF tensors that carry no weights (recomputed buffers); skipped, and counted, on load.
 HF_NON_WEIGHTS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -298,8 +302,8 @@ def load_hf_weights(
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state-dict tensors by name (TransformerEngine's extra states left out)."""
-    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    """The model's base weights by state-dict name (TransformerEngine's extra states and LoRA adapters left out)."""
+    return {k: v for k, v in model.state_dict().items() if torch.is_tensor(v) and ADAPTER_PREFIX not in k}
 
 
 def uses_te_names(params: dict[str, torch.Tensor]) -> bool:
@@ -359,11 +363,11 @@ def copy_local_state(
 
 
 def local_mcore_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weight tensors by local-spec name (TE names mapped back)."""
+    """The model's base weight tensors by local-spec name (TE names mapped back; LoRA adapters left out)."""
     inverse = {te: local for local, te in _TE_RENAMES.items()}
     state = {}
     for name, tensor in model.state_dict().items():
-        if not torch.is_tensor(tensor):
+        if not torch.is_tensor(tensor) or ADAPTER_PREFIX in name:
             continue
         for te, local in inverse.items():
             if name.endswith(te):

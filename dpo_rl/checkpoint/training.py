@@ -80,6 +80,7 @@ def resolve_resume(setting: str, save_dir: str | Path) -> Optional[Path]:
 
 #: Version 4: megatron-core's optimizer (fp32 main parameters; a per-DP-rank shard file with the
 #: distributed optimizer). Version 3 held a torch AdamW state, which megatron's optimizer cannot read.
+#: A LoRA run's rank file holds the adapters alone and names its settings under ``lora`` (absent: full model).
 CHECKPOINT_VERSION = 4.0
 
 
@@ -88,13 +89,19 @@ def optimizer_shard_file(directory: str | Path, tp_rank: int, pp_rank: int, pp_s
 
 
 def save_training_state(path: Path, model: torch.nn.Module, optimizer: dict[str, Any],
-                        scheduler: dict[str, Any]) -> None:
-    """One model-parallel rank's model shard, optimizer and scheduler state dicts, and RNG states."""
+                        scheduler: dict[str, Any], *, adapters: Optional[dict[str, Any]] = None,
+                        trainable: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """One model-parallel rank's model shard, optimizer and scheduler state dicts, and RNG states.
+
+    With LoRA (``adapters``: the role's lora settings) the model part is ``trainable`` alone, the adapters
+    (and a reward model's value head): the frozen base comes from the role's ``load`` again on resume."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     _atomic_save(path, {
-        "model": local_mcore_state(model),  # local-spec names, so convert_ckpt reads it too
+        # local-spec names, so convert_ckpt reads a full model's part too
+        "model": local_mcore_state(model) if adapters is None else trainable,
+        "lora": adapters,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "rng": rng,
@@ -102,9 +109,11 @@ def save_training_state(path: Path, model: torch.nn.Module, optimizer: dict[str,
     })
 
 
-def load_training_state(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+def load_training_state(path: Path, model: torch.nn.Module, *, adapters: Optional[dict[str, Any]] = None,
+                        load_trainable=None) -> dict[str, Any]:
     """Load the model shard and RNG states of :func:`save_training_state`; returns the whole state
-    (``optimizer`` and ``scheduler`` for the caller to restore)."""
+    (``optimizer`` and ``scheduler`` for the caller to restore). With LoRA (``adapters``) the checkpoint must
+    hold adapters saved with the same settings, and ``load_trainable(state)`` loads them."""
     if not path.is_file():
         raise ConfigError([f"{path} is missing: the checkpoint was written with a different TP/PP layout"])
     state = safe_load(path)
@@ -113,7 +122,16 @@ def load_training_state(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         raise ConfigError([f"{path} has checkpoint_version {version}, this dpo_rl reads {CHECKPOINT_VERSION} "
                            "(megatron-core's optimizer); it cannot be resumed: start a new run from its weights "
                            "(tools/checkpoint/convert_ckpt.py to HF, then the role's load)"])
-    load_into_model(model, state["model"])
+    saved = state.get("lora")
+    if saved != adapters:
+        held = f"LoRA adapters ({saved})" if saved else "a fully trained model"
+        wanted = f"LoRA adapters ({adapters})" if adapters else "full fine-tuning"
+        raise ConfigError([f"{path} holds {held} but the role is configured for {wanted}; resume with the lora "
+                           "settings the checkpoint was trained with, or start a new run (training.resume: none)"])
+    if adapters is None:
+        load_into_model(model, state["model"])
+    else:
+        load_trainable(state["model"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -152,8 +170,9 @@ def _atomic_save(path: Path, obj: Any) -> None:
 
 
 def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model_config: ModelConfig,
-           tp: int, pp: int, keep_last_k: int, reward: bool = False) -> Path:
-    """Make the staged checkpoint of ``step`` the latest; drop all but the last ``keep_last_k``."""
+           tp: int, pp: int, keep_last_k: int, reward: bool = False, lora: Optional[dict[str, Any]] = None) -> Path:
+    """Make the staged checkpoint of ``step`` the latest; drop all but the last ``keep_last_k``. ``lora``: the
+    adapters' settings when the rank files hold adapters alone (recorded so convert_ckpt refuses them clearly)."""
     save_dir = Path(save_dir)
     staged, final = staging_dir(save_dir, step), iteration_dir(save_dir, step)
     (staged / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
@@ -162,6 +181,8 @@ def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model
     os.replace(staged, final)
     meta = {"format_version": 1, "model": asdict(model_config), "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp, "reward": reward}
+    if lora is not None:
+        meta["lora"] = lora
     _atomic_write(save_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _atomic_write(save_dir / TRACKER_FILE, f"{step}\n")
     if keep_last_k > 0:
@@ -182,12 +203,13 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
 
 
 def save_group_checkpoint(group, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
-                          model_config: ModelConfig, tp: int, pp: int, keep_last_k: int, reward: bool = False) -> Path:
+                          model_config: ModelConfig, tp: int, pp: int, keep_last_k: int, reward: bool = False,
+                          lora: Optional[dict[str, Any]] = None) -> Path:
     """Every rank of a trained worker group writes into a staging directory; then it is committed."""
     staging = staging_dir(save_dir, step)
     shutil.rmtree(staging, ignore_errors=True)
     group.save_checkpoint(str(staging))
-    return commit(save_dir, step, trainer_state, model_config, tp, pp, keep_last_k, reward)
+    return commit(save_dir, step, trainer_state, model_config, tp, pp, keep_last_k, reward, lora)
 
 
 def restore_group_checkpoint(group, resume: str, save_dir: str | Path) -> Optional[tuple[Path, dict[str, Any]]]:

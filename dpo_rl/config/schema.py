@@ -152,14 +152,46 @@ class OnlineActorSettings:
     """PPO's clip ratio (seed 001); no meaning in DPO: accepted and reported once as unused."""
 
 
+#: What ``lora.target_modules`` may name: megatron-core's tensor-parallel linear layers of every decoder layer.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
 @dataclass
-class RoleConfig(OnlineActorSettings, SamplingSettings, OptimizerSettings, RoleBase):
+class LoRASettings:
+    """LoRA adapters (Hu et al. 2021, arXiv 2106.09685) on the trained role's linear layers; the base weights are
+    frozen and only the adapters (and a reward model's value head) train. docs/lora.md maps the ms-swift and
+    LLaMA-Factory spellings."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of every weight (LLaMA-Factory ``finetuning_type: lora``, ms-swift
+    ``--sft_type lora``)."""
+    rank: int = 8
+    """Rank r of each adapter (``lora_rank``)."""
+    alpha: float = 16.0
+    """Scaling numerator: an adapter adds ``alpha / rank * B A x`` (``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input (``lora_dropout``, ms-swift ``--lora_dropout_p``)."""
+    target_modules: Any = "all"
+    """Which linear layers get adapters: ``all`` (every one of linear_qkv, linear_proj, linear_fc1, linear_fc2) or a
+    list of them (``lora_target`` / ``--lora_target_modules``). q/k/v are one fused linear_qkv, gate/up one linear_fc1."""
+
+
+@dataclass
+class AdapterSettings:
+    """Parameter-efficient training: read only by the role the stage trains."""
+
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    """LoRA adapters (:class:`LoRASettings`); off by default (full fine-tuning)."""
+
+
+@dataclass
+class RoleConfig(AdapterSettings, OnlineActorSettings, SamplingSettings, OptimizerSettings, RoleBase):
     """A role's effective settings: every group's fields. Which groups a role's section may set depends on the
     stage (:meth:`dpo_rl.trainer.stages.Stage.role_settings`); a key of another group is an error."""
 
 
 #: The setting groups, in the order the reference documents them.
-ROLE_SETTING_GROUPS = (RoleBase, OptimizerSettings, SamplingSettings, OnlineActorSettings)
+ROLE_SETTING_GROUPS = (RoleBase, OptimizerSettings, AdapterSettings, SamplingSettings, OnlineActorSettings)
 #: Keys a role section may carry that DPO does not use (seed 001 copies them from PPO).
 UNUSED_IN_DPO = ("clip_ratio",)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -140,7 +140,8 @@ class TrainingLoop:
         state = {"step": step, self.consumed_key: step * self.c.training.global_batch_size}
         save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.trained_role],
                               role.tensor_model_parallel_size, role.pipeline_model_parallel_size,
-                              self.c.training.keep_last_k, reward=self.trained_role == "reward")
+                              self.c.training.keep_last_k, reward=self.trained_role == "reward",
+                              lora=lora_record(role))
         logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
 
     def restore(self) -> int:
@@ -154,6 +155,11 @@ class TrainingLoop:
         self.tracker.resume_from(state["step"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+
+def lora_record(role) -> Optional[dict[str, Any]]:
+    """What a checkpoint records of a role's LoRA settings (``None``: the role trains every weight)."""
+    return asdict(role.lora) if role.lora.enabled else None
 
 
 def nonfinite_keys(metrics: dict[str, float]) -> list[str]:

@@ -25,6 +25,7 @@ from dpo_rl.config.resolution import (
     check_sampling_actor,
 )
 from dpo_rl.config.schema import (
+    AdapterSettings,
     OnlineActorSettings,
     OptimizerSettings,
     RoleBase,
@@ -366,7 +367,7 @@ class OnlineDPOStage(Stage):
 
     def role_settings(self, role: str, placed: tuple[str, ...]) -> tuple[type, ...]:
         if role == "actor_rollout":  # trains and samples
-            return (RoleBase, OptimizerSettings, SamplingSettings, OnlineActorSettings)
+            return (RoleBase, OptimizerSettings, AdapterSettings, SamplingSettings, OnlineActorSettings)
         return (RoleBase,)
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:

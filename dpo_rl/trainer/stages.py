@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.config.schema import (
+    AdapterSettings,
     AlgorithmConfig,
     OptimizerSettings,
     RoleBase,
@@ -40,8 +41,9 @@ class Stage(ABC):
         """The setting groups (:data:`dpo_rl.config.schema.ROLE_SETTING_GROUPS`) ``role``'s section may set.
 
         By default every role reads the base settings and the trained role (the first placed) the
-        optimizer's too; a key of any other group in a role's section is an error before Ray starts."""
-        return (RoleBase, OptimizerSettings) if role == placed[0] else (RoleBase,)
+        optimizer's and the adapters' too; a key of any other group in a role's section is an error before Ray
+        starts."""
+        return (RoleBase, OptimizerSettings, AdapterSettings) if role == placed[0] else (RoleBase,)
 
     def check(self, c: ResolvedConfig, check_paths: bool) -> list[str]:
         """Problems only this stage has with ``c`` (each names key, value, rule and fix)."""

@@ -72,7 +72,18 @@ class MegatronWorker:
 
     def _build_model(self):
         build = build_reward_model if self.reward_model else build_gpt_model
-        return build(self.model_config, self.parallel, overrides=self.transformer_overrides())
+        return build(self.model_config, self.parallel, overrides=self.transformer_overrides(),
+                     use_transformer_engine=self.use_transformer_engine())
+
+    def use_transformer_engine(self) -> Optional[bool]:
+        """TransformerEngine's layer spec: ``None`` = when installed on GPU (trained LoRA roles say no)."""
+        return None
+
+    def export_tensors(self) -> Optional[dict]:
+        """The local-spec weights this rank's model computes with, when they are not its parameters as they are
+        (``None`` here; a LoRA-trained role returns its weights with the adapters merged): what an HF export, a
+        weight sync and an engine refresh send."""
+        return None
 
     def transformer_overrides(self) -> dict:
         """Further ``TransformerConfig`` fields for this role's model (none; trained roles add recomputation)."""

@@ -109,7 +109,7 @@ class PolicyWorker(MegatronWorker):
     def _own_weight_stream(self):
         """This (TP = PP = 1) rank's Megatron-core weights as HF buckets, for its own vLLM engine."""
         groups = stage_hf_groups(self.model, self.model_config, tp_group=None, tp_rank=0, tp_size=1, pp_rank=0,
-                                 pp_size=1)
+                                 pp_size=1, tensors=self.export_tensors())
         return buckets(groups, int(self.role.weight_sync_bucket_mb * 2**20))
 
     @register(Dispatch.DP)
@@ -282,6 +282,15 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         metrics["compute_s"] = watch.seconds
         return metrics
 
+    @register(Dispatch.DP)
+    def reference_logprobs(self, samples: Batch) -> Batch:
+        """:meth:`sequence_logprobs` under the base model, every LoRA adapter off: the reference when it is the
+        actor's initial weights (no reference model is placed; ``algorithm.reference`` docs)."""
+        if not self.uses_lora:
+            raise RuntimeError("reference_logprobs needs a LoRA-trained actor (its base is the reference)")
+        with self.base_model():
+            return self.sequence_logprobs(samples)
+
     def _verify_engine_weights(self) -> None:
         sequences = probe_sequences(self.model_config.vocab_size)
         problem = probe_mismatch(self._model_token_logprobs(sequences), self.vllm.token_logprobs(sequences),
@@ -331,7 +340,8 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             return ""
         digest = WeightsDigest()
         groups = stage_hf_groups(self.model, self.model_config, tp_group=mpu.get_tensor_model_parallel_group(),
-                                 tp_rank=r.tp_rank, tp_size=r.tp_size, pp_rank=r.pp_rank, pp_size=r.pp_size)
+                                 tp_rank=r.tp_rank, tp_size=r.tp_size, pp_rank=r.pp_rank, pp_size=r.pp_size,
+                                 tensors=self.export_tensors())  # with LoRA: the adapters merged in
         if r.tp_rank == 0:
             stream = buckets(groups, int(bucket_mb * 2**20))
             send_buckets(self._sync_group, _digested(stream, digest) if verify else stream, self.device)

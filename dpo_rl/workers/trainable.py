@@ -11,13 +11,17 @@ loop lives here once and steps megatron-core's training path
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from dataclasses import asdict
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import Batch
 from dpo_rl.checkpoint.hf_files import save_hf_checkpoint
+from dpo_rl.checkpoint.hf_weights import local_mcore_state
+from dpo_rl.checkpoint.peft_adapters import save_peft_adapter
 from dpo_rl.checkpoint.training import (
     load_optimizer_shard,
     load_training_state,
@@ -51,6 +55,58 @@ class TrainableWorker(MegatronWorker):
         # after the weights are loaded: the optimizer's fp32 main parameters copy them
         self.engine = build_training_engine(self.model, self.role, self.parallel, self.total_iters)
         return ranks
+
+    # -- LoRA (role.lora) ------------------------------------------------------------------------
+    @property
+    def uses_lora(self) -> bool:
+        return self.role.lora.enabled
+
+    def _build_model(self):
+        model = super()._build_model()
+        if model is not None and self.uses_lora:
+            from dpo_rl.workers.megatron.lora import (
+                add_lora,  # deferred: imports megatron-core
+            )
+
+            # before the base weights load (they keep their names; the adapters are initialised from the seed)
+            add_lora(model, self.role.lora, seed=self.seed, tp_rank=self.ranks.tp_rank, tp_size=self.ranks.tp_size,
+                     trainable=("output_layer.weight",) if self.reward_model else ())
+        return model
+
+    def use_transformer_engine(self):
+        # TE fuses the norms into linear_qkv / linear_fc1, whose input an adapter must see normalised
+        return False if self.uses_lora else super().use_transformer_engine()
+
+    def export_tensors(self):
+        if not self.uses_lora:
+            return super().export_tensors()
+        from dpo_rl.workers.megatron.lora import (
+            merged_weights,  # deferred: imports megatron-core
+        )
+
+        return merged_weights(self.model, local_mcore_state(self.model))
+
+    def base_model(self):
+        """A context in which the model computes as its base (adapters off); the model itself without LoRA."""
+        if not self.uses_lora:
+            return contextlib.nullcontext()
+        from dpo_rl.workers.megatron.lora import (
+            adapters_disabled,  # deferred: imports megatron-core
+        )
+
+        return adapters_disabled(self.model)
+
+    @register(Dispatch.ALL)
+    def trainable_parameters(self) -> dict[str, int]:
+        """``trainable`` and ``total`` parameters of this rank's model shard, and the optimizer's ``optimized``
+        (the parameters its groups hold: with LoRA the adapters alone)."""
+        from dpo_rl.workers.megatron.lora import (
+            trainable_count,  # deferred: imports megatron-core
+        )
+
+        trainable, total = trainable_count(self.model)
+        optimized = sum(p.numel() for group in self.engine.optimizer.param_groups for p in group["params"])
+        return {"trainable": trainable, "total": total, "optimized": optimized}
 
     def transformer_overrides(self) -> dict[str, Any]:
         """Activation recomputation (``recompute_*``) for the trained model."""
@@ -115,7 +171,7 @@ class TrainableWorker(MegatronWorker):
         state = optimizer_state(self.engine.optimizer)
         if r.dp_rank == 0:  # DP replicas hold the same model and DP-independent optimizer state
             save_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model,
-                                state["state_dict"], self.engine.scheduler.state_dict())
+                                state["state_dict"], self.engine.scheduler.state_dict(), **self._lora_checkpoint())
         if state["param_shards"]:
             save_optimizer_shard(optimizer_shard_file(directory, r.tp_rank, r.pp_rank, r.pp_size, r.dp_rank),
                                  state["param_shards"])
@@ -125,23 +181,66 @@ class TrainableWorker(MegatronWorker):
     def load_checkpoint(self, directory: str) -> bool:
         """Restore what :meth:`save_checkpoint` wrote (same TP/PP/DP layout and optimizer kind)."""
         r = self.ranks
-        state = load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model)
+        state = load_training_state(rank_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model,
+                                    **self._lora_checkpoint(loading=directory))
         shards = (load_optimizer_shard(optimizer_shard_file(directory, r.tp_rank, r.pp_rank, r.pp_size, r.dp_rank))
                   if self.role.use_distributed_optimizer else [])
         load_optimizer_state(self.engine.optimizer, {"state_dict": state["optimizer"], "param_shards": shards})
         self.engine.scheduler.load_state_dict(state["scheduler"])
         return True
 
+    def _lora_checkpoint(self, loading: Optional[str] = None) -> dict[str, Any]:
+        """The LoRA arguments of :func:`save_training_state` / :func:`load_training_state` (none without LoRA)."""
+        if not self.uses_lora:
+            return {}
+        from dpo_rl.workers.megatron.lora import (  # deferred: imports megatron-core
+            load_trainable_state,
+            trainable_state,
+        )
+
+        adapters = asdict(self.role.lora)
+        if loading is None:
+            return {"adapters": adapters, "trainable": trainable_state(self.model)}
+        return {"adapters": adapters,
+                "load_trainable": lambda state: load_trainable_state(self.model, state, source=loading)}
+
     @register(Dispatch.ALL)
-    def save_hf(self, directory: str, token_ids: dict[str, Any]) -> str:
+    def save_hf(self, directory: str, token_ids: dict[str, Any], adapter_directory: Optional[str] = None,
+                base_model: Optional[str] = None) -> str:
         """Write the full model as an HF checkpoint (safetensors + config.json) from the output rank of DP
-        replica 0, gathered over TP and PP there: the driver never holds the weights. Returns the directory."""
+        replica 0, gathered over TP and PP there: the driver never holds the weights (with LoRA, the adapters
+        merged in). With LoRA and ``adapter_directory``, also the adapters alone in PEFT's format there
+        (``base_model``: the HF base they apply to). Returns the directory."""
         if self.ranks.dp_rank != 0:
             return directory
-        state = export_from_current_rank(self.model, self.model_config, reward=self.reward_model)
+        state = export_from_current_rank(self.model, self.model_config, reward=self.reward_model,
+                                         tensors=self.export_tensors())
         if state is not None:
             save_hf_checkpoint(directory, state, self.model_config, reward=self.reward_model, **token_ids)
+        if self.uses_lora and adapter_directory is not None:
+            self._save_peft_adapter(adapter_directory, base_model)
         return directory
+
+    def _save_peft_adapter(self, directory: str, base_model: Optional[str]) -> None:
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+
+        from dpo_rl.workers.megatron.lora import (
+            gathered_adapters,  # deferred: imports megatron-core
+        )
+
+        r = self.ranks
+        stage = {}
+        for module, a, b in gathered_adapters(self.model, self.model_config, tp_group=mpu.get_tensor_model_parallel_group(),
+                                              tp_rank=r.tp_rank, tp_size=r.tp_size, reward=self.reward_model):
+            stage[module] = (a, b)
+        if self.reward_model and r.is_output_rank:
+            stage["score"] = dict(self.model.named_parameters())["output_layer.weight"].detach().cpu().clone()
+        if r.pp_size > 1:
+            parts: list[Optional[dict]] = [None] * r.pp_size
+            dist.all_gather_object(parts, stage if r.tp_rank == 0 else {}, group=mpu.get_pipeline_model_parallel_group())
+            stage = {k: v for part in parts for k, v in (part or {}).items()}
+        if r.is_output_rank:
+            save_peft_adapter(directory, stage, self.role.lora, reward=self.reward_model, base_model=base_model)
 
 
 class StatSums:
