@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Sequence
 
 from dpo_rl.config.schema import (
@@ -36,10 +37,21 @@ SECTION_SCHEMAS = {
 _PLAIN_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)=")
 
 
+def _keys(prefix: str, cls: type) -> list[str]:
+    """``prefix.field`` for every field of ``cls``, and ``prefix.field.sub`` for a nested section (``lora``)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(f"{prefix}.{f.name}")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _keys(f"{prefix}.{f.name}", hints[f.name])
+    return out
+
+
 def documented_keys() -> frozenset[str]:
-    """Every ``section.field`` the schema documents (docs/config_reference.md)."""
-    return frozenset(f"{section}.{f.name}" for section, cls in SECTION_SCHEMAS.items()
-                     for f in dataclasses.fields(cls))
+    """Every ``section.field`` (and ``section.field.sub`` of a nested section) the schema documents
+    (docs/config_reference.md)."""
+    return frozenset(key for section, cls in SECTION_SCHEMAS.items() for key in _keys(section, cls))
 
 
 def settable_as_written(overrides: Sequence[str]) -> list[str]:

@@ -18,6 +18,9 @@ SECTIONS = [
      "chosen stage is an error naming the section it belongs in."),
     ("Role settings: the trained role", schema.OptimizerSettings,
      "Read by the role the stage trains: the actor (`ray_online_dpo`, `dpo`, `sft`) or the reward model (`reward`)."),
+    ("Role settings: the trained role's `lora:`", schema.LoRASettings,
+     "A `lora:` section in `training:` (the default) or in the trained role's own section, e.g. "
+     "`actor_rollout_ref.actor_rollout.lora.enabled=true`; docs/lora.md maps the ms-swift and LLaMA-Factory keys."),
     ("Role settings: the sampling role", schema.SamplingSettings, "Read by the online actor (`ray_online_dpo`)."),
     ("Role settings: the online actor", schema.OnlineActorSettings,
      "Read by the online actor (`ray_online_dpo`); `clip_ratio` is accepted anywhere and reported as unused."),

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
 from dpo_rl.config.schema import (
+    LORA_TARGETS,
     ROLE_FIELDS,
     ROLE_SETTING_GROUPS,
     UNUSED_IN_DPO,
@@ -29,6 +30,7 @@ from dpo_rl.config.schema import (
     RayConfig,
     ResourcePoolConfig,
     RoleConfig,
+    LoRASettings,
     TrainingConfig,
 )
 from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
@@ -82,6 +84,10 @@ class ResolvedConfig:
     """Accepted keys with no meaning in DPO, one message each."""
     stage_rules: StageRules
     """The selected stage (:class:`StageRules`)."""
+    reference_is_actor_base: bool = False
+    """The LoRA-trained actor's base model (adapters off) is the reference: the reference would be the actor's
+    initial weights (same model, ``load`` and precision), so no reference model is placed
+    (:func:`uses_actor_base_as_reference`)."""
 
     @property
     def stage(self) -> str:
@@ -237,7 +243,12 @@ def resolve_config(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_p
             problems.extend(err.problems)
     if problems:
         raise ConfigError(problems)
+    for role in placed[1:]:  # training.lora is a default for the trained role; the others never adapt
+        roles[role].lora = LoRASettings()
     resolved = ResolvedConfig(training, algorithm, data, pool, ray, roles, models, unused=[], stage_rules=rules)
+    if uses_actor_base_as_reference(resolved):
+        resolved.reference_is_actor_base = True
+        del resolved.roles["ref"], resolved.models["ref"]
     problems.extend(_check_rules(resolved, check_paths))
     if problems:
         raise ConfigError(problems)
@@ -245,15 +256,36 @@ def resolve_config(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_p
     return resolved
 
 
+def uses_actor_base_as_reference(c: ResolvedConfig) -> bool:
+    """Whether the reference is the LoRA-trained actor's own base: the stage places a reference whose model,
+    ``load`` and precision are the actor's (the reference's ``load`` defaults to the actor's). A reference with
+    another ``load`` is its own model and is placed."""
+    if "ref" not in c.roles or c.trained_role != "actor_rollout" or not c.roles["actor_rollout"].lora.enabled:
+        return False
+    actor, ref = c.roles["actor_rollout"], c.roles["ref"]
+
+    def where(load):
+        return None if load is None else Path(load).resolve()
+
+    return (ref.model, where(ref.load), ref.params_dtype) == (actor.model, where(actor.load), actor.params_dtype)
+
+
 def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]]) -> list[str]:
     messages = []
+    if c.reference_is_actor_base:
+        messages.append(f"the reference is the actor's base model with its LoRA adapters off (the reference's model, "
+                        f"load and precision are the actor's): no reference model is placed, and "
+                        f"resource_pool.ref={c.resource_pool.ref}"
+                        + (" and the actor_rollout_ref.ref section are" if _section(cfg, ROLE_SECTIONS["ref"])
+                           is not None else " is") + " not used")
     for role, section_key in ROLE_SECTIONS.items():
         section = _section(cfg, section_key) or {}
         for key in UNUSED_IN_DPO:
             if section.get(key) is not None:
                 messages.append(f"{section_key}.{key}={section[key]} has no meaning in online DPO "
                                 f"(a PPO key); it is ignored")
-        if role not in c.roles and _section(cfg, section_key) is not None:
+        if role not in c.roles and _section(cfg, section_key) is not None and not (
+                role == "ref" and c.reference_is_actor_base):
             messages.append(f"{section_key} is not used by stage {c.stage!r}"
                             + (f" with algorithm.reference={c.algorithm.reference!r} and loss_type="
                                f"{c.algorithm.loss_type!r}" if role == "ref" else "") + "; it is ignored")
@@ -286,6 +318,8 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         if rc.lr_decay_style not in LR_DECAY_STYLES:
             p.append(f"{key}.lr_decay_style={rc.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}")
         p.extend(_check_training_engine(key, rc))
+        if role == c.trained_role:
+            p.extend(check_lora(key, rc.lora))
         if rc.micro_batch_size < 1:
             p.append(f"{key}.micro_batch_size={rc.micro_batch_size} must be >= 1")
         if check_paths:
@@ -506,6 +540,40 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     return p
 
 
+#: How users spell "every linear layer" (LLaMA-Factory ``all``, ms-swift ``ALL``, PEFT ``all-linear``).
+LORA_ALL = ("all", "all-linear")
+#: HF module names and the fused megatron-core layer that holds them.
+HF_LINEAR_IN = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
+                "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+
+
+def check_lora(key: str, lora: LoRASettings) -> list[str]:
+    """The trained role's ``lora`` section (nothing to check when it is off)."""
+    if not lora.enabled:
+        return []
+    p = []
+    if lora.rank < 1:
+        p.append(f"{key}.lora.rank={lora.rank} must be >= 1 (8 or 16 are usual); or set {key}.lora.enabled: false "
+                 "to train every weight")
+    if lora.alpha <= 0:
+        p.append(f"{key}.lora.alpha={lora.alpha} must be > 0 (the adapters are scaled by alpha / rank; 2 x rank is usual)")
+    if not 0.0 <= lora.dropout < 1.0:
+        p.append(f"{key}.lora.dropout={lora.dropout} must be in [0, 1)")
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets.lower() in LORA_ALL:
+        return p
+    names = [targets] if isinstance(targets, str) else targets
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return p + [f"{key}.lora.target_modules={targets!r} must be all or a non-empty list of {LORA_TARGETS}"]
+    for name in names:
+        if name not in LORA_TARGETS:
+            fused = (f"; {name} is part of {HF_LINEAR_IN[name]} here (q/k/v are one fused linear_qkv, gate/up one "
+                     f"linear_fc1)" if name in HF_LINEAR_IN else "")
+            p.append(f"{key}.lora.target_modules: {name!r} is no linear layer of the model; use all or a list of "
+                     f"{', '.join(LORA_TARGETS)}{fused}")
+    return p
+
+
 NONFINITE_POLICIES = ("stop", "skip")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -538,4 +606,4 @@ def _check_path(key: str, value: Optional[str], what: str, directory: bool = Fal
 
 
 __all__ = ["ResolvedConfig", "StageRules", "resolve_config", "ROLE_SECTIONS", "check_loss", "check_offline",
-           "check_online_data", "check_sampling_actor", "needs_reference"]
+           "check_online_data", "check_sampling_actor", "needs_reference", "uses_actor_base_as_reference"]

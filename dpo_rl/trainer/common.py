@@ -46,12 +46,22 @@ def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
     return out
 
 
-def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> Path:
-    """A trained role's model as an HF checkpoint (safetensors, config.json, tokenizer files)."""
+def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> dict[str, str]:
+    """A trained role's model as an HF checkpoint (safetensors, config.json, tokenizer files); with LoRA the
+    adapters merged in, and the adapters alone in PEFT's format beside it (``<directory>_adapter``). Returns
+    ``{"<name>": directory}`` and ``{"<name>_adapter": ...}`` (name = the directory's)."""
+    rc = c.roles[role]
+    adapter_dir = Path(f"{directory}_adapter") if rc.lora.enabled else None
     group.save_hf(str(directory), {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                                   "pad_token_id": tokenizer.pad_token_id})
-    tokenizer_dir = Path(c.roles[role].tokenizer_name_or_path)
+                                   "pad_token_id": tokenizer.pad_token_id},
+                  str(adapter_dir) if adapter_dir else None, rc.load)
+    tokenizer_dir = Path(rc.tokenizer_name_or_path)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, directory / name)
-    return directory
+    exported = {directory.name: str(directory)}
+    if adapter_dir is not None:
+        exported[adapter_dir.name] = str(adapter_dir)
+        logger.info("LoRA adapters written in PEFT's format to %s (base: %s); the merged model to %s", adapter_dir,
+                    rc.load, directory)
+    return exported

@@ -99,9 +99,10 @@ def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def pair_logps(group, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model."""
-    return score_pairs(group, "sequence_logprobs", "sequence_logps", pairs, chunk)
+def pair_logps(group, pairs: Batch, chunk: int, method: str = "sequence_logprobs") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model (``method``:
+    ``reference_logprobs`` for a LoRA actor's base)."""
+    return score_pairs(group, method, "sequence_logps", pairs, chunk)
 
 
 class OfflineObjective:
@@ -168,13 +169,16 @@ class OfflineTrainer(TrainingLoop):
     def __init__(self, config: ResolvedConfig, trained, train: Split, eval_split: Optional[Split], *,
                  objective: OfflineObjective, pad_token_id: int, tracker, ref=None,
                  ref_cache: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
-        """``ref_cache`` maps a dataset prefix to the reference's (chosen, rejected) log-probs of all its rows."""
+        """``ref_cache`` maps a dataset prefix to the reference's (chosen, rejected) log-probs of all its rows. With
+        ``config.reference_is_actor_base`` the trained (LoRA) group's base is the live reference."""
         super().__init__(config, trained, tracker=tracker,
                          sampler=PromptSampler(len(train), seed=config.training.seed, shuffle=config.data.shuffle))
-        self.ref, self.ref_cache, self.objective = ref, ref_cache, objective
+        base = config.reference_is_actor_base
+        self.ref, self.ref_cache, self.objective = (trained if base else ref), ref_cache, objective
+        self.ref_method = "reference_logprobs" if base else "sequence_logprobs"
         self.train, self.eval_split, self.pad_token_id = train, eval_split, pad_token_id
         self.role = config.roles[config.trained_role]
-        self.uses_reference = "ref" in config.roles  # placed only when the loss reads a reference
+        self.uses_reference = "ref" in config.roles or base  # placed only when the loss reads a reference
         self.chunk = max(config.training.global_batch_size, 1)
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._prefetched: Optional[tuple] = None
@@ -229,7 +233,7 @@ class OfflineTrainer(TrainingLoop):
         rows = self.collate(self.train, positions)
         pending = None
         if self.uses_reference and self.ref_cache is None:
-            pending = self.ref.call_async("sequence_logprobs", pairs_as_samples(rows))
+            pending = self.ref.call_async(self.ref_method, pairs_as_samples(rows))
         return positions, rows, pending
 
     def collate(self, split: Split, positions: Sequence[int]) -> Batch:
@@ -240,7 +244,7 @@ class OfflineTrainer(TrainingLoop):
             chosen, rejected = self.ref_cache[split.dataset.prefix]
             index = torch.tensor([split.rows[i] for i in positions], dtype=torch.long)
             return chosen[index], rejected[index]
-        return pair_logps(self.ref, rows, self.chunk)
+        return pair_logps(self.ref, rows, self.chunk, self.ref_method)
 
     def layout(self, rows: Batch, step: int) -> Batch:
         """One mini-batch of the whole step, dealt to DP ranks, weighted by the objective."""

@@ -107,20 +107,23 @@ def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, us
                              tensorboard=c.training.tensorboard, label=c.stage)
     chunk = max(c.training.global_batch_size, 1)
     try:
-        precomputed = "ref" in c.roles and c.algorithm.reference == "precomputed"
+        precomputed = c.algorithm.reference == "precomputed" and ("ref" in c.roles or c.reference_is_actor_base)
+        datasets = [train_dataset, eval_dataset]
         with GroupFactory(c, offline_pools(c), use_ray=use_ray, coexisting=not precomputed) as factory:
             cached = None
-            if precomputed:
-                cached = precompute_reference(c, factory, specs["ref"], [train_dataset, eval_dataset], pad_id, chunk,
-                                              out)
+            if precomputed and "ref" in c.roles:
+                cached = precompute_reference(c, factory, specs["ref"], datasets, pad_id, chunk, out)
             trained = factory.create("trained", *specs["trained"])
+            if precomputed and c.reference_is_actor_base:  # the LoRA actor's base scores the data, adapters off
+                cached = reference_cache(c, datasets, out, pad_id, chunk, lambda: (trained, "reference_logprobs"))
             ref = factory.create("ref", *specs["ref"]) if "ref" in c.roles and cached is None else None
             trainer = OfflineTrainer(c, trained, train, eval_split, objective=stage.objective(c), pad_token_id=pad_id,
                                      tracker=tracker, ref=ref, ref_cache=cached)
             summary = trainer.fit()
             if c.training.export_hf:
-                summary["hf_model"] = str(export_model(c, trained, out / stage.export_dir, c.trained_role,
-                                                       tokenizer))
+                exported = export_model(c, trained, out / stage.export_dir, c.trained_role, tokenizer)
+                summary["hf_model"] = exported.pop(stage.export_dir)
+                summary.update({"hf_model_adapter": path for path in exported.values()})
     finally:
         tracker.close()
     if c.training.plot:
@@ -132,21 +135,32 @@ def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, us
 def precompute_reference(c: ResolvedConfig, factory: GroupFactory, ref_spec, datasets, pad_id: int, chunk: int,
                          out: Path) -> dict:
     """Reference log-probs of every dataset row, from the cache or computed once; the ref group is then released."""
+    created = []
+
+    def group():
+        created.append(factory.create("ref", *ref_spec))
+        return created[0], "sequence_logprobs"
+
+    try:
+        return reference_cache(c, datasets, out, pad_id, chunk, group)
+    finally:
+        if created:
+            factory.release("ref")
+
+
+def reference_cache(c: ResolvedConfig, datasets, out: Path, pad_id: int, chunk: int, group) -> dict:
+    """Dataset prefix -> its rows' reference log-probs, from the cache where its key matches; ``group()`` gives the
+    (worker group, method) that computes the rest, called only when something is missing."""
     cache_dir = Path(c.data.ref_logps_cache_dir or out / "ref_logps_cache")
+    role = "actor_rollout" if c.reference_is_actor_base else "ref"  # the reference's weights are the actor's load
     wanted = {}
     for dataset in datasets:
         if dataset is not None:
-            key = ref_cache.cache_key(dataset, c.roles["ref"], c.models["ref"], c.training.seed)
+            key = ref_cache.cache_key(dataset, c.roles[role], c.models[role], c.training.seed)
             wanted[dataset.prefix] = (dataset, ref_cache.cache_path(cache_dir, dataset, key))
-    group = None
-    if not all(path.is_file() for _, path in wanted.values()):
-        group = factory.create("ref", *ref_spec)
-    try:
-        return {prefix: ref_cache.load_or_compute(group, dataset, path, pad_token_id=pad_id, chunk=chunk)
-                for prefix, (dataset, path) in wanted.items()}
-    finally:
-        if group is not None:
-            factory.release("ref")
+    scorer, method = group() if not all(path.is_file() for _, path in wanted.values()) else (None, "")
+    return {prefix: ref_cache.load_or_compute(scorer, dataset, path, pad_token_id=pad_id, chunk=chunk, method=method)
+            for prefix, (dataset, path) in wanted.items()}
 
 
 class OfflineStage(Stage):

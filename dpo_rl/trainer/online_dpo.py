@@ -64,8 +64,8 @@ class RoleGroups:
 
     actor: Any
     """Trains (ActorWorker); also samples when colocated."""
-    ref: Any
-    """Reference log-probs (PolicyWorker)."""
+    ref: Optional[Any]
+    """Reference log-probs (PolicyWorker); ``None`` when the LoRA actor's base is the reference."""
     reward: Any
     """Scores samples (RewardWorker)."""
     rollout: Optional[Any] = None
@@ -74,6 +74,12 @@ class RoleGroups:
     @property
     def sampler(self):
         return self.rollout if self.rollout is not None else self.actor
+
+    @property
+    def reference(self) -> tuple[Any, str]:
+        """(group, method) that gives the reference's ``sequence_logps``: the ref group, or the LoRA actor's base
+        (``reference_logprobs``, adapters off)."""
+        return (self.ref, "sequence_logprobs") if self.ref is not None else (self.actor, "reference_logprobs")
 
     def all(self) -> list:
         return [g for g in (self.actor, self.rollout, self.ref, self.reward) if g is not None]
@@ -167,7 +173,7 @@ class OnlineDPOTrainer(TrainingLoop):
         # The reference scores every sample while the reward model does; pairs index into both.
         scored = timer.concurrently("score_and_reference", {
             "reward": (self.groups.reward, "score", (samples,)),
-            "reference": (self.groups.ref, "sequence_logprobs", (samples,)),
+            "reference": (*self.groups.reference, (samples,)),
         })
         scores, ref_logps = scored["reward"]["scores"], scored["reference"]["sequence_logps"]
         penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
@@ -324,12 +330,13 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
         "actor": (ActorWorker, dict(model_config=c.models["actor_rollout"], parallel=c.parallel("actor_rollout"),
                                     role=actor, seed=seed, loss_spec=c.algorithm.loss_spec(), total_iters=c.training.train_iters,
                                     rollout_engine=engine if c.colocated else None, **policy)),
-        "ref": (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
-                                   seed=seed, **policy)),
         "reward": (RewardWorker, dict(model_config=c.models["reward"], parallel=c.parallel("reward"),
                                       role=c.roles["reward"], seed=seed, pad_token_id=pad_id,
                                       actor_tokenizer=actor.tokenizer_name_or_path)),
     }
+    if "ref" in c.roles:  # else the LoRA actor's base is the reference (c.reference_is_actor_base)
+        specs["ref"] = (PolicyWorker, dict(model_config=c.models["ref"], parallel=c.parallel("ref"), role=c.roles["ref"],
+                                           seed=seed, **policy))
     if not c.colocated:
         specs["rollout"] = (PolicyWorker, dict(model_config=c.models["actor_rollout"], parallel=c.rollout_parallel(),
                                                role=actor, seed=seed, rollout_engine=engine,
@@ -349,8 +356,9 @@ def role_pools(c: ResolvedConfig):
         train_counts.append(take)
         infer_counts.append(n - take)
         need -= take
-    pools = {"actor": pool("actor", train_counts), "ref": pool("ref", c.resource_pool.ref),
-             "reward": pool("reward", c.resource_pool.reward)}
+    pools = {"actor": pool("actor", train_counts), "reward": pool("reward", c.resource_pool.reward)}
+    if "ref" in c.roles:
+        pools["ref"] = pool("ref", c.resource_pool.ref)
     if not c.colocated:
         pools["rollout"] = pool("rollout", infer_counts)
     return pools
@@ -397,12 +405,13 @@ def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str
                              tensorboard=c.training.tensorboard, label=c.stage)
     try:
         with GroupFactory(c, role_pools(c), use_ray=use_ray) as factory:
-            groups = RoleGroups(**{name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()})
+            created = {name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()}
+            groups = RoleGroups(ref=created.pop("ref", None), **created)
             trainer = OnlineDPOTrainer(c, groups, prompts, pad_token_id=pad_id, tracker=tracker,
                                        eval_prompts=eval_prompts, decode=tokenizer.decode)
             summary = trainer.fit()
             if c.training.export_hf:
-                summary["hf_actor"] = str(export_model(c, groups.actor, out / "hf_actor", "actor_rollout", tokenizer))
+                summary.update(export_model(c, groups.actor, out / "hf_actor", "actor_rollout", tokenizer))
     finally:
         tracker.close()
     if c.training.plot:

@@ -54,9 +54,10 @@ def cache_path(cache_dir: str | Path, dataset: TokenizedDataset, key: str) -> Pa
     return Path(cache_dir) / f"{Path(dataset.prefix).name}-{key}.pt"
 
 
-def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_id: int, chunk: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) reference log-probs of every row of ``dataset``."""
+def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_id: int, chunk: int,
+                    method: str = "sequence_logprobs") -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) reference log-probs of every row of ``dataset`` (``group.method`` computes
+    missing ones)."""
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         logger.info("reference log-probs of %s: reusing %s", dataset.prefix, path)
@@ -64,7 +65,7 @@ def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_i
     chosen, rejected = [], []
     for start in range(0, len(dataset), chunk):
         rows = pairs_batch([dataset[i] for i in range(start, min(start + chunk, len(dataset)))], pad_token_id)
-        c, r = pair_logps(group, rows, chunk)
+        c, r = pair_logps(group, rows, chunk, method)
         chosen.append(c)
         rejected.append(r)
     result = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected), "rows": len(dataset)}

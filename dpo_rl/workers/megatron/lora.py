@@ -52,10 +52,11 @@ TARGET_PATHS = {
 
 
 def lora_targets(settings: LoRASettings) -> tuple[str, ...]:
-    """The targets ``settings.target_modules`` names (``all`` = every one), in :data:`LORA_TARGETS` order."""
+    """The targets ``settings.target_modules`` names (``all``/``all-linear`` = every one), in :data:`LORA_TARGETS`
+    order (checked before anything starts: ``dpo_rl.config.resolution.check_lora``)."""
     wanted = settings.target_modules
     if isinstance(wanted, str):
-        wanted = LORA_TARGETS if wanted.lower() == "all" else (wanted,)
+        wanted = LORA_TARGETS if wanted.lower() in ("all", "all-linear") else (wanted,)
     return tuple(t for t in LORA_TARGETS if t in set(wanted))
 
 

@@ -148,3 +148,27 @@ def test_lora_actor_optimizes_only_the_adapters(megatron_single_rank):
     assert moved and all(".adapter." in n for n in moved)
     assert {n.rsplit(".", 3)[-3] for n in moved} == {"linear_qkv", "linear_fc2"}
     assert all(p.grad is None and getattr(p, "main_grad", None) is None for n, p in after.items() if n not in moved)
+
+
+def test_reference_with_adapters_off_equals_a_separate_frozen_reference(megatron_single_rank):
+    from dpo_rl.batch import Batch
+    from dpo_rl.config.schema import RoleConfig
+    from dpo_rl.workers.policy import PolicyWorker
+    from tests.workers.megatron.common import tiny_hf_model
+    from tests.workers.megatron.test_optimizer import sft_actor, sft_rows
+
+    actor = sft_actor(TP1, lora=LoRASettings(enabled=True, rank=4, alpha=8.0), lr=1e-2)
+    ref = PolicyWorker(rank=0, world_size=1, model_config=actor.model_config, parallel=TP1,
+                       role=RoleConfig(model="tiny", micro_batch_size=1), seed=0, eos_token_ids=(1,), pad_token_id=0)
+    ref.init_distributed("127.0.0.1", 0)
+    hf_interop.load_into_current_rank(ref.model, tiny_hf_model(actor.model_config, seed=11).state_dict(),
+                                      actor.model_config)  # the actor's base weights (sft_actor loads seed 11)
+    ids, attention, response = random_batch(4, 24, seed=9)
+    samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response})
+    expected = ref.sequence_logprobs(samples)["sequence_logps"]
+    assert torch.equal(actor.reference_logprobs(samples)["sequence_logps"], expected)  # step 0
+    for step in range(3):
+        actor.update(sft_rows(seed=5 + step))
+    assert torch.equal(actor.reference_logprobs(samples)["sequence_logps"], expected)
+    trained = actor.sequence_logprobs(samples)["sequence_logps"]
+    assert (trained - expected).abs().max() > 1e-3  # the adapters trained; only the reference call turns them off
