@@ -17,10 +17,15 @@ pytestmark = pytest.mark.slow
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-@pytest.mark.parametrize("engine", ["megatron", pytest.param("vllm", marks=pytest.mark.skipif(
-    not HAS_VLLM, reason="rollout_engine: vllm needs the vllm package"))])
-def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine):
-    """The same recipe with either rollout engine reaches the same quality."""
+#: LoRA's recipe: rank 8, alpha 16 on every linear layer, at 10x the full fine-tuning LR (LoRA's usual ratio).
+LORA = ("training.lora.enabled=true", "training.lr=5e-4")
+
+
+@pytest.mark.parametrize("engine, lora", [("megatron", False), pytest.param("vllm", False, marks=pytest.mark.skipif(
+    not HAS_VLLM, reason="rollout_engine: vllm needs the vllm package")), ("megatron", True)])
+def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora):
+    """The same recipe with either rollout engine, and with LoRA (whose reference is the actor's base, adapters
+    off), reaches the same quality."""
     from examples.tiny_world.build import ARTIFACTS, build
 
     info = build()
@@ -33,6 +38,7 @@ def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine):
         f"actor_rollout_ref.actor_rollout.load={ARTIFACTS / 'sft'}", f"actor_rollout_ref.ref.load={ARTIFACTS / 'sft'}",
         f"reward.load={ARTIFACTS / 'rm'}", f"data.train_path={ARTIFACTS / 'prompts_train.jsonl'}",
         f"data.eval_path={ARTIFACTS / 'prompts_eval.jsonl'}", f"actor_rollout_ref.actor_rollout.rollout_engine={engine}",
+        *(LORA if lora else ()),
     ]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     tenth = len(rows) // 10
@@ -44,7 +50,8 @@ def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine):
     assert max(r["rollout/logprob_diff_mean"] for r in rows) < 1e-4  # every step sampled on-policy
 
 
-def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path, lora):
     from examples.tiny_world.build import ARTIFACTS, build
 
     build()
@@ -53,7 +60,7 @@ def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path):
         "training.train_iters=60", "training.eval_interval=0", "training.log_interval=20",
         f"training.output_dir={tmp_path}", f"training.tokenizer_name_or_path={ARTIFACTS / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ARTIFACTS / 'sft'}", f"data.train_path={data / 'pairs_train'}",
-        f"data.eval_path={data / 'pairs_eval'}",
+        f"data.eval_path={data / 'pairs_eval'}", *(LORA if lora else ()),
     ]))
     # the SFT actor prefers the plain answers; after DPO its implicit reward ranks the held-out pairs
     assert summary["eval/rewards/accuracies"] >= 0.85, summary
