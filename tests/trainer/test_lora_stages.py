@@ -112,3 +112,26 @@ def test_reward_stage_trains_adapters_and_the_value_head(world_dir, offline_data
                                          tmp_path / "hf_reward_adapter").eval()
         got = peft(input_ids=ids).logits
     assert float((got - want).abs().max()) < 1e-5
+
+
+def test_split_tp2_lora_actor_on_ray_trains_like_one_rank_and_samples_with_the_merged_weights(world_dir, tmp_path):
+    """TP=2 training ranks (replicated A factors kept in step by the TP region mappings) stream merged weights to
+    a rollout rank: the metrics follow the one-rank in-process run, the sync checksums agree, and the rollout's
+    log-probs equal the trainer's (with unmerged weights they would drift apart from the first update on)."""
+    from tests.tolerance import assert_close
+
+    one = tmp_path / "one"
+    run(small_config(world_dir, one, *LORA), use_ray=False)
+    split = tmp_path / "split"
+    run(small_config(world_dir, split, *LORA, "resource_pool.actor_rollout=[3]",
+                     "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",
+                     "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
+                     "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                     "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=1",
+                     "actor_rollout_ref.actor_rollout.verify_weight_sync=true"))
+    a, b = metrics(one), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("loss", "objective/scores", "logps/chosen", "actor/grad_norm"):
+            assert_close(y[key], x[key], rtol=1e-4, what=f"step {x['step']} {key}")
+        assert y["rollout/logprob_diff_mean"] < 1e-4
