@@ -135,3 +135,21 @@ def test_split_tp2_lora_actor_on_ray_trains_like_one_rank_and_samples_with_the_m
         for key in ("loss", "objective/scores", "logps/chosen", "actor/grad_norm"):
             assert_close(y[key], x[key], rtol=1e-4, what=f"step {x['step']} {key}")
         assert y["rollout/logprob_diff_mean"] < 1e-4
+
+
+def test_tp2_pp2_lora_reward_stage_matches_one_rank_and_exports_the_same_adapter(world_dir, offline_data, tmp_path):
+    """The reward stage with LoRA over TP=2 x PP=2 (4 Ray processes): same losses, and the PEFT export gathered
+    over both (adapters from every stage, the value head from the last) holds the one-rank run's tensors."""
+    from tests.tolerance import assert_close
+
+    rm = ("training.train_iters=2", f"reward.load={world_dir}/rm", *COMMON)
+    run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "one", *rm), use_ray=False)
+    run(offline_config("rm_trainer_tiny", world_dir, tmp_path / "four", *rm, "resource_pool.reward=[4]",
+                       "reward.tensor_model_parallel_size=2", "reward.pipeline_model_parallel_size=2"))
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "four")):
+        assert_close(y["loss"], x["loss"], rtol=1e-4, what=f"step {x['step']} loss")
+    one = load_file(str(tmp_path / "one" / "hf_reward_adapter" / "adapter_model.safetensors"))
+    four = load_file(str(tmp_path / "four" / "hf_reward_adapter" / "adapter_model.safetensors"))
+    assert set(one) == set(four) and "base_model.model.score.weight" in one
+    for name in one:
+        assert_close(four[name], one[name], rtol=1e-4, what=name)
