@@ -222,25 +222,13 @@ class TrainableWorker(MegatronWorker):
         return directory
 
     def _save_peft_adapter(self, directory: str, base_model: Optional[str]) -> None:
-        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
-
         from dpo_rl.workers.megatron.lora import (
-            gathered_adapters,  # deferred: imports megatron-core
+            peft_adapter_tensors,  # deferred: imports megatron-core
         )
 
-        r = self.ranks
-        stage = {}
-        for module, a, b in gathered_adapters(self.model, self.model_config, tp_group=mpu.get_tensor_model_parallel_group(),
-                                              tp_rank=r.tp_rank, tp_size=r.tp_size, reward=self.reward_model):
-            stage[module] = (a, b)
-        if self.reward_model and r.is_output_rank:
-            stage["score"] = dict(self.model.named_parameters())["output_layer.weight"].detach().cpu().clone()
-        if r.pp_size > 1:
-            parts: list[Optional[dict]] = [None] * r.pp_size
-            dist.all_gather_object(parts, stage if r.tp_rank == 0 else {}, group=mpu.get_pipeline_model_parallel_group())
-            stage = {k: v for part in parts for k, v in (part or {}).items()}
-        if r.is_output_rank:
-            save_peft_adapter(directory, stage, self.role.lora, reward=self.reward_model, base_model=base_model)
+        adapters = peft_adapter_tensors(self.model, self.model_config, self.ranks, reward=self.reward_model)
+        if adapters is not None:
+            save_peft_adapter(directory, adapters, self.role.lora, reward=self.reward_model, base_model=base_model)
 
 
 class StatSums:

@@ -80,3 +80,14 @@ def test_split_actor_tp2_syncs_into_vllm_verified_and_a_skipped_sync_shows(runs,
     assert [m["rollout/policy_version"] for m in metrics] == [0, 0, 2]
     assert gap[0] < GAP_IN_SYNC and gap[2] < GAP_IN_SYNC, gap
     assert gap[1] > 100 * max(gap[0], 1e-7), gap
+
+
+def test_a_colocated_lora_actor_refreshes_its_engine_with_the_merged_weights(runs):
+    """LoRA: the engine receives W + alpha/r B A after every update; ``verify_weight_sync`` compares its probe
+    log-probs with the adapter model's (raising on a mismatch) and the sampled tokens' gap stays at rounding."""
+    out, _ = runs("vllm_lora", *VLLM, "training.lora.enabled=true", "training.lora.rank=4",
+                  "actor_rollout_ref.actor_rollout.verify_weight_sync=true")
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["rollout/logprob_diff_mean"] < GAP_IN_SYNC for m in metrics), metrics
+    assert metrics[-1]["objective/kl"] != 0.0  # the adapters trained, so the merged weights moved

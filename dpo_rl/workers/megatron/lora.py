@@ -41,6 +41,7 @@ from torch import nn
 from dpo_rl.checkpoint.hf_weights import ADAPTER_PREFIX, key_map, shard, unshard
 from dpo_rl.config.model import ModelConfig
 from dpo_rl.config.schema import LORA_TARGETS, LoRASettings
+from dpo_rl.errors import ConfigError
 
 #: Where each target lives in a decoder layer, and how megatron splits its weight over TP.
 TARGET_PATHS = {
@@ -203,8 +204,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Inverse of :func:`trainable_state`: every trainable parameter must be in ``state`` with its shape."""
-    from dpo_rl.errors import ConfigError
-
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     problems = [f"{source}: holds no {name!r}" for name in sorted(set(params) - set(state))][:5]
     problems += [f"{source}: {name!r} is not a trainable parameter of this model (was it saved with other lora "
@@ -218,7 +217,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
             p.copy_(state[name])
 
 
-def _rule_for(target: str, config: ModelConfig, reward: bool):
+def adapted_rule(target: str, config: ModelConfig, reward: bool):
+    """The key-map rule of the base weight a ``target`` adapter belongs to (its HF pieces and TP split)."""
     path = TARGET_PATHS[target][0]
     return next(r for r in key_map(config, reward=reward) if r.mcore.endswith(f"{path}.weight"))
 
@@ -231,7 +231,7 @@ def gathered_adapters(model: nn.Module, config: ModelConfig, *, tp_group, tp_ran
     from dpo_rl.checkpoint.hf_weights import decompose  # the base weight's own HF split
 
     for a in adapted_linears(model):
-        adapter, rule = a.module.adapter, _rule_for(a.target, config, reward)
+        adapter, rule = a.module.adapter, adapted_rule(a.target, config, reward)
         factor_a, factor_b = adapter.lora_a.detach(), adapter.lora_b.detach()
         if tp_size > 1:
             split, which = (factor_b, "b") if adapter.kind == "column" else (factor_a, "a")
@@ -245,6 +245,25 @@ def gathered_adapters(model: nn.Module, config: ModelConfig, *, tp_group, tp_ran
         pieces_b = decompose(rule, factor_b, config)
         for module, piece in zip(modules, pieces_b):
             yield module, factor_a.cpu().clone(), piece.cpu().contiguous().clone()
+
+
+def peft_adapter_tensors(model: nn.Module, config: ModelConfig, ranks, *, reward: bool = False) -> Optional[dict]:
+    """Every adapter of the model (and a reward model's value head, as ``score``) by HF module name, for
+    :func:`~dpo_rl.checkpoint.peft_adapters.save_peft_adapter`: gathered over TP and PP (collective over one DP
+    replica's model-parallel ranks); the dict on the output rank, ``None`` elsewhere."""
+    from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+
+    stage: dict = {module: (a, b) for module, a, b in gathered_adapters(
+        model, config, tp_group=mpu.get_tensor_model_parallel_group(), tp_rank=ranks.tp_rank, tp_size=ranks.tp_size,
+        reward=reward)}
+    if reward and ranks.is_output_rank:
+        stage["score"] = dict(model.named_parameters())["output_layer.weight"].detach().cpu().clone()
+    if ranks.pp_size > 1:
+        parts: list[Optional[dict]] = [None] * ranks.pp_size
+        torch.distributed.all_gather_object(parts, stage if ranks.tp_rank == 0 else {},
+                                            group=mpu.get_pipeline_model_parallel_group())
+        stage = {k: v for part in parts for k, v in (part or {}).items()}
+    return stage if ranks.is_output_rank else None
 
 
 def trainable_count(model: nn.Module) -> tuple[int, int]:

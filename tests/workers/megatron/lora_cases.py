@@ -9,8 +9,8 @@ from dpo_rl.config.schema import LoRASettings
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, run_microbatches
 from dpo_rl.workers.megatron.lora import (
-    _rule_for,
     adapted_linears,
+    adapted_rule,
     add_lora,
     gathered_adapters,
     init_factor_a,
@@ -37,7 +37,7 @@ def lora_model(family: str, parallel: ParallelConfig, settings: LoRASettings = S
     if random_b:
         with torch.no_grad():
             for a in adapted_linears(model):
-                rule = _rule_for(a.target, config, reward=False)
+                rule = adapted_rule(a.target, config, reward=False)
                 out_full = a.module.adapter.lora_b.shape[0] * (ranks.tp_size if a.module.adapter.kind == "column" else 1)
                 full = init_factor_a(seed + 1, f"B.{a.layer}.{a.target}", out_full, settings.rank) * 0.5
                 split = rule.tp_split if a.module.adapter.kind == "column" else "replicated"
