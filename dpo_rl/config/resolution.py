@@ -12,7 +12,7 @@ key, value, rule and fix. Keys that DPO accepts but does not use are returned in
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol
 
@@ -84,6 +84,8 @@ class ResolvedConfig:
     """Accepted keys with no meaning in DPO, one message each."""
     stage_rules: StageRules
     """The selected stage (:class:`StageRules`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the resolved run does differently from what its sections say, one message each (logged at start)."""
     reference_is_actor_base: bool = False
     """The LoRA-trained actor's base model (adapters off) is the reference: the reference would be the actor's
     initial weights (same model, ``load`` and precision), so no reference model is placed
@@ -249,6 +251,11 @@ def resolve_config(cfg: DictConfig, stages: Mapping[str, StageRules], *, check_p
     if uses_actor_base_as_reference(resolved):
         resolved.reference_is_actor_base = True
         del resolved.roles["ref"], resolved.models["ref"]
+        resolved.notes.append(
+            f"the reference is the actor's base model with its LoRA adapters off (the reference's model, load and "
+            f"precision are the actor's): no reference model is placed, and resource_pool.ref={pool.ref}"
+            + (" and the actor_rollout_ref.ref section are" if _section(cfg, ROLE_SECTIONS["ref"]) is not None
+               else " is") + " not used")
     problems.extend(_check_rules(resolved, check_paths))
     if problems:
         raise ConfigError(problems)
@@ -272,12 +279,6 @@ def uses_actor_base_as_reference(c: ResolvedConfig) -> bool:
 
 def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]]) -> list[str]:
     messages = []
-    if c.reference_is_actor_base:
-        messages.append(f"the reference is the actor's base model with its LoRA adapters off (the reference's model, "
-                        f"load and precision are the actor's): no reference model is placed, and "
-                        f"resource_pool.ref={c.resource_pool.ref}"
-                        + (" and the actor_rollout_ref.ref section are" if _section(cfg, ROLE_SECTIONS["ref"])
-                           is not None else " is") + " not used")
     for role, section_key in ROLE_SECTIONS.items():
         section = _section(cfg, section_key) or {}
         for key in UNUSED_IN_DPO:
@@ -506,9 +507,9 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
         return p
     model = c.models.get("actor_rollout")
     if not c.colocated and model is not None and infer_tp > 1:
-        for field in ("num_attention_heads", "num_query_groups"):
-            if getattr(model, field) % infer_tp:
-                p.append(f"model.{field} ({getattr(model, field)}) must be a multiple of the infer ranks' "
+        for name in ("num_attention_heads", "num_query_groups"):
+            if getattr(model, name) % infer_tp:
+                p.append(f"model.{name} ({getattr(model, name)}) must be a multiple of the infer ranks' "
                          f"rollout_tensor_parallel_size ({infer_tp}); set {key}.rollout_tensor_parallel_size to a "
                          "divisor of it")
     if c.colocated and r.rollout_tensor_parallel_size not in (None, tp):

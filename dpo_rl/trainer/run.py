@@ -31,4 +31,6 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
     c = resolve(cfg)
     for message in c.unused:
         logger.warning("unused config key: %s", message)
+    for note in c.notes:
+        logger.warning("%s", note)
     return STAGES[c.stage].run(cfg, c, use_ray=use_ray)

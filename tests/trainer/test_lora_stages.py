@@ -153,3 +153,18 @@ def test_tp2_pp2_lora_reward_stage_matches_one_rank_and_exports_the_same_adapter
     assert set(one) == set(four) and "base_model.model.score.weight" in one
     for name in one:
         assert_close(four[name], one[name], rtol=1e-4, what=name)
+
+
+def test_a_precomputed_reference_comes_from_the_lora_actors_base(world_dir, offline_data, tmp_path):
+    """``reference: precomputed`` with LoRA: the actor's base scores the dataset once (no ref group), and training
+    sees the same reference as the live adapters-off one."""
+    from tests.tolerance import assert_close
+
+    args = ("training.train_iters=3", *COMMON)
+    run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "live", *args), use_ray=False)
+    run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "pre", *args, "algorithm.reference=precomputed"),
+        use_ray=False)
+    assert list((tmp_path / "pre" / "ref_logps_cache").glob("*.pt"))
+    for x, y in zip(metrics(tmp_path / "live"), metrics(tmp_path / "pre")):
+        for key in ("loss", "rewards/margins", "objective/kl"):
+            assert_close(y[key], x[key], rtol=1e-5, scale=abs(x["logps/chosen"]), what=f"step {x['step']} {key}")
