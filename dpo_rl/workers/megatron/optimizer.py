@@ -14,7 +14,9 @@ last pipeline stage included) and scales the fp16 loss.
 
 Parameter groups are megatron's own (``_get_param_groups``): matrices decay at the role's
 ``weight_decay``, biases and 1-D parameters (norms) do not, frozen parameters are in no
-group. An adapter method (LoRA) adds its own ``ParamKey`` override in
+group. With LoRA (:mod:`dpo_rl.workers.megatron.lora`) the frozen base is in no group and the
+adapter factors, being matrices, decay like any matrix (as PEFT + HF Trainer do); a method that
+wants its own group (e.g. another LR for the B factors) adds a ``ParamKey`` override in
 :func:`param_group_overrides`.
 
 The learning rate follows :func:`dpo_rl.optim.lr_factor`, stepped once per training
@@ -112,8 +114,8 @@ def optimizer_config(role: RoleConfig, parallel: ParallelConfig):
 def param_group_overrides(config) -> dict:
     """megatron's ``ParamKey -> override`` map: no weight decay on biases and 1-D parameters.
 
-    The place an adapter method adds its group (e.g. a ``ParamKey`` matching adapter weights
-    with its own ``max_lr``).
+    The place a method adds a group of its own (a ``ParamKey`` matching some parameters, with its
+    own ``max_lr`` or ``wd_mult``); LoRA needs none.
     """
     from megatron.core.optimizer import (
         get_standard_config_overrides,  # deferred: heavy (megatron-core)
