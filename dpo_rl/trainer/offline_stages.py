@@ -123,7 +123,8 @@ def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, us
             if c.training.export_hf:
                 exported = export_model(c, trained, out / stage.export_dir, c.trained_role, tokenizer)
                 summary["hf_model"] = exported.pop(stage.export_dir)
-                summary.update({"hf_model_adapter": path for path in exported.values()})
+                if exported:  # LoRA: the adapters in PEFT's format
+                    summary["hf_model_adapter"] = exported[f"{stage.export_dir}_adapter"]
     finally:
         tracker.close()
     if c.training.plot:
