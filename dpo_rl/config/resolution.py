@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
 from dpo_rl.config.schema import (
+    LORA_ALL,
     LORA_TARGETS,
     ROLE_FIELDS,
     ROLE_SETTING_GROUPS,
@@ -541,8 +542,6 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     return p
 
 
-#: How users spell "every linear layer" (LLaMA-Factory ``all``, ms-swift ``ALL``, PEFT ``all-linear``).
-LORA_ALL = ("all", "all-linear")
 #: HF module names and the fused megatron-core layer that holds them.
 HF_LINEAR_IN = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
                 "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}

@@ -154,6 +154,8 @@ class OnlineActorSettings:
 
 #: What ``lora.target_modules`` may name: megatron-core's tensor-parallel linear layers of every decoder layer.
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+#: How users spell "every linear layer" (LLaMA-Factory ``all``, ms-swift ``ALL``, PEFT ``all-linear``), lower-cased.
+LORA_ALL = ("all", "all-linear")
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch import nn
 
 from dpo_rl.checkpoint.hf_weights import ADAPTER_PREFIX, key_map, shard, unshard
 from dpo_rl.config.model import ModelConfig
-from dpo_rl.config.schema import LORA_TARGETS, LoRASettings
+from dpo_rl.config.schema import LORA_ALL, LORA_TARGETS, LoRASettings
 from dpo_rl.errors import ConfigError
 
 #: Where each target lives in a decoder layer, and how megatron splits its weight over TP.
@@ -57,7 +57,7 @@ def lora_targets(settings: LoRASettings) -> tuple[str, ...]:
     order (checked before anything starts: ``dpo_rl.config.resolution.check_lora``)."""
     wanted = settings.target_modules
     if isinstance(wanted, str):
-        wanted = LORA_TARGETS if wanted.lower() in ("all", "all-linear") else (wanted,)
+        wanted = LORA_TARGETS if wanted.lower() in LORA_ALL else (wanted,)
     return tuple(t for t in LORA_TARGETS if t in set(wanted))
 
 
