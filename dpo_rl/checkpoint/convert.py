@@ -26,21 +26,20 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dpo_rl.checkpoint import hf_files
+from dpo_rl.checkpoint import hf_files, readers
 from dpo_rl.checkpoint import hf_weights as hi
+from dpo_rl.config.load_inspection import (  # the layout's names, shared with config validation
+    META_FILE,
+    RELEASE,
+    TRACKER_FILE,
+    rank_dir_name,
+)
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
 from dpo_rl.errors import ConfigError
 
 FORMAT_VERSION = 1
-META_FILE = "dpo_rl_checkpoint.json"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 @dataclasses.dataclass
@@ -67,7 +66,7 @@ class MegatronCheckpoint:
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise ConfigError([f"{directory}: no {META_FILE}; not a checkpoint written by tools/checkpoint"])
-        meta = json.loads(meta_path.read_text())
+        meta = readers.read_json(meta_path)
         if meta.get("lora"):
             raise ConfigError([f"{directory} is a LoRA training checkpoint: its rank files hold the adapters alone "
                                f"({meta['lora']}), not a model. Export the run with training.export_hf: true (a "
@@ -76,9 +75,15 @@ class MegatronCheckpoint:
                                "--lora-adapter-dir <adapter>"])
         tracker = directory / TRACKER_FILE
         iteration = tracker.read_text().strip() if tracker.is_file() else RELEASE
+        if iteration != RELEASE and not iteration.isdigit():
+            raise ConfigError([readers.damaged(tracker, "tracker", f"holds {iteration!r}, not a step or {RELEASE}")])
         iteration = iteration if iteration == RELEASE else f"iter_{int(iteration):07d}"
-        ckpt = cls(directory, model_config_from_dict(meta["model"], source=str(meta_path)),
-                   meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"], meta["reward"], iteration)
+        try:
+            ckpt = cls(directory, model_config_from_dict(meta["model"], source=str(meta_path)),
+                       meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"], meta["reward"],
+                       iteration)
+        except (KeyError, TypeError) as err:
+            raise ConfigError([readers.damaged(meta_path, "checkpoint description", f"no {err}")]) from None
         missing = [str(ckpt.rank_file(t, p)) for t in range(ckpt.tp) for p in range(ckpt.pp)
                    if not ckpt.rank_file(t, p).is_file()]
         if missing:
@@ -141,8 +146,7 @@ def full_tensors_from_megatron(ckpt: MegatronCheckpoint, pp_rank: int = 0, pp: i
                    if (layer in wanted_layers if rule.per_layer else _wanted(rule, pp_rank, pp))]
         if not entries:
             continue
-        shards = [torch.load(ckpt.rank_file(t, source_stage), map_location="cpu", weights_only=True, mmap=True)["model"]
-                  for t in range(ckpt.tp)]
+        shards = [readers.torch_load(ckpt.rank_file(t, source_stage), mmap=True)["model"] for t in range(ckpt.tp)]
         for rule, layer, local_name in entries:
             parts = []
             for t, shard in enumerate(shards):
@@ -286,7 +290,7 @@ def load_model_shard(directory: str | Path, config: ModelConfig, tp_rank: int, t
                            f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}"])
     if ckpt.config != config or ckpt.reward != reward:
         raise ConfigError([f"{directory}: its model config or reward flag differs from the role's model"])
-    return torch.load(ckpt.rank_file(tp_rank, pp_rank), map_location="cpu", weights_only=True)["model"]
+    return readers.torch_load(ckpt.rank_file(tp_rank, pp_rank))["model"]
 
 
 def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_rl.checkpoint import readers
 from dpo_rl.config.model import ModelConfig, model_config_from_dict
 from dpo_rl.errors import ConfigError
 
@@ -121,8 +122,12 @@ class HFCheckpoint:
                                             ("pytorch_model.bin.index.json", "pytorch_model*.bin", _open_bin)):
             index = self.directory / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = readers.read_json(index).get("weight_map") or {}
                 files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not (self.directory / f).is_file()]
+                if not files or missing:
+                    raise ConfigError([f"{index} names no weight files or missing ones ({missing[:3]}); the copy "
+                                       "is incomplete: re-copy or re-export the checkpoint"])
             else:
                 files = [p.name for p in sorted(self.directory.glob(pattern))]
                 weight_map = {}
@@ -147,20 +152,18 @@ class HFCheckpoint:
         path = self.directory / "config.json"
         if not path.is_file():
             raise ConfigError([f"{self.directory}: no config.json"])
-        return model_config_from_hf(json.loads(path.read_text()), source=str(path))
+        return model_config_from_hf(readers.read_json(path), source=str(path))
 
 
 def _open_safetensors(path: Path):
-    from safetensors import safe_open  # deferred: only reading or writing checkpoints needs it
-
-    return safe_open(str(path), framework="pt")
+    return readers.open_safetensors(path)
 
 
 class _BinFile:
     """A ``pytorch_model*.bin`` file with safetensors' handle interface (memory-mapped)."""
 
     def __init__(self, path: Path) -> None:
-        self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.state = readers.torch_load(path, mmap=True)
 
     def keys(self):
         return self.state.keys()

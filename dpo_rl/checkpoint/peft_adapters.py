@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from dpo_rl.checkpoint import readers
 from dpo_rl.checkpoint.hf_files import HFCheckpoint
 from dpo_rl.config.schema import LoRASettings
 from dpo_rl.errors import ConfigError
@@ -69,7 +70,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise ConfigError([f"{directory}: no {CONFIG_FILE}; not a PEFT adapter directory"])
-    config = json.loads(path.read_text())
+    config = readers.read_json(path)
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"{path}: peft_type={config.get('peft_type')!r}; only LORA adapters can be merged")
@@ -85,7 +86,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
 def merge_peft_adapter(base_dir: str | Path, adapter_dir: str | Path, save_dir: str | Path) -> Path:
     """Write ``base_dir`` (an HF checkpoint) with the LoRA adapter of ``adapter_dir`` merged in, to ``save_dir``
     (one ``model.safetensors``; config.json and the tokenizer files copied as they are)."""
-    from safetensors.torch import load_file, save_file  # deferred: only reading or writing checkpoints needs it
+    from safetensors.torch import save_file  # deferred: only reading or writing checkpoints needs it
 
     base_dir, adapter_dir, save_dir = Path(base_dir), Path(adapter_dir), Path(save_dir)
     config = read_adapter_config(adapter_dir)
@@ -95,7 +96,7 @@ def merge_peft_adapter(base_dir: str | Path, adapter_dir: str | Path, save_dir: 
     base = HFCheckpoint(base_dir)
     rank = int(config["r"])
     scale = float(config["lora_alpha"]) / (rank ** 0.5 if config.get("use_rslora") else rank)
-    adapter = load_file(str(weights))
+    adapter = readers.load_safetensors(weights)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
     problems = []

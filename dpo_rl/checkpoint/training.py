@@ -6,6 +6,7 @@ and resumption (``resume: auto`` = the latest one, if any).
 <save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/distrib_optim_dp{dp:03d}.pt  distributed optimizer: each
                                                                          DP rank's main params + Adam moments
 <save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts
+<save_dir>/iter_0000020/manifest.json                                     every file's size at commit
 <save_dir>/latest_checkpointed_iteration.txt                              "20"
 <save_dir>/dpo_rl_checkpoint.json                                         model config (convert_ckpt reads it)
 ```
@@ -13,11 +14,18 @@ and resumption (``resume: auto`` = the latest one, if any).
 Every rank writes into ``iter_XXXXXXX.staging``; the driver then renames that directory and
 replaces the tracker file (each an atomic rename). A crash before the tracker is replaced
 leaves the previous checkpoint as the latest; staging directories are never read.
+
+Before any worker loads a checkpoint, the driver checks it (:func:`checkpoint_problems`): every file
+the manifest lists has its committed size, and every rank file opens (torch's zip reader, memory-mapped:
+no tensor data is read). A damaged checkpoint named by ``training.resume`` is an error offering the
+previous intact step; ``resume: auto`` falls back to the newest intact one with a warning. Checkpoints
+from before the manifest get the open check alone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 
+from dpo_rl.checkpoint import readers
 from dpo_rl.checkpoint.convert import (
     META_FILE,
     TRACKER_FILE,
@@ -37,8 +46,12 @@ from dpo_rl.checkpoint.hf_weights import local_mcore_state
 from dpo_rl.config.model import ModelConfig
 from dpo_rl.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 _ITER = re.compile(r"^iter_(\d{7})$")
 STAGING_SUFFIX = ".staging"
+MANIFEST_FILE = "manifest.json"
+"""Each committed file's size (path relative to the iteration directory -> bytes), written by :func:`commit`."""
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
@@ -65,17 +78,84 @@ def latest_step(save_dir: str | Path) -> Optional[int]:
 
 
 def resolve_resume(setting: str, save_dir: str | Path) -> Optional[Path]:
-    """``none`` -> None; ``auto`` -> the latest checkpoint or None; else a checkpoint directory."""
+    """``none`` -> None; ``auto`` -> the newest intact checkpoint (a warning names the damaged ones skipped) or
+    None; else that checkpoint directory, which must be intact. A damaged or missing choice is a ConfigError."""
     if setting == "none":
         return None
     if setting == "auto":
         step = latest_step(save_dir)
-        return None if step is None else iteration_dir(save_dir, step)
+        return None if step is None else _newest_intact(save_dir, step)
     path = Path(setting)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError([f"training.resume={setting!r} is not a checkpoint directory (no trainer_state.json); "
                            "use auto, none, or an iter_XXXXXXX directory"])
+    problems = checkpoint_problems(path)
+    if problems:
+        step = _step_of(path)
+        previous = _newest_intact(path.parent, step - 1, quiet=True) if step is not None else None
+        offer = (f"resume from the previous intact checkpoint with training.resume={previous}" if previous else
+                 f"there is no earlier intact checkpoint in {path.parent}; start afresh with training.resume=none")
+        raise ConfigError([f"training.resume={setting!r} is damaged: {'; '.join(problems)}. Re-copy the file(s), "
+                           f"or {offer}"])
     return path
+
+
+def _step_of(directory: Path) -> Optional[int]:
+    match = _ITER.match(directory.name)
+    return int(match.group(1)) if match else None
+
+
+def _newest_intact(save_dir: str | Path, step: int, quiet: bool = False) -> Optional[Path]:
+    """The newest checkpoint in ``save_dir`` at ``step`` or before that passes :func:`checkpoint_problems`.
+    Unless ``quiet``, a damaged one skipped is a warning and none intact a ConfigError."""
+    damaged: list[str] = []
+    steps = sorted((s for p in Path(save_dir).iterdir() if (s := _step_of(p)) is not None and s <= step),
+                   reverse=True) if Path(save_dir).is_dir() else []
+    for candidate in steps:
+        directory = iteration_dir(save_dir, candidate)
+        problems = checkpoint_problems(directory)
+        if not problems:
+            if damaged and not quiet:
+                logger.warning("training.resume=auto: %s; resuming from step %d (%s) instead",
+                               "; ".join(damaged), candidate, directory)
+            return directory
+        damaged.extend(problems)
+    if quiet:
+        return None
+    raise ConfigError([f"training.resume=auto: no intact checkpoint in {save_dir}: {'; '.join(damaged)}. Re-copy "
+                       "the damaged file(s), or start afresh with training.resume=none"])
+
+
+def checkpoint_problems(directory: str | Path) -> list[str]:
+    """What is wrong with one committed checkpoint (an ``iter_XXXXXXX`` directory), cheaply: each file the
+    manifest lists must have its size, ``trainer_state.json`` must parse and every ``.pt`` file must open
+    memory-mapped (no tensor data is read). Empty when it looks intact."""
+    directory = Path(directory)
+    problems = []
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            sizes = readers.read_json(manifest)["files"]
+        except ConfigError as err:
+            return err.problems
+        except (KeyError, TypeError):
+            return [readers.damaged(manifest, "manifest", "it lists no files")]
+        for relative, size in sorted(sizes.items()):
+            path = directory / relative
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{path} has {path.stat().st_size} bytes but had {size} when it was committed: it is "
+                                "truncated or corrupted")
+    if problems:
+        return problems
+    try:
+        readers.read_json(directory / "trainer_state.json")
+        for path in sorted(directory.glob("*/*.pt")):
+            readers.torch_load(path, mmap=True)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    return problems
 
 
 #: Version 4: megatron-core's optimizer (fp32 main parameters; a per-DP-rank shard file with the
@@ -151,15 +231,8 @@ def load_optimizer_shard(path: Path) -> Any:
 
 def safe_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain data only, so a planted checkpoint cannot
-    run code; anything else is a :class:`ConfigError` naming the file."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ConfigError([f"{path} holds more than tensors and plain data, so it was not loaded (loading it could "
-                           f"run code): {reason}; was it written by dpo_rl?"]) from None
+    run code; that, or a truncated or corrupted file, is a :class:`ConfigError` naming the file."""
+    return readers.torch_load(path)
 
 
 def _atomic_save(path: Path, obj: Any) -> None:
@@ -176,6 +249,7 @@ def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model
     save_dir = Path(save_dir)
     staged, final = staging_dir(save_dir, step), iteration_dir(save_dir, step)
     (staged / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+    (staged / MANIFEST_FILE).write_text(json.dumps({"files": file_sizes(staged)}, indent=2, sort_keys=True) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(staged, final)
@@ -190,6 +264,12 @@ def commit(save_dir: str | Path, step: int, trainer_state: dict[str, Any], model
         for old in steps[:-keep_last_k]:
             shutil.rmtree(iteration_dir(save_dir, old))
     return final
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Every file under ``directory`` but the manifest (relative POSIX path -> bytes)."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE and p.suffix != ".tmp"}
 
 
 def _atomic_write(path: Path, text: str) -> None:

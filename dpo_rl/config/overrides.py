@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from typing import Sequence
+from typing import Optional, Sequence
 
 from dpo_rl.config.schema import (
     AlgorithmConfig,
@@ -62,3 +62,21 @@ def settable_as_written(overrides: Sequence[str]) -> list[str]:
         match = _PLAIN_OVERRIDE.match(item)
         out.append(f"++{item}" if match and match.group(1) in known else item)
     return out
+
+
+_COULD_NOT_OVERRIDE = re.compile(r"Could not (?:override|append to) '([\w.]+)'|Key '([\w.]+)' (?:is )?not in")
+
+
+def did_you_mean(message: str) -> Optional[str]:
+    """For Hydra's "Could not override 'key'" on a key the schema does not document, what to say instead (Hydra's
+    "use +key" would only fail validation): that the key is unknown, and the documented key it was probably meant
+    to be. ``None`` for any other message."""
+    import difflib
+
+    match = _COULD_NOT_OVERRIDE.search(message)
+    key = match and (match.group(1) or match.group(2))
+    if not key or key in documented_keys():
+        return None
+    close = difflib.get_close_matches(key, sorted(documented_keys()), n=1, cutoff=0.8)
+    return (f"{key} is not a documented key (docs/config_reference.md)" +
+            (f"; did you mean {close[0]}?" if close else "; check its section and spelling"))

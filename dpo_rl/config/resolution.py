@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Protocol
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dpo_rl.config.load_inspection import check_load, role_needs
 from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_dict
 from dpo_rl.config.schema import (
     LORA_ALL,
@@ -325,7 +326,9 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         if rc.micro_batch_size < 1:
             p.append(f"{key}.micro_batch_size={rc.micro_batch_size} must be >= 1")
         if check_paths:
-            p.extend(_check_path(f"{key}.load", rc.load, "an HF checkpoint directory", directory=True))
+            p.extend(_check_path(f"{key}.load", rc.load, "an HF checkpoint directory", directory=True)
+                     or check_load(f"{key}.load", rc.load, role_needs(role, role == c.trained_role), model, rc.model,
+                                   rc.tensor_model_parallel_size, rc.pipeline_model_parallel_size))
             p.extend(_check_path(f"{key}.tokenizer_name_or_path", rc.tokenizer_name_or_path,
                                  "a local tokenizer directory", directory=True))
         if rc.tokenizer_name_or_path is None:

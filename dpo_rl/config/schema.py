@@ -238,6 +238,10 @@ class TrainingConfig(RoleConfig):
     """Checkpoints kept (older ones are deleted after a save; 0 = keep all)."""
     resume: str = "auto"
     """``auto`` (the latest checkpoint in save_dir, if any), ``none``, or an ``iter_XXXXXXX`` directory."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an ``output_dir`` that holds a finished run or another run's checkpoints, deleting that run's
+    files and checkpoints (TRL's and LLaMA-Factory's name). Without it such a run is refused before anything is
+    written, and a finished run with nothing left to train is reported as done."""
     on_nonfinite: str = "stop"
     """A step whose gradients (or loss, grad norm, any metric) are NaN/inf is never applied to the weights; then
     ``stop``: the run ends at that step naming the metric and the last checkpoint (exit 2), or ``skip``: the step is
@@ -339,6 +343,12 @@ class RayConfig:
     """Dashboard bind address (local cluster)."""
     resource_timeout_s: float = 60.0
     """Fail if the placement groups are not ready within this time."""
+    start_timeout_s: float = 120.0
+    """Starting a local cluster: ``ray.init`` is retried (after a clean shutdown) while it fails within this time
+    (a loaded machine can time out Ray's start-up), then the run fails with one message."""
+    call_timeout_s: float = 3600.0
+    """Longest wait for any rank's answer to one call (model loading, a step's phase, a checkpoint save); a rank
+    silent for longer is named with its process (a hung collective, a deadlock) and the run stops. 0 = no limit."""
     connect_timeout_s: float = 30.0
     """Joining an existing cluster (``address`` / ``RAY_ADDRESS``): fail, naming the address, if its head is not
     reachable within this time (instead of retrying forever)."""

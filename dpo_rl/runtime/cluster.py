@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import getpass
 import logging
+import math
 import os
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-from dpo_rl.errors import ConfigError
+from dpo_rl.errors import ClusterUnavailable, ConfigError
+from dpo_rl.runtime.reaper import MARK_ENV, Reaper
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +48,18 @@ def prepare_ray_home(path: Optional[str | Path] = None) -> Path:
 
 
 @contextlib.contextmanager
-def ray_process_env(home: Path) -> Iterator[None]:
-    """Environment for starting Ray processes: HOME = ``home``, usage stats off.
+def ray_process_env(home: Path, mark: Optional[str] = None) -> Iterator[None]:
+    """Environment for starting Ray processes: HOME = ``home``, usage stats off, and ``mark`` (when given) under
+    :data:`~dpo_rl.runtime.reaper.MARK_ENV` so the cluster's processes can be found (:mod:`dpo_rl.runtime.reaper`).
 
     Processes started inside (the local cluster's raylet, dashboard and workers) keep it;
-    the driver's own HOME is restored afterwards.
+    the driver's own environment is restored afterwards.
     """
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_USAGE_STATS_ENABLED")}
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_USAGE_STATS_ENABLED", MARK_ENV)}
     os.environ["HOME"] = str(home)
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if mark is not None:
+        os.environ[MARK_ENV] = mark
     try:
         yield
     finally:
@@ -90,6 +96,11 @@ def _loopback_only_cluster() -> Iterator[None]:
             os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
+#: The watcher of the local cluster this process started (:mod:`dpo_rl.runtime.reaper`); Ray's own state is
+#: per process too, so there is one at most.
+_reaper: Optional[Reaper] = None
+
+
 def start_ray(
     *,
     address: Optional[str] = None,
@@ -98,34 +109,83 @@ def start_ray(
     dashboard_host: str = "127.0.0.1",
     home_dir: Optional[str] = None,
     connect_timeout_s: float = 30.0,
+    start_timeout_s: float = 120.0,
 ) -> dict:
-    """``ray.init`` for this project: join ``address`` (or ``RAY_ADDRESS``), else start locally.
+    """``ray.init`` for this project: join ``address`` (or ``RAY_ADDRESS``), else start locally (retried
+    within ``start_timeout_s``; its processes go when this process goes, :mod:`dpo_rl.runtime.reaper`).
 
     Returns ``ray.cluster_resources()``. Idempotent when Ray is already initialised.
     """
+    global _reaper
     import ray  # deferred: Ray, only when a run uses it
 
     if ray.is_initialized():
         return ray.cluster_resources()
     home = prepare_ray_home(home_dir)
     address = address or os.environ.get("RAY_ADDRESS")
-    with ray_process_env(home):
-        if address:
+    if address:
+        with ray_process_env(home):
             check_reachable(address, connect_timeout_s)
             logger.info("joining Ray cluster at %s", address)
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            warn_if_loopback_names_need_dns()
-            with _loopback_only_cluster():
-                ray.init(
-                    num_cpus=num_cpus,
-                    include_dashboard=include_dashboard,
-                    dashboard_host=dashboard_host,
-                    logging_level=logging.WARNING,
-                    log_to_driver=True,
-                    runtime_env={"env_vars": {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}},
-                )
+        return ray.cluster_resources()
+    warn_if_loopback_names_need_dns()
+    mark = uuid.uuid4().hex
+    _reaper = Reaper(mark)
+    env_vars = {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", MARK_ENV: mark}
+    try:
+        with ray_process_env(home, mark), _loopback_only_cluster():
+            start_with_retries(lambda: ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
+                                                dashboard_host=dashboard_host, logging_level=logging.WARNING,
+                                                log_to_driver=True, runtime_env={"env_vars": env_vars}),
+                               ray.shutdown, start_timeout_s)
+    except BaseException:
+        _finish_reaper()
+        raise
     return ray.cluster_resources()
+
+
+def start_with_retries(start: Callable[[], object], shutdown: Callable[[], None], timeout_s: float,
+                       pause_s: float = 2.0) -> None:
+    """Call ``start`` until it succeeds; after a failure ``shutdown`` cleans up and, while ``timeout_s`` lasts,
+    it is tried again. Then one :class:`ClusterUnavailable` says how often and why it failed."""
+    deadline = time.monotonic() + timeout_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            start()
+            return
+        except Exception as err:  # noqa: BLE001 - Ray's start-up raises many kinds; each is retried the same way
+            shutdown()
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            if time.monotonic() + pause_s >= deadline:
+                raise ClusterUnavailable(
+                    f"Ray did not start: {attempts} attempt(s) within ray.start_timeout_s={timeout_s:g} s failed, the "
+                    f"last with {reason}. A loaded machine (check `uptime`), a full /tmp (Ray's session files; `df "
+                    f"-h /tmp`) or Ray processes left from an earlier run (`ray stop`) are the usual causes; raise "
+                    f"ray.start_timeout_s to wait longer") from None
+            logger.warning("Ray start-up attempt %d failed (%s); retrying", attempts, reason)
+            time.sleep(pause_s)
+
+
+def oversubscription_warning(cpu_demand: float, cores: int, num_cpus: Optional[int]) -> Optional[str]:
+    """The warning for a local cluster whose pools ask for more CPU slots than the machine has cores, unless
+    ``ray.num_cpus`` was set (the user chose the size); ``None`` when there is nothing to say."""
+    if num_cpus is not None or cpu_demand <= cores:
+        return None
+    return (f"the resource pools ask for {cpu_demand:g} CPU slots but this machine has {cores} cores, so the "
+            f"workers time-share them (about {cores / cpu_demand:.2f} of a core each; slower, and a loaded machine "
+            f"can time out start-up); set ray.num_cpus={math.ceil(cpu_demand)} to choose this, or give fewer "
+            "processes in resource_pool")
+
+
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 #: How torch.distributed's store sees its peer on one machine (its client socket is dual-stack).
@@ -186,7 +246,16 @@ def check_reachable(address: str, timeout_s: float) -> None:
 
 
 def stop_ray() -> None:
+    """Shut Ray down; for a local cluster, also whatever of its processes is left (the watcher's job)."""
     import ray  # deferred: Ray, only when a run uses it
 
     if ray.is_initialized():
         ray.shutdown()
+    _finish_reaper()
+
+
+def _finish_reaper() -> None:
+    global _reaper
+    if _reaper is not None:
+        _reaper.finish()
+        _reaper = None

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
 
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.errors import ConfigError
-from dpo_rl.runtime.cluster import start_ray, stop_ray
+from dpo_rl.runtime.cluster import (
+    machine_cores,
+    oversubscription_warning,
+    start_ray,
+    stop_ray,
+)
 from dpo_rl.runtime.resource_pool import (
     check_fits,
     create_pools,
@@ -15,6 +22,12 @@ from dpo_rl.runtime.resource_pool import (
     total_demand,
 )
 from dpo_rl.runtime.worker_group import LocalWorkerGroup, RayWorkerGroup
+
+logger = logging.getLogger(__name__)
+
+#: How long ranks get to ``close`` when the run is being torn down after a failure (a rank still busy with the
+#: failed call never gets to it, so this only bounds the wait).
+CLOSE_AFTER_FAILURE_S = 5.0
 
 
 class GroupFactory:
@@ -36,9 +49,14 @@ class GroupFactory:
             demand = total_demand(pools) if self.coexisting else {
                 k: max(p.demand().get(k, 0.0) for p in pools) for k in total_demand(pools)}
             c = self.c
+            if not (c.ray.address or os.environ.get("RAY_ADDRESS")):
+                warning = oversubscription_warning(demand.get("CPU", 0.0), machine_cores(), c.ray.num_cpus)
+                if warning:
+                    logger.warning("%s", warning)
             start_ray(address=c.ray.address, num_cpus=c.ray.num_cpus or math.ceil(demand.get("CPU", 1)),
                       include_dashboard=c.ray.include_dashboard, dashboard_host=c.ray.dashboard_host,
-                      home_dir=c.ray.home_dir, connect_timeout_s=c.ray.connect_timeout_s)
+                      home_dir=c.ray.home_dir, connect_timeout_s=c.ray.connect_timeout_s,
+                      start_timeout_s=c.ray.start_timeout_s)
             try:
                 for together in ([pools] if self.coexisting else [[p] for p in pools]):
                     check_fits(together)
@@ -50,7 +68,8 @@ class GroupFactory:
     def create(self, name: str, worker_cls: type, kwargs: dict[str, Any]):
         if self.use_ray:
             create_pools([self.pools[name]], self.c.ray.resource_timeout_s)
-            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=kwargs["role"].num_threads)
+            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=kwargs["role"].num_threads,
+                                   call_timeout_s=self.c.ray.call_timeout_s)
         else:
             p = kwargs["parallel"]
             if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:
@@ -59,15 +78,18 @@ class GroupFactory:
         self.groups[name] = group
         return group
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, close_timeout_s: float = 60.0) -> None:
         """Shut a group down and free its placement group (its devices are free for the next group)."""
         group = self.groups.pop(name)
-        group.shutdown()
+        group.shutdown(close_timeout_s)
         if self.use_ray:
             remove_pools([self.pools[name]])
 
-    def __exit__(self, *exc) -> None:
-        for name in list(self.groups):
-            self.release(name)
-        if self.use_ray:
-            stop_ray()
+    def __exit__(self, exc_type, *exc) -> None:
+        close_timeout_s = 60.0 if exc_type is None else CLOSE_AFTER_FAILURE_S
+        try:
+            for name in list(self.groups):
+                self.release(name, close_timeout_s)
+        finally:
+            if self.use_ray:
+                stop_ray()

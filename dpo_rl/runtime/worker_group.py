@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from dpo_rl.batch import Batch
 from dpo_rl.dispatch import Dispatch, dispatch_of
+from dpo_rl.runtime.failures import RankProcess, gather
 
 
 def split_for_dp(batch: Batch, dp_size: int) -> tuple[list[Batch], int]:
@@ -59,12 +60,16 @@ class _WorkerGroup:
 class RayWorkerGroup(_WorkerGroup):
     """One role's ranks as Ray actors placed in ``pool``'s bundles."""
 
-    def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1) -> None:
+    def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1,
+                 call_timeout_s: float = 0.0) -> None:
+        """``call_timeout_s``: how long any call (set-up included) may wait for a rank (0 = no limit), after which
+        the ranks that did not answer are named (:func:`dpo_rl.runtime.failures.gather`)."""
         import ray  # deferred: Ray, only when a run uses it
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # deferred: Ray, only when a run uses it
 
         self.worker_cls = worker_cls
         self.role = pool.role
+        self.call_timeout_s = call_timeout_s
         world = pool.world_size
         self.world_size = world
         remote_cls = ray.remote(worker_cls)
@@ -82,8 +87,11 @@ class RayWorkerGroup(_WorkerGroup):
             elif pool.device_resource != "CPU":
                 options["resources"] = {pool.device_resource: 1}
             self.actors.append(remote_cls.options(**options).remote(rank=rank, world_size=world, **worker_kwargs))
-        address, port = ray.get(self.actors[0].rendezvous_endpoint.remote())
-        self.ranks = ray.get([a.init_distributed.remote(address, port) for a in self.actors])
+        self.processes = [RankProcess(self.role, rank) for rank in range(world)]  # named by rank until they answer
+        self.processes = [RankProcess(self.role, rank, *where) for rank, where in
+                          enumerate(self._gather([a.process_info.remote() for a in self.actors], "process_info"))]
+        address, port = self._gather([self.actors[0].rendezvous_endpoint.remote()], "rendezvous_endpoint")[0]
+        self.ranks = self._gather([a.init_distributed.remote(address, port) for a in self.actors], "init_distributed")
         self.dp_size = self.ranks[0].dp_size
         self._output_actor_by_dp = {r.dp_rank: a for a, r in zip(self.actors, self.ranks) if r.is_output_rank}
 
@@ -93,19 +101,24 @@ class RayWorkerGroup(_WorkerGroup):
         if mode is Dispatch.ALL:
             refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
             return _Pending(refs, [self.actors.index(self._output_actor_by_dp[0])], rows=None,
-                            what=self._what(method))
+                            what=self._what(method), group=self)
         batch, rest = args[0], args[1:]
         shards, rows = split_for_dp(batch, self.dp_size)
         refs = [getattr(a, method).remote(shards[r.dp_rank], *rest, **kwargs) for a, r in zip(self.actors, self.ranks)]
         order = [self.actors.index(self._output_actor_by_dp[d]) for d in range(self.dp_size)]
-        return _Pending(refs, order, rows=rows, what=self._what(method))
+        return _Pending(refs, order, rows=rows, what=self._what(method), group=self)
 
     def _what(self, method: str) -> str:
-        return f"{self.worker_cls.__name__}.{method} of the {self.role} group"
+        return f"{self.worker_cls.__name__}.{method}"
+
+    def _gather(self, refs: list, method: str) -> list:
+        """Results of one ref per rank (in rank order), a dead, failing or silent rank named."""
+        return gather(refs, self.processes[:len(refs)], f"{self.worker_cls.__name__}.{method}", self.call_timeout_s)
 
     def shutdown(self, close_timeout_s: float = 60.0) -> None:
         """Let every rank release what outlives a killed process (``close``: e.g. a vLLM engine's files),
-        within ``close_timeout_s``, then kill the actors."""
+        within ``close_timeout_s`` (a rank still busy with a failed run's call never gets to it: the caller gives a
+        short one then), then kill the actors."""
         import ray  # deferred: Ray, only when a run uses it
 
         try:
@@ -119,8 +132,9 @@ class RayWorkerGroup(_WorkerGroup):
 class _Pending:
     """Refs of one group call and how to collect them."""
 
-    def __init__(self, refs: list, output_indices: list[int], rows: int | None, what: str = "") -> None:
-        self.refs, self.output_indices, self.rows, self.what = refs, output_indices, rows, what
+    def __init__(self, refs: list, output_indices: list[int], rows: int | None, what: str = "",
+                 group: "RayWorkerGroup | None" = None) -> None:
+        self.refs, self.output_indices, self.rows, self.what, self.group = refs, output_indices, rows, what, group
 
 
 def owned_results(outputs: list[Any], what: str, ranks: list[int]) -> list[Any]:
@@ -137,9 +151,8 @@ def wait_for(pending: "_Pending | _Done") -> Any:
     """Wait for a ``call_async`` result and collect it."""
     if isinstance(pending, _Done):
         return pending.value
-    import ray  # deferred: Ray, only when a run uses it
-
-    results = ray.get(pending.refs)
+    group = pending.group
+    results = gather(pending.refs, group.processes, pending.what, group.call_timeout_s)
     outputs = owned_results([results[i] for i in pending.output_indices], pending.what, pending.output_indices)
     if pending.rows is None:
         return outputs[0]
@@ -171,7 +184,8 @@ class LocalWorkerGroup(_WorkerGroup):
         value = getattr(self.worker, method)(*args, **kwargs)
         return _Done(owned_results([value], f"{self.worker_cls.__name__}.{method}", [0])[0])
 
-    def shutdown(self) -> None:
+    def shutdown(self, close_timeout_s: float = 0.0) -> None:
+        """Release the worker's resources (in this process: no wait to bound)."""
         self.worker.close()
 
 

@@ -31,7 +31,7 @@ from dpo_rl.checkpoint.training import (
     save_group_checkpoint,
 )
 from dpo_rl.config.resolution import ROLE_SECTIONS, ResolvedConfig
-from dpo_rl.errors import TrainingStopped
+from dpo_rl.errors import TrainingStopped, WorkerFailed
 from dpo_rl.runtime.worker_group import wait_for
 
 logger = logging.getLogger(__name__)
@@ -60,17 +60,26 @@ class TrainingLoop:
             self.start_evaluation()
         for step in range(first, t.train_iters + 1):
             try:
-                metrics = self.train_step(step)
+                self.run_step(step)
             except FloatingPointError as err:  # a worker met non-finite numbers it cannot go on with
-                raise TrainingStopped(f"step {step}: {str(err).splitlines()[-1].strip()}; {self.checkpoint_hint()}. "
-                                      f"{self.nonfinite_advice()}") from None
-            self.check_finite(step, metrics)
-            if self.evaluates and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-                metrics.update(self.evaluate())
-            self.tracker.log(step, metrics)
-            if t.save_interval and step % t.save_interval == 0:
-                self.save(step)
+                raise self.stopped(f"step {step}: {str(err).splitlines()[-1].strip()}", self.nonfinite_advice()
+                                   ) from None
+            except WorkerFailed as err:
+                raise self.stopped(f"step {step}: {err}") from None
+            except KeyboardInterrupt:
+                raise self.stopped(f"interrupted (Ctrl-C) during step {step}") from None
         return self.finish()
+
+    def run_step(self, step: int) -> None:
+        """One step: train, check, evaluate when due, log, save when due."""
+        t = self.c.training
+        metrics = self.train_step(step)
+        self.check_finite(step, metrics)
+        if self.evaluates and t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
+            metrics.update(self.evaluate())
+        self.tracker.log(step, metrics)
+        if t.save_interval and step % t.save_interval == 0:
+            self.save(step)
 
     def check_finite(self, step: int, metrics: dict[str, float]) -> None:
         """A step with a non-finite gradient (never applied by the workers) or metric: stop or skip it.
@@ -93,14 +102,17 @@ class TrainingLoop:
                            self.nonfinite_steps)
             return
         self.tracker.log(step, metrics)
-        raise TrainingStopped(f"step {step}: non-finite {shown}; {update}; the run stopped; "
-                              f"{self.checkpoint_hint()}. {self.nonfinite_advice()}, or set training.on_nonfinite: skip")
+        raise self.stopped(f"step {step}: non-finite {shown}; {update}; the run stopped",
+                           f"{self.nonfinite_advice()}, or set training.on_nonfinite: skip")
 
-    def checkpoint_hint(self) -> str:
+    def stopped(self, what: str, advice: str = "") -> TrainingStopped:
+        """The run's stop at ``what``: with the last checkpoint (or that there is none) and ``advice``."""
         last = latest_step(self.save_dir)
         if last:
-            return f"the last checkpoint is step {last} in {self.save_dir} (resume: auto restarts from it)"
-        return "there is no checkpoint (training.save_interval is 0 or none was due yet)"
+            hint = f"the last checkpoint is step {last} in {self.save_dir} (training.resume=auto restarts from it)"
+        else:
+            hint = "no checkpoint was written (training.save_interval is 0 or none was due yet)"
+        return TrainingStopped(f"{what}; {hint}" + (f". {advice}" if advice else ""), resumable=bool(last))
 
     def nonfinite_advice(self) -> str:
         return f"Lower {ROLE_SECTIONS[self.trained_role]}.lr or its clip_grad"

@@ -1,6 +1,7 @@
 """``run(cfg)``: resolve the config for its stage, then let the stage place its roles and train.
 
     c = resolve(cfg)                      # every problem before Ray starts (ConfigError)
+    plan_run_directory(c)                 # never overwrite a finished run; nothing to do (NothingToDo)
     STAGES[c.stage].run(cfg, c)           # groups -> TrainingLoop.fit -> run directory
 
 The shipped stages register themselves on import (below); see :mod:`dpo_rl.trainer.stages`.
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 from dpo_rl.config import resolution
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.trainer import offline_stages, online_dpo  # noqa: F401  (register the shipped stages)
+from dpo_rl.trainer.run_directory import clear_previous_run, plan_run_directory
 from dpo_rl.trainer.stages import STAGES
 
 logger = logging.getLogger("dpo_rl")
@@ -27,8 +29,11 @@ def resolve(cfg: DictConfig, *, check_paths: bool = True) -> ResolvedConfig:
 
 
 def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
-    """Validate ``cfg`` and run its stage; returns the final summary (also in summary.json)."""
+    """Validate ``cfg`` and its output directory (:mod:`dpo_rl.trainer.run_directory`), then run its stage;
+    returns the final summary (also in summary.json)."""
     c = resolve(cfg)
+    if plan_run_directory(c).clear_previous:
+        clear_previous_run(c)
     for message in c.unused:
         logger.warning("unused config key: %s", message)
     for note in c.notes:

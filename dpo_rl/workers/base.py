@@ -7,6 +7,7 @@ as Ray actors; :class:`~dpo_rl.runtime.worker_group.LocalWorkerGroup` runs one i
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -53,6 +54,10 @@ class MegatronWorker:
         self.ranks = None
 
     # -- set-up -------------------------------------------------------------------------
+    def process_info(self) -> tuple[int, str]:
+        """(pid, node address) of this rank's process: what the driver names when the rank fails."""
+        return os.getpid(), node_address()
+
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Address and a free port of this (rank 0) process for the group's rendezvous."""
         address = node_address()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpo_rl.checkpoint import training as ckpt
+from dpo_rl.errors import TrainingStopped
 from dpo_rl.trainer.run import run
 from tests.trainer.conftest import small_config
 
@@ -67,7 +68,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(world_dir, tmp_path, mo
         return real_commit(save_dir, step, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "commit", commit_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingStopped, match=r"interrupted \(Ctrl-C\) during step 3; the last checkpoint is step 2"):
         run(small_config(world_dir, out, "training.train_iters=3", "+training.save_interval=1",
                          "+training.keep_last_k=1", *COMMON), use_ray=False)
     monkeypatch.setattr(ckpt, "commit", real_commit)

@@ -17,8 +17,9 @@
         --load-dir ./model_from_hf/llama32-1b-hf --lora-adapter-dir ./runs/dpo/hf_actor_adapter --save-dir ./merged-hf
 
 Families: Llama (incl. Llama 3.x rope scaling) and Qwen2/2.5, read from the HF config.json.
-Errors (unknown family, missing file, a TP size that does not divide heads or vocabulary,
-shapes that disagree with the config) exit with status 2.
+Errors (unknown family, missing file, a truncated or corrupted file, a TP size that does not divide
+heads or vocabulary, shapes that disagree with the config) print one message naming the file or
+option and exit with status 2.
 """
 
 import argparse
