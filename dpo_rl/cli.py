@@ -7,8 +7,7 @@ meant to be), and every configuration problem, an unwritable or finished output 
 reported before anything is written or started. Arguments that only Hydra understands (``--cfg``, ``-m``,
 ``--help`` ...) skip the preflight and go to Hydra as they are.
 
-Exit status: 0 done (or nothing to do), 2 a configuration problem or a failed run (one message), 130 Ctrl-C
-before training started.
+Exit status: 0 done (or nothing to do), 2 a configuration problem or a failed run (one message), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dpo_rl.errors import ConfigError, NothingToDo, RunFailed
+from dpo_rl.errors import ConfigError, Interrupted, NothingToDo, RunFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMARY_CONFIG_DIR = ROOT / "configs" / "rlxf"
@@ -154,7 +153,7 @@ def report(err: BaseException, argv: Sequence[str]) -> int:
     if isinstance(err, RunFailed) and err.resumable:
         message += f"\nto resume: {resume_command(argv)}"
     print(message, file=sys.stderr)
-    return 2
+    return 130 if isinstance(err, Interrupted) else 2
 
 
 def run_reporting(cfg, argv: Sequence[str]) -> int:

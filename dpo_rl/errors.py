@@ -16,6 +16,9 @@ class ConfigError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
 
+    def __reduce__(self):  # raised in a Ray worker, it reaches the driver by pickle: rebuild it from its problems
+        return type(self), (self.problems,)
+
 
 class RunFailed(RuntimeError):
     """A run could not go on; the message says why and what to do.
@@ -26,9 +29,16 @@ class RunFailed(RuntimeError):
         super().__init__(message)
         self.resumable = resumable
 
+    def __reduce__(self):  # keyword arguments survive the trip from a Ray worker
+        return _rebuild_run_failed, (type(self), str(self), self.resumable)
+
 
 class TrainingStopped(RunFailed):
     """A run stopped mid-training on purpose: a non-finite step, a failed worker, Ctrl-C."""
+
+
+class Interrupted(TrainingStopped):
+    """The user pressed Ctrl-C (SIGINT) during training (exit status 130, as for any interrupted command)."""
 
 
 class WorkerFailed(RunFailed):
@@ -42,3 +52,7 @@ class ClusterUnavailable(RunFailed):
 
 class NothingToDo(Exception):
     """The run asked for is finished already (its output directory says so); not a failure (exit 0)."""
+
+
+def _rebuild_run_failed(kind: type, message: str, resumable: bool) -> RunFailed:
+    return kind(message, resumable=resumable)

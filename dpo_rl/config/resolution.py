@@ -36,6 +36,7 @@ from dpo_rl.config.schema import (
     TrainingConfig,
 )
 from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
+from dpo_rl.data.tokenizers import tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
 from dpo_rl.losses import LOSSES
 
@@ -345,10 +346,8 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         counts = getattr(c.resource_pool, role)
         if not counts or any(n < 0 for n in counts) or sum(counts) < 1:
             p.append(f"resource_pool.{role}={counts} must list >= 0 processes per node, at least 1 in total")
-    if "ref" in c.roles and c.roles["ref"].tokenizer_name_or_path != c.roles["actor_rollout"].tokenizer_name_or_path:
-        p.append(f"actor_rollout_ref.ref.tokenizer_name_or_path={c.roles['ref'].tokenizer_name_or_path!r} differs "
-                 f"from the actor's ({c.roles['actor_rollout'].tokenizer_name_or_path!r}): the reference scores the "
-                 "actor's token ids, so it needs the same tokenizer; pick a reference model of the actor's family")
+    if check_paths and "ref" in c.roles:
+        p.extend(_check_reference_tokenizer(c))
     p.extend(c.stage_rules.check(c, check_paths))
     if check_paths and t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         p.append("training.tensorboard=true but the tensorboard package is not installed; "
@@ -595,6 +594,24 @@ def _check_training_engine(key: str, rc: RoleConfig) -> list[str]:
     if rc.weight_sync_bucket_mb <= 0:
         p.append(f"{key}.weight_sync_bucket_mb={rc.weight_sync_bucket_mb} must be > 0")
     return p
+
+
+def _check_reference_tokenizer(c: ResolvedConfig) -> list[str]:
+    """The reference scores the actor's token ids: its tokenizer must map tokens to the same ids (the paths may
+    differ). Directories that do not exist are reported by :func:`_check_path`."""
+    ref_key, actor_key = (f"{ROLE_SECTIONS[r]}.tokenizer_name_or_path" for r in ("ref", "actor_rollout"))
+    ref, actor = c.roles["ref"].tokenizer_name_or_path, c.roles["actor_rollout"].tokenizer_name_or_path
+    if ref is None or actor is None or not (Path(ref).is_dir() and Path(actor).is_dir()):
+        return []
+    try:
+        differs = tokenizer_dirs_difference(ref, ref_key, actor, actor_key, ("the reference's", "the actor's"))
+    except ConfigError as err:
+        return err.problems
+    if differs is None:
+        return []
+    return [f"{ref_key}={ref!r} is not the tokenizer of {actor_key}={actor!r} (reference vs actor: {differs}); "
+            "the reference scores the actor's token ids, so it needs the same vocabulary and special ids; pick a "
+            f"reference model of the actor's family and its tokenizer, or unset {ref_key} to use the actor's"]
 
 
 def _check_path(key: str, value: Optional[str], what: str, directory: bool = False) -> list[str]:

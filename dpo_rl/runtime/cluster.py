@@ -158,7 +158,7 @@ def start_with_retries(start: Callable[[], object], shutdown: Callable[[], None]
             return
         except Exception as err:  # noqa: BLE001 - Ray's start-up raises many kinds; each is retried the same way
             shutdown()
-            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0].rstrip('.')}"
             if time.monotonic() + pause_s >= deadline:
                 raise ClusterUnavailable(
                     f"Ray did not start: {attempts} attempt(s) within ray.start_timeout_s={timeout_s:g} s failed, the "

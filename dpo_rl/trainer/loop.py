@@ -31,7 +31,7 @@ from dpo_rl.checkpoint.training import (
     save_group_checkpoint,
 )
 from dpo_rl.config.resolution import ROLE_SECTIONS, ResolvedConfig
-from dpo_rl.errors import TrainingStopped, WorkerFailed
+from dpo_rl.errors import Interrupted, TrainingStopped, WorkerFailed
 from dpo_rl.runtime.worker_group import wait_for
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TrainingLoop:
             except WorkerFailed as err:
                 raise self.stopped(f"step {step}: {err}") from None
             except KeyboardInterrupt:
-                raise self.stopped(f"interrupted (Ctrl-C) during step {step}") from None
+                raise self.stopped(f"interrupted (Ctrl-C) during step {step}", kind=Interrupted) from None
         return self.finish()
 
     def run_step(self, step: int) -> None:
@@ -105,14 +105,14 @@ class TrainingLoop:
         raise self.stopped(f"step {step}: non-finite {shown}; {update}; the run stopped",
                            f"{self.nonfinite_advice()}, or set training.on_nonfinite: skip")
 
-    def stopped(self, what: str, advice: str = "") -> TrainingStopped:
-        """The run's stop at ``what``: with the last checkpoint (or that there is none) and ``advice``."""
+    def stopped(self, what: str, advice: str = "", kind: type[TrainingStopped] = TrainingStopped) -> TrainingStopped:
+        """The run's stop at ``what`` (a ``kind``): with the last checkpoint (or that there is none) and ``advice``."""
         last = latest_step(self.save_dir)
         if last:
             hint = f"the last checkpoint is step {last} in {self.save_dir} (training.resume=auto restarts from it)"
         else:
             hint = "no checkpoint was written (training.save_interval is 0 or none was due yet)"
-        return TrainingStopped(f"{what}; {hint}" + (f". {advice}" if advice else ""), resumable=bool(last))
+        return kind(f"{what}; {hint}" + (f". {advice}" if advice else ""), resumable=bool(last))
 
     def nonfinite_advice(self) -> str:
         return f"Lower {ROLE_SECTIONS[self.trained_role]}.lr or its clip_grad"

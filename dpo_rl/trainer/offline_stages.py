@@ -18,6 +18,7 @@ from dpo_rl.config.resolution import (
     needs_reference,
 )
 from dpo_rl.data.indexed import TokenizedDataset
+from dpo_rl.data.tokenizers import same_directory, tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
@@ -84,10 +85,32 @@ def load_datasets(c: ResolvedConfig) -> tuple[TokenizedDataset, Optional[Tokeniz
         if len(dataset) == 0:
             raise ConfigError([f"{key}={dataset.prefix!r} holds no examples"])
         recorded, used = dataset.meta.get("tokenizer"), c.roles[c.trained_role].tokenizer_name_or_path
-        if recorded and used and Path(recorded).resolve() != Path(used).resolve():
-            logger.warning("%s=%s was tokenized with %s, but the trained model uses %s; make sure they are the same "
-                           "tokenizer", key, dataset.prefix, recorded, used)
+        if recorded and used:
+            warning = recorded_tokenizer_warning(f"{key}={dataset.prefix}", recorded, tokenizer_key(c.trained_role), used)
+            if warning:
+                logger.warning("%s", warning)
     return train, eval_dataset
+
+
+def recorded_tokenizer_warning(dataset: str, recorded: str, used_key: str, used: str) -> Optional[str]:
+    """Why ``dataset`` (``key=prefix``, for the message), tokenized with the tokenizer at ``recorded``, may not fit
+    the trained model's tokenizer (setting ``used_key``, the directory ``used``); ``None`` when it is the same
+    tokenizer: the same directory, or the same vocabulary and special ids."""
+    if same_directory(recorded, used):
+        return None
+    if not Path(recorded).is_dir():
+        return (f"{dataset} was tokenized with {recorded}, which is not a directory here, so it cannot be compared "
+                f"with {used_key}={used}; make sure they are the same tokenizer")
+    try:
+        differs = tokenizer_dirs_difference(used, used_key, recorded, "the dataset's recorded tokenizer",
+                                            ("the model's", "the dataset's"))
+    except ConfigError as err:
+        return (f"{dataset} was tokenized with {recorded}, which could not be loaded to compare with "
+                f"{used_key}={used} ({'; '.join(err.problems)}); make sure they are the same tokenizer")
+    if differs is None:
+        return None
+    return (f"{dataset} was tokenized with {recorded}, not with the trained model's tokenizer {used_key}={used} "
+            f"(model vs dataset: {differs}); preprocess it again with --tokenizer-name-or-path {used}")
 
 
 def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 :class:`RewardWorker` scores (online DPO, evaluation); :class:`RewardTrainerWorker` also
 trains it with the Bradley-Terry loss (``stage: reward``).
 
-When the reward model has its own tokenizer (``reward.tokenizer_name_or_path`` differs from
-the actor's), samples are decoded with the actor's tokenizer and re-encoded with the
-reward model's before scoring.
+When the reward model has its own tokenizer (``reward.tokenizer_name_or_path`` names a tokenizer
+whose vocabulary or special ids differ from the actor's; a copy of the actor's at another path is the
+same tokenizer), samples are decoded with the actor's tokenizer and re-encoded with the reward model's
+before scoring.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from dpo_rl.batch import Batch
 from dpo_rl.checkpoint.hf_weights import SCORE_HEAD_RULE
-from dpo_rl.data.tokenizers import load_local_tokenizer
+from dpo_rl.data.tokenizers import load_local_tokenizer, same_directory, tokenizer_difference, tokenizer_fingerprint
 from dpo_rl.dispatch import Dispatch, register
 from dpo_rl.workers.base import (
     MegatronWorker,
@@ -37,6 +38,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).long().argmax(-1)
 
 
+def needs_retokenizing(actor_tokenizer, reward_tokenizer) -> bool:
+    """The reward model reads other ids than the actor writes: the tokenizers' vocabularies or special ids differ
+    (:func:`~dpo_rl.data.tokenizers.tokenizer_difference`). The same tokenizer at another path passes the actor's
+    ids as they are (a decode/encode round trip could split the text differently)."""
+    return actor_tokenizer.name_or_path != reward_tokenizer.name_or_path  # the old rule: paths differ
+
+
 def _score_compute(output, micro):
     values = output[..., 0]
     last = last_token_index(micro.attention_mask)
@@ -51,7 +59,8 @@ class RewardWorker(MegatronWorker):
     def __init__(self, *, actor_tokenizer: Optional[str] = None, pad_token_id: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         own = self.role.tokenizer_name_or_path
-        self.retokenize = actor_tokenizer is not None and own is not None and actor_tokenizer != own
+        # decided in init_distributed: a different path may hold the same tokenizer
+        self.retokenize = actor_tokenizer is not None and own is not None and not same_directory(actor_tokenizer, own)
         self.actor_tokenizer_path, self.pad_token_id = actor_tokenizer, pad_token_id
 
     def init_distributed(self, address: str, port: int):
@@ -60,6 +69,7 @@ class RewardWorker(MegatronWorker):
             self.actor_tokenizer = load_local_tokenizer(self.actor_tokenizer_path,
                                                         "actor_rollout_ref.actor_rollout.tokenizer_name_or_path")
             self.own_tokenizer = load_local_tokenizer(self.role.tokenizer_name_or_path, "reward.tokenizer_name_or_path")
+            self.retokenize = needs_retokenizing(self.actor_tokenizer, self.own_tokenizer)
         return ranks
 
     @register(Dispatch.DP)

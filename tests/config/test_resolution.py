@@ -89,8 +89,6 @@ def problems(overrides, check_paths=False):
          "algorithm.label_smoothing=0.1 has no effect on loss_type ['hinge']"),
         (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
         (["+algorithm.reference=precomputed"], "online DPO scores fresh samples, so its reference is a live model"),
-        (["+actor_rollout_ref.ref.tokenizer_name_or_path=other"],
-         "actor_rollout_ref.ref.tokenizer_name_or_path='other' differs from the actor's"),
         (["algorithm.pairing_strategy=best_of_n"], "algorithm.pairing_strategy='best_of_n' is unknown"),
         (["algorithm.tie_policy=coin"], "algorithm.tie_policy='coin' is unknown"),
         (["algorithm.num_responses_per_prompt=1"], "num_responses_per_prompt=1 must be >= 2"),
@@ -235,3 +233,63 @@ def test_a_precomputed_reference_is_for_offline_dpo_only():
     c = resolve(compose("dpo_trainer_tiny", ["algorithm.reference=precomputed", "algorithm.loss_type=orpo"]),
                 check_paths=False)
     assert "ref" not in c.roles
+
+
+# ------------------------------------------------- the reference's tokenizer is compared as a tokenizer, not a path
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    from tests.tokenizer_variants import build_variants
+
+    return build_variants(tmp_path_factory.mktemp("variants"))
+
+
+def tokenizer_problems(actor, ref) -> list[str]:
+    """The tokenizer problems of the online tiny config, paths checked, with these actor and reference tokenizers
+    (the config's other paths may or may not exist on this machine: only tokenizer problems are returned)."""
+    overrides = [f"training.tokenizer_name_or_path={actor}", f"+actor_rollout_ref.ref.tokenizer_name_or_path={ref}"]
+    try:
+        resolve(compose("online_dpo_trainer_tiny", overrides), check_paths=True)
+    except ConfigError as err:
+        return [p for p in err.problems if "tokenizer" in p]
+    return []
+
+
+def test_a_copied_tokenizer_directory_is_the_actors_tokenizer(variants):
+    assert tokenizer_problems(variants["base"], variants["copy"]) == []
+
+
+def test_the_actors_tokenizer_directory_spelled_otherwise_is_the_actors_tokenizer(variants, monkeypatch):
+    monkeypatch.chdir(variants["base"].parent)
+    assert tokenizer_problems(variants["base"], f"{variants['base']}/") == []
+    assert tokenizer_problems("base", "./base") == []
+    assert tokenizer_problems("./base/", "base") == []
+
+
+def test_a_reference_tokenizer_with_an_added_token_is_refused_naming_it(variants):
+    found = tokenizer_problems(variants["base"], variants["extra"])
+    from dpo_rl.data.tokenizers import load_local_tokenizer
+
+    size = len(load_local_tokenizer(variants["base"], "actor"))
+    assert found == [
+        f"actor_rollout_ref.ref.tokenizer_name_or_path='{variants['extra']}' is not the tokenizer of "
+        f"actor_rollout_ref.actor_rollout.tokenizer_name_or_path='{variants['base']}' (reference vs actor: vocabulary "
+        f"sizes {size + 1} vs {size}; only in the reference's: '<extra>'={size}); the reference scores the actor's "
+        "token ids, so it needs the same vocabulary and special ids; pick a reference model of the actor's family "
+        "and its tokenizer, or unset actor_rollout_ref.ref.tokenizer_name_or_path to use the actor's"]
+
+
+def test_a_reference_tokenizer_with_another_eos_is_refused_naming_it(variants):
+    found = tokenizer_problems(variants["base"], variants["eos"])
+    assert len(found) == 1 and "(reference vs actor: eos_token_id 0 vs 1)" in found[0], found
+    assert found[0].startswith(f"actor_rollout_ref.ref.tokenizer_name_or_path='{variants['eos']}' is not the "
+                               f"tokenizer of actor_rollout_ref.actor_rollout.tokenizer_name_or_path='{variants['base']}'")
+
+
+def test_tokenizers_are_compared_only_when_paths_are_checked_and_exist(variants, tmp_path):
+    # a config for another machine: its directories are not here to compare
+    overrides = [f"training.tokenizer_name_or_path={tmp_path}/actor", "+actor_rollout_ref.ref.tokenizer_name_or_path=other"]
+    assert resolve(compose("online_dpo_trainer_tiny", overrides), check_paths=False).roles["ref"].tokenizer_name_or_path == "other"
+    # a missing reference directory is reported as missing, not as another tokenizer
+    found = tokenizer_problems(variants["base"], tmp_path / "none")
+    assert found == [f"actor_rollout_ref.ref.tokenizer_name_or_path='{tmp_path}/none' does not exist; "
+                     "it must be a local tokenizer directory"]

@@ -11,12 +11,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.cluster import BOOTSTRAP_FILE, prepare_ray_home, start_ray, stop_ray
 from dpo_rl.runtime.resource_pool import RolePool, create_pools, remove_pools
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prepare_ray_home_writes_an_empty_bootstrap_config(tmp_path):
@@ -125,3 +128,65 @@ def test_a_hosts_file_that_cannot_name_the_mapped_loopback_is_reported(tmp_path,
     assert "::ffff:127.0.0.1 localhost" in caplog.text and str(hosts) in caplog.text
     hosts.write_text("127.0.0.1 localhost\n::ffff:127.0.0.1 localhost\n")
     assert not warn_if_loopback_names_need_dns(str(hosts))
+
+
+# -- start-up retries, oversubscription, and the watcher that takes the cluster down with the driver ----------
+def test_start_up_is_retried_within_its_budget_then_fails_with_one_message():
+    from dpo_rl.errors import ClusterUnavailable
+    from dpo_rl.runtime.cluster import start_with_retries
+
+    calls, shutdowns = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise TimeoutError("The current node timed out during startup.")
+
+    start_with_retries(flaky, lambda: shutdowns.append(1), timeout_s=10, pause_s=0.01)
+    assert (len(calls), len(shutdowns)) == (3, 2)  # each failed start is cleaned up before the next
+
+    def never():
+        raise RuntimeError("Failed to start the GCS server.\nmore detail")
+
+    start = time.monotonic()
+    with pytest.raises(ClusterUnavailable) as err:
+        start_with_retries(never, lambda: None, timeout_s=0.3, pause_s=0.05)
+    assert time.monotonic() - start < 2
+    message = str(err.value)
+    assert re.match(r"Ray did not start: \d+ attempt\(s\) within ray.start_timeout_s=0.3 s failed, the last with "
+                    r"RuntimeError: Failed to start the GCS server\. ", message)
+    assert "\n" not in message and "ray stop" in message
+
+
+def test_oversubscription_is_a_warning_with_numbers_unless_chosen():
+    from dpo_rl.runtime.cluster import oversubscription_warning
+
+    warning = oversubscription_warning(10, 2, None)
+    assert warning.startswith("the resource pools ask for 10 CPU slots but this machine has 2 cores")
+    assert "about 0.20 of a core each" in warning and "set ray.num_cpus=10 to choose this" in warning
+    assert oversubscription_warning(10, 2, 10) is None  # ray.num_cpus set: the user chose it
+    assert oversubscription_warning(2, 2, None) is None
+
+
+def test_a_killed_driver_takes_its_local_cluster_with_it(tmp_path):
+    from tests.cli_runs import MARK, leftover_processes
+
+    script = textwrap.dedent("""
+        import os, sys, time
+        import ray
+        from dpo_rl.runtime.cluster import start_ray
+        start_ray(num_cpus=2)
+        actors = [ray.remote(num_cpus=1)(type("W", (), {"pid": lambda self: os.getpid()})).remote() for _ in range(2)]
+        print(ray.get([a.pid.remote() for a in actors]), flush=True)
+        time.sleep(600)
+    """)
+    mark = f"reaper-{os.getpid()}-{time.time()}"
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, **{MARK: mark}),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker_pids = eval(driver.stdout.readline())
+    assert len(worker_pids) == 2
+    os.kill(driver.pid, 9)
+    driver.wait()
+    start = time.monotonic()
+    assert leftover_processes(mark, wait_s=20) == []  # without the watcher: Ray's agents lived on ~60 s
+    assert time.monotonic() - start < 20
