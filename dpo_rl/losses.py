@@ -121,7 +121,7 @@ def ipo(lp: PairLogps, o: LossOptions) -> torch.Tensor:
 def exo_pair(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     """EXO, Ji et al. 2024 (arXiv:2402.00856) eq. 16: KL(softmax(b [dc, dr]) || [1-e, e]); needs e > 0."""
     if o.label_smoothing <= 0:
-        raise ValueError("exo_pair needs label_smoothing > 0 (the paper suggests 1e-3)")
+        raise ValueError("exo_pair needs algorithm.label_smoothing > 0 (the paper suggests 1e-3)")
     logits = o.beta * lp.margin
     e = torch.tensor(o.label_smoothing, dtype=logits.dtype, device=logits.device)
     return (torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-e))
@@ -254,7 +254,7 @@ LOSSES: dict[str, LossInfo] = {
 
 def loss_info(name: str) -> LossInfo:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss_type {name!r}; known: {sorted(LOSSES)}")
+        raise ValueError(f"unknown algorithm.loss_type {name!r}; known: {sorted(LOSSES)}")
     return LOSSES[name]
 
 
@@ -269,7 +269,7 @@ def _check_inputs(lp: PairLogps, needs_reference: bool, what: str) -> None:
 def preference_losses(name: str, lp: PairLogps, options: LossOptions) -> torch.Tensor:
     """Per-pair losses [N] of the loss ``name``."""
     info = loss_info(name)
-    _check_inputs(lp, info.needs_reference, f"loss_type {name!r}")
+    _check_inputs(lp, info.needs_reference, f"algorithm.loss_type {name!r}")
     return info.fn(lp, options)
 
 
@@ -286,10 +286,10 @@ class LossSpec:
                pref_ftx: float = 0.0, **options: float) -> "LossSpec":
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         if not names:
-            raise ValueError("loss_type is empty; name at least one loss")
+            raise ValueError("algorithm.loss_type is empty; name at least one loss")
         weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
         if len(weights) != len(names):
-            raise ValueError(f"loss_weights has {len(weights)} entries for {len(names)} loss types")
+            raise ValueError(f"algorithm.loss_weights has {len(weights)} entries for {len(names)} loss types")
         for name in names:
             loss_info(name)
         return cls(tuple(zip(names, map(float, weights))), float(pref_ftx), LossOptions(**options))

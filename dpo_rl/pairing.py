@@ -54,9 +54,9 @@ def build_pairs(
 ) -> Pairs:
     """Pairs from ``scores`` [S] of samples grouped by ``prompt_index`` [S] (sorted groups not required)."""
     if strategy not in ("best_vs_worst", "all_pairs"):
-        raise ValueError(f"unknown pairing strategy {strategy!r}")
+        raise ValueError(f"unknown algorithm.pairing_strategy {strategy!r}")
     if tie_policy not in ("skip", "random"):
-        raise ValueError(f"unknown tie_policy {tie_policy!r}")
+        raise ValueError(f"unknown algorithm.tie_policy {tie_policy!r}")
     generator = torch.Generator().manual_seed(seed)
     chosen, rejected = [], []
     candidates = ties = dropped_ties = dropped_margin = 0

@@ -29,10 +29,13 @@ class CliResult:
     mark: str
 
     def message(self) -> str:
-        """The lines ``ray_gpt.py`` itself printed (from its ``ray_gpt.py:`` line on)."""
-        text = self.stderr + self.stdout
-        start = text.find("ray_gpt.py:")
-        return text[start:] if start >= 0 else ""
+        """The lines ``ray_gpt.py`` itself printed last (from its ``ray_gpt.py:`` line on): on stderr, or on stdout
+        for "nothing to do"."""
+        for text in (self.stderr, self.stdout):
+            start = text.rfind("ray_gpt.py:")
+            if start >= 0:
+                return text[start:]
+        return ""
 
 
 def start_cli(*args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:

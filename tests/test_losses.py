@@ -149,9 +149,9 @@ def test_reference_free_rewards_are_length_normalised():
 
 
 def test_bad_inputs_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+    with pytest.raises(ValueError, match="unknown algorithm.loss_type 'kto'"):
         LossSpec.create("kto")
-    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+    with pytest.raises(ValueError, match="unknown algorithm.loss_type 'kto'"):
         preference_losses("kto", logps(**ONE), LossOptions())
     with pytest.raises(ValueError, match="2 entries for 1 loss types"):
         LossSpec.create("sigmoid", [1.0, 2.0])

@@ -133,14 +133,18 @@ class ParallelConfig:
     device: str = "cpu"
     """``cpu`` (gloo), ``cuda`` (nccl) or ``npu`` (hccl)."""
 
-    def check(self, model: ModelConfig, where: str = "parallel") -> list[str]:
-        """Return every rule this layout breaks for ``model``."""
+    def check(self, model: ModelConfig, where: str = "parallel", model_where: str = "model",
+              device_key: Optional[str] = None) -> list[str]:
+        """Return every rule this layout breaks for ``model``. Messages name the layout's keys under ``where``,
+        the model's under ``model_where`` (``model.<name>``) and the device as ``device_key`` (``training.device``
+        in a trainer config; default ``<where>.device``)."""
         problems = []
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        device_key = device_key or f"{where}.device"
         if self.params_dtype not in DTYPES:
             problems.append(f"{where}.params_dtype={self.params_dtype!r} is unknown; use one of {DTYPES}")
         if self.device not in DEVICES:
-            problems.append(f"{where}.device={self.device!r} is unknown; use one of {DEVICES}")
+            problems.append(f"{device_key}={self.device!r} is unknown; use one of {DEVICES}")
         if tp < 1 or pp < 1:
             problems.append(f"{where}: tensor/pipeline parallel sizes must be >= 1 (got TP={tp}, PP={pp})")
             return problems
@@ -148,17 +152,17 @@ class ParallelConfig:
             value = getattr(model, name)
             if value % tp:
                 problems.append(
-                    f"model.{name} ({value}) must be a multiple of "
+                    f"{model_where}.{name} ({value}) must be a multiple of "
                     f"{where}.tensor_model_parallel_size ({tp}); choose a TP size that divides it"
                 )
         if model.num_layers % pp:
             problems.append(
-                f"model.num_layers ({model.num_layers}) must be a multiple of "
+                f"{model_where}.num_layers ({model.num_layers}) must be a multiple of "
                 f"{where}.pipeline_model_parallel_size ({pp}); choose a PP size that divides it"
             )
         if pp > 1 and model.tie_word_embeddings and self.device == "cpu":
             problems.append(
-                f"{where}.pipeline_model_parallel_size={pp} with model.tie_word_embeddings=true is "
+                f"{where}.pipeline_model_parallel_size={pp} with {model_where}.tie_word_embeddings=true is "
                 "GPU-only (the embedding all-reduce across stages needs CUDA); use PP=1 on CPU"
             )
         if self.device == "cpu" and self.params_dtype == "fp16":

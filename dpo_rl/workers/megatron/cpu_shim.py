@@ -81,7 +81,7 @@ def apply_cpu_shim() -> None:
     if torch.cuda.is_available():
         raise RuntimeError(
             "apply_cpu_shim() called in a process that sees a CUDA device; the CPU shim "
-            "must only be applied to CPU runs (parallel.device: cpu on a machine with no GPU)."
+            "must only be applied to CPU runs (training.device: cpu on a machine with no GPU)."
         )
     _patch_current_device()
     _patch_causal_mask()

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import left_pad
+from dpo_rl.config.resolution import ROLE_SECTIONS
 from dpo_rl.workers.megatron.forward import blocked_attention, position_ids_for
 
 
@@ -49,15 +50,17 @@ class SamplingParams:
     """Seed of the sampler's own generator."""
 
     def check(self) -> list[str]:
-        problems = []
+        """Problems with these parameters, named by the actor's settings they come from (resolution checks the same
+        settings before anything starts)."""
+        key, problems = ROLE_SECTIONS["actor_rollout"], []
         if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            problems.append(f"{key}.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.do_sample and self.temperature <= 0:
-            problems.append(f"temperature={self.temperature} must be > 0 when do_sample=true")
+            problems.append(f"{key}.temperature={self.temperature} must be > 0 when {key}.do_sample is true")
         if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+            problems.append(f"{key}.top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+            problems.append(f"{key}.top_p={self.top_p} must be in (0, 1]")
         return problems
 
 
@@ -173,7 +176,8 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
     if problems:
         raise ValueError("bad sampling parameters: " + "; ".join(problems))
     if mpu.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("generate() runs on TP-only rollout ranks; pipeline_model_parallel_size must be 1")
+        raise ValueError(f"generate() runs on TP-only rollout ranks; {ROLE_SECTIONS['actor_rollout']}."
+                         "pipeline_model_parallel_size must be 1 where the actor samples on its training ranks")
     was_training = model.training
     model.eval()
     prompt_ids, prompt_mask = left_pad(prompts, params.pad_token_id)
