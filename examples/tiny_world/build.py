@@ -144,7 +144,8 @@ def build(force: bool = False, sft_steps: int = 400, rm_steps: int = 400) -> dic
     print(f"datasets: {counts}")
     info = {"version": BUILD_VERSION, "seed": SEED, "examples": counts}
     root = str(ARTIFACTS)
-    common = [f"training.tokenizer_name_or_path={root}/tokenizer"]
+    # the build owns its stages' run directories: a rebuild (or one after a failed build) starts them over
+    common = [f"training.tokenizer_name_or_path={root}/tokenizer", "training.overwrite_output_dir=true"]
     print("stage sft (configs/rlxf/sft_trainer_tiny.yaml):")
     sft = run_stage("sft_trainer_tiny", *common, f"training.train_iters={sft_steps}",
                     f"training.output_dir={root}/runs/sft", f"data.train_path={root}/data/sft_train",
@@ -167,4 +168,11 @@ def build(force: bool = False, sft_steps: int = 400, rm_steps: int = 400) -> dic
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="rebuild even if artifacts exist")
-    build(force=parser.parse_args().force)
+    force = parser.parse_args().force
+    from dpo_rl.errors import ConfigError, RunFailed
+
+    try:
+        build(force=force)
+    except (ConfigError, RunFailed) as err:  # one message, as ray_gpt.py prints it
+        print(f"build.py: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -378,7 +378,7 @@ def keys_written_short(messages: list[str]) -> list[str]:
     short = []
     for message in messages:
         for token in DOTTED.findall(message):
-            if token.rsplit(".", 1)[-1] in fields and not token.startswith(prefixes):
+            if token.rsplit(".", 1)[-1] in fields and token not in SECTION_SCHEMAS and not token.startswith(prefixes):
                 short.append(f"{token!r} in: {message}")
         short += [f"{token!r} in: {message}" for token in BARE.findall(message) if token in fields]
     return short

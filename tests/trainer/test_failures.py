@@ -21,3 +21,16 @@ def test_an_unreachable_cluster_fails_in_bounded_time_naming_the_address(world_d
     assert "ray.address='127.0.0.1:1': no Ray cluster head answers there after 2 s" in str(err.value)
     assert "ray start --head" in str(err.value)
     assert not ray.is_initialized()
+
+
+def test_an_actor_load_pointing_at_the_reward_model_is_one_message_before_ray(world_dir, tmp_path):
+    from tests.cli_runs import assert_one_clear_message, run_cli
+    from tests.trainer.conftest import small_run_overrides
+
+    actor_load = "actor_rollout_ref.actor_rollout.load="
+    overrides = [o if not o.startswith(actor_load) else f"{actor_load}{world_dir}/rm"
+                 for o in small_run_overrides(world_dir, tmp_path / "out")]
+    result = run_cli("--config-name", "online_dpo_trainer_tiny", *overrides)
+    message = assert_one_clear_message(result, f"{actor_load}'{world_dir}/rm' is a reward-model checkpoint",
+                                       within_s=30)
+    assert "Ray" not in message and not (tmp_path / "out").exists()  # refused before Hydra and Ray started
