@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from dpo_rl.config.resolution import ROLE_SECTIONS
 from dpo_rl.errors import ConfigError, TrainingStopped, WorkerFailed
 
 #: Worker exceptions that carry a message meant for the user: re-raised as they are.
@@ -64,12 +65,18 @@ def exit_detail(error_text: str) -> str:
     return detail.split(" Some common causes", 1)[0].strip().rstrip(".")
 
 
+def config_section(role: str) -> str:
+    """The config section of a group's role (the online actor's ``actor`` and ``rollout`` groups are
+    ``actor_rollout``'s ranks)."""
+    return ROLE_SECTIONS.get({"actor": "actor_rollout", "rollout": "actor_rollout"}.get(role, role), role)
+
+
 def death_message(process: RankProcess, what: str, error_text: str, logs: list[str]) -> str:
     """One message for a rank whose process died during ``what``."""
     log = f"; its log: {' and '.join(logs)} (and .out)" if logs else ""
     return (f"{process.describe()} died during {what} ({exit_detail(error_text)}): most often the kernel's OOM killer "
-            f"(check `dmesg | grep -i -e oom -e killed`; lower micro_batch_size or use more ranks) or a signal sent "
-            f"to it{log}")
+            f"(check `dmesg | grep -i -e oom -e killed`; lower {config_section(process.role)}.micro_batch_size or use "
+            f"more ranks) or a signal sent to it{log}")
 
 
 def stuck_message(stuck: list[RankProcess], done: list[RankProcess], what: str, timeout_s: float,

@@ -115,7 +115,8 @@ class TrainingLoop:
         return kind(f"{what}; {hint}" + (f". {advice}" if advice else ""), resumable=bool(last))
 
     def nonfinite_advice(self) -> str:
-        return f"Lower {ROLE_SECTIONS[self.trained_role]}.lr or its clip_grad"
+        section = ROLE_SECTIONS[self.trained_role]
+        return f"Lower {section}.lr or {section}.clip_grad"
 
     # -- hooks --------------------------------------------------------------------------------
     @property

@@ -69,7 +69,7 @@ def plan_run_directory(c: ResolvedConfig) -> RunPlan:
     if step is not None and not t.overwrite_output_dir:
         if step > t.train_iters:
             raise ConfigError([f"training.resume={t.resume!r} finds the checkpoint of step {step} ({resumed}), past "
-                               f"training.train_iters={t.train_iters}; raise train_iters to train further, or start "
+                               f"training.train_iters={t.train_iters}; raise training.train_iters to train further, or start "
                                "afresh elsewhere (another training.output_dir)"])
         if step == t.train_iters and finished:
             raise NothingToDo(f"{out} holds this run, finished at step {step} (training.train_iters={t.train_iters}, "

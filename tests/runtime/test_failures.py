@@ -23,6 +23,9 @@ def test_messages_name_role_rank_process_cause_and_log():
     assert message.startswith("the reward group's rank 0, pid 4017 on 127.0.0.1 died during RewardWorker.score "
                               "(Worker unexpectedly exits with a connection error code 2. End of file)")
     assert "OOM killer" in message and "its log: /tmp/ray/logs/worker-ab-01-4017.err" in message
+    assert "lower reward.micro_batch_size" in message
+    rollout = death_message(RankProcess("rollout", 1), "PolicyWorker.generate", RAY_DEATH, [])
+    assert "lower actor_rollout_ref.actor_rollout.micro_batch_size" in rollout
     stuck = stuck_message([RankProcess("actor_rollout", 1, 77, "10.0.0.2")], [RankProcess("actor_rollout", 0, 76)],
                           "ActorWorker.update", 30, [])
     assert stuck.startswith("the actor_rollout group's rank 1, pid 77 on 10.0.0.2 did not answer ActorWorker.update "
