@@ -124,10 +124,11 @@ def preflight(argv: Sequence[str]) -> None:
         if isinstance(err, (yaml.YAMLError, HydraException)):
             raise ConfigError([unparsable_override(overrides) or composition_problem(err)]) from None
         raise
+    from dpo_rl.trainer.common import config_yaml
     from dpo_rl.trainer.run import resolve
     from dpo_rl.trainer.run_directory import plan_run_directory
 
-    plan_run_directory(resolve(cfg))
+    plan_run_directory(resolve(cfg), config_yaml(cfg))
 
 
 def resume_command(argv: Sequence[str]) -> str:

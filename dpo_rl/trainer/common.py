@@ -38,11 +38,16 @@ def special_ids(tokenizer, *, require_eos: bool = True) -> tuple[tuple[int, ...]
     return ((int(eos),) if eos is not None else ()), int(pad)
 
 
+def config_yaml(cfg: DictConfig) -> str:
+    """The run's config as its ``config.yaml`` holds it (interpolations resolved)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
     out = Path(c.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "config.yaml").write_text(config_yaml(cfg))
+    logger.info("resolved config:\n%s", config_yaml(cfg))
     return out
 
 

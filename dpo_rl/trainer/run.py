@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from dpo_rl.config import resolution
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.trainer import offline_stages, online_dpo  # noqa: F401  (register the shipped stages)
+from dpo_rl.trainer.common import config_yaml
 from dpo_rl.trainer.run_directory import clear_previous_run, plan_run_directory
 from dpo_rl.trainer.stages import STAGES
 
@@ -32,7 +33,7 @@ def run(cfg: DictConfig, *, use_ray: bool = True) -> dict[str, Any]:
     """Validate ``cfg`` and its output directory (:mod:`dpo_rl.trainer.run_directory`), then run its stage;
     returns the final summary (also in summary.json)."""
     c = resolve(cfg)
-    if plan_run_directory(c).clear_previous:
+    if plan_run_directory(c, config_yaml(cfg)).clear_previous:
         clear_previous_run(c)
     for message in c.unused:
         logger.warning("unused config key: %s", message)

@@ -10,6 +10,8 @@ checkpoints, ``resume`` finds one < N       resumes from it (N = ``train_iters``
 a checkpoint of step N, no summary.json     finishes (final evaluation, export) without training
 a checkpoint of step N and summary.json     :class:`~dpo_rl.errors.NothingToDo`: reported, exit 0
 a checkpoint past step N                    refused: raise ``train_iters`` or start elsewhere
+summary.json, no checkpoint, the same       :class:`~dpo_rl.errors.NothingToDo` (the command was repeated)
+config.yaml
 summary.json or checkpoints, nothing        refused, unless ``training.overwrite_output_dir``
 to resume (``resume: none`` or no ckpt)     (which deletes that run's files first)
 ==========================================  =====================================================
@@ -53,9 +55,10 @@ def save_dir_of(c: ResolvedConfig) -> Path:
     return Path(c.training.save_dir or f"{c.training.output_dir}/checkpoints")
 
 
-def plan_run_directory(c: ResolvedConfig) -> RunPlan:
+def plan_run_directory(c: ResolvedConfig, config_yaml: Optional[str] = None) -> RunPlan:
     """Check the output and checkpoint directories against the table above; raises :class:`ConfigError`
-    (naming the key and what to do) or :class:`NothingToDo`."""
+    (naming the key and what to do) or :class:`NothingToDo`. ``config_yaml``: this run's resolved config as
+    the run writes it to ``config.yaml`` (a finished run with the same one is this run, repeated)."""
     t = c.training
     out, save_dir = Path(t.output_dir), save_dir_of(c)
     places = [("training.output_dir", out)] + ([("training.save_dir", save_dir)] if t.save_dir else [])
@@ -77,6 +80,11 @@ def plan_run_directory(c: ResolvedConfig) -> RunPlan:
                               "choose another training.output_dir (training.overwrite_output_dir=true starts over in "
                               "this one)")
         return RunPlan(resume_step=step, clear_previous=False)
+    if finished and previous is None and not t.overwrite_output_dir and config_yaml is not None and \
+            (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == config_yaml:
+        raise NothingToDo(f"{out} holds this run (the same config.yaml), finished (summary.json written): nothing to "
+                          "do. Choose another training.output_dir to run it again, or set "
+                          "training.overwrite_output_dir=true to start over in this one")
     if (finished or previous is not None) and not t.overwrite_output_dir:
         held = [what for what, present in (("a finished run (summary.json)", finished),
                                            (f"checkpoints up to step {previous} in {save_dir}", previous is not None))
@@ -84,7 +92,7 @@ def plan_run_directory(c: ResolvedConfig) -> RunPlan:
         how = ("resume them with training.resume=auto, " if previous is not None and t.resume == "none" else "")
         raise ConfigError([f"training.output_dir={str(out)!r} holds {' and '.join(held)}, which this run (starting "
                            f"afresh) would overwrite; {how}choose another training.output_dir, or set "
-                           "training.overwrite_output_dir=true to delete them and start over"])
+                           "training.overwrite_output_dir=true to delete that run's files and start over"])
     return RunPlan(resume_step=None, clear_previous=bool(t.overwrite_output_dir and (finished or previous is not None)))
 
 

@@ -46,6 +46,11 @@ def test_a_finished_run_is_never_overwritten_unasked(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a finished run \(summary.json\).*training.overwrite_output_dir=true"):
         plan_run_directory(config(out))
     assert plan_run_directory(config(out, "training.overwrite_output_dir=true")).clear_previous
+    (out / "config.yaml").write_text("training:\n  seed: 1\n")  # the same command repeated: nothing to do
+    with pytest.raises(NothingToDo, match=r"holds this run \(the same config.yaml\), finished"):
+        plan_run_directory(config(out), "training:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"holds a finished run"):  # another config: refused
+        plan_run_directory(config(out), "training:\n  seed: 2\n")
 
 
 def test_checkpoints_are_resumed_up_to_the_end_and_then_there_is_nothing_to_do(tmp_path):
