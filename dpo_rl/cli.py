@@ -147,8 +147,8 @@ def report(err: BaseException, argv: Sequence[str]) -> int:
         print(f"ray_gpt.py: {err}")
         return 0
     if isinstance(err, KeyboardInterrupt):
-        print("ray_gpt.py: interrupted (Ctrl-C) before training started; no checkpoint was written by this run",
-              file=sys.stderr)
+        print("ray_gpt.py: interrupted (Ctrl-C) outside the training steps (start-up, evaluation or export); the "
+              "checkpoints written so far are kept", file=sys.stderr)
         return 130
     message = f"ray_gpt.py: {err}"
     if isinstance(err, RunFailed) and err.resumable:
