@@ -398,6 +398,21 @@ def check_loss(c: ResolvedConfig) -> list[str]:
     return p
 
 
+def sampling_problems(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float
+                      ) -> list[str]:
+    """Problems with the actor's sampling settings, by their full keys (resolution, and the sampler again)."""
+    key, p = ROLE_SECTIONS["actor_rollout"], []
+    if max_new_tokens < 1:
+        p.append(f"{key}.max_new_tokens={max_new_tokens} must be >= 1")
+    if do_sample and temperature <= 0:
+        p.append(f"{key}.temperature={temperature} must be > 0 when {key}.do_sample is true")
+    if top_k < 0:
+        p.append(f"{key}.top_k={top_k} must be >= 0 (0 disables it)")
+    if not 0.0 < top_p <= 1.0:
+        p.append(f"{key}.top_p={top_p} must be in (0, 1] (1 disables it)")
+    return p
+
+
 def check_online_data(c: ResolvedConfig, check_paths: bool) -> list[str]:
     """Online DPO: pairing settings and the prompt files."""
     a, p = c.algorithm, []
@@ -526,12 +541,7 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
     if not r.do_sample and a.num_responses_per_prompt > 1:
         p.append(f"{key}.do_sample=false would give {a.num_responses_per_prompt} identical responses per prompt; "
                  f"online DPO needs {key}.do_sample: true")
-    if r.do_sample and r.temperature <= 0:
-        p.append(f"{key}.temperature={r.temperature} must be > 0 when {key}.do_sample is true")
-    if r.top_k < 0:
-        p.append(f"{key}.top_k={r.top_k} must be >= 0 (0 disables it)")
-    if not 0.0 < r.top_p <= 1.0:
-        p.append(f"{key}.top_p={r.top_p} must be in (0, 1] (1 disables it)")
+    p += sampling_problems(r.max_new_tokens, r.do_sample, r.temperature, r.top_k, r.top_p)
     if r.num_samples_per_step < 1 or t.global_batch_size % r.num_samples_per_step:
         p.append(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
                  f"{key}.num_samples_per_step ({r.num_samples_per_step})")
@@ -542,8 +552,6 @@ def check_sampling_actor(c: ResolvedConfig) -> list[str]:
                  f"{key}.micro_batch_size ({dp_train} x {r.micro_batch_size} = {per_step})")
     if r.ppo_epochs < 1:
         p.append(f"{key}.ppo_epochs={r.ppo_epochs} must be >= 1")
-    if r.max_new_tokens < 1:
-        p.append(f"{key}.max_new_tokens={r.max_new_tokens} must be >= 1")
     model = c.models["actor_rollout"]
     if r.max_prompt_length + r.max_new_tokens > model.max_position_embeddings:
         p.append(f"{key}.max_prompt_length ({r.max_prompt_length}) + {key}.max_new_tokens ({r.max_new_tokens}) "

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_rl.batch import left_pad
-from dpo_rl.config.resolution import ROLE_SECTIONS
+from dpo_rl.config.resolution import ROLE_SECTIONS, sampling_problems
 from dpo_rl.workers.megatron.forward import blocked_attention, position_ids_for
 
 
@@ -52,16 +52,7 @@ class SamplingParams:
     def check(self) -> list[str]:
         """Problems with these parameters, named by the actor's settings they come from (resolution checks the same
         settings before anything starts)."""
-        key, problems = ROLE_SECTIONS["actor_rollout"], []
-        if self.max_new_tokens < 1:
-            problems.append(f"{key}.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.do_sample and self.temperature <= 0:
-            problems.append(f"{key}.temperature={self.temperature} must be > 0 when {key}.do_sample is true")
-        if self.top_k < 0:
-            problems.append(f"{key}.top_k={self.top_k} must be >= 0 (0 disables it)")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"{key}.top_p={self.top_p} must be in (0, 1]")
-        return problems
+        return sampling_problems(self.max_new_tokens, self.do_sample, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass
