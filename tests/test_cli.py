@@ -53,29 +53,3 @@ def test_a_misspelt_key_and_a_broken_override_are_named(tmp_path):
                              "training.lrr is not a documented key", "did you mean training.lr?", within_s=30)
     assert_one_clear_message(run_cli("--config-name", "online_dpo_trainer_tiny", out, "algorithm.beta=[0.1"),
                              "the override 'algorithm.beta=[0.1' is not Hydra syntax", within_s=30)
-
-
-def test_an_unwritable_output_dir_fails_before_anything_starts(tmp_path):
-    from tests.cli_runs import assert_one_clear_message, run_cli
-
-    (tmp_path / "file").write_text("x")
-    result = run_cli("--config-name", "online_dpo_trainer_tiny", f"training.output_dir={tmp_path}/file/run")
-    message = assert_one_clear_message(result, f"training.output_dir='{tmp_path}/file/run' cannot be created",
-                                       within_s=30)
-    assert "Ray" not in message
-
-
-def test_a_finished_run_is_kept_and_reported_as_done(tmp_path):
-    from tests.cli_runs import assert_one_clear_message, run_cli
-    from tests.trainer.test_run_directory import fake_checkpoint, finished_run
-
-    out = tmp_path / "run"
-    fake_checkpoint(out, 3)
-    finished_run(out)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    args = ("--config-name", "online_dpo_trainer_tiny", f"training.output_dir={out}", "training.train_iters=3")
-    assert_one_clear_message(run_cli(*args), "finished at step 3", "nothing to do", returncode=0, within_s=30)
-    assert_one_clear_message(run_cli(*args, "training.resume=none"), "holds a finished run (summary.json) and "
-                             "checkpoints up to step 3", "training.overwrite_output_dir=true", within_s=30)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing rewritten
-    assert not (out / ".hydra").exists()
