@@ -126,9 +126,15 @@ def preflight(argv: Sequence[str]) -> None:
         raise
     from dpo_rl.trainer.common import config_yaml
     from dpo_rl.trainer.run import resolve
-    from dpo_rl.trainer.run_directory import plan_run_directory
+    from dpo_rl.trainer.run_directory import plan_run_directory, writable_problem
 
-    plan_run_directory(resolve(cfg), config_yaml(cfg))
+    try:
+        c = resolve(cfg)
+    except ConfigError as err:  # report an unusable output directory with the rest, not after they are fixed
+        output_dir = cfg.get("training", {}).get("output_dir")
+        extra = writable_problem("training.output_dir", Path(output_dir)) if isinstance(output_dir, str) else None
+        raise ConfigError(err.problems + ([extra] if extra else [])) from None
+    plan_run_directory(c, config_yaml(cfg))
 
 
 def resume_command(argv: Sequence[str]) -> str:

@@ -45,6 +45,16 @@ def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
     assert not (tmp_path / "run").exists()  # Hydra did not start (it would create the run directory)
 
 
+def test_an_unwritable_output_dir_is_reported_with_the_other_problems(tmp_path):
+    from tests.cli_runs import assert_one_clear_message, run_cli
+
+    (tmp_path / "file").write_text("x")
+    result = run_cli("--config-name", "online_dpo_trainer_tiny", f"training.output_dir={tmp_path}/file/run",
+                     "data.train_path=/nonexistent/prompts.jsonl")
+    assert_one_clear_message(result, "data.train_path='/nonexistent/prompts.jsonl' does not exist",
+                             f"training.output_dir='{tmp_path}/file/run' cannot be created", within_s=30)
+
+
 def test_a_misspelt_key_and_a_broken_override_are_named(tmp_path):
     from tests.cli_runs import assert_one_clear_message, run_cli
 
