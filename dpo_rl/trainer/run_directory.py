@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE
-from dpo_rl.checkpoint.training import latest_step, resolve_resume
+from dpo_rl.checkpoint.training import latest_step, read_trainer_state, resolve_resume
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.errors import ConfigError, NothingToDo
 
@@ -97,9 +97,7 @@ def plan_run_directory(c: ResolvedConfig, config_yaml: Optional[str] = None) -> 
 
 
 def _step_of(checkpoint: Path) -> int:
-    import json
-
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+    return int(read_trainer_state(checkpoint)["step"])
 
 
 def writable_problem(key: str, path: Path) -> Optional[str]:
