@@ -115,8 +115,9 @@ def gather(refs: list, processes: list[RankProcess], what: str, timeout_s: float
         if not ready:
             stuck = [processes[index[r]] for r in remaining]
             done = [p for p in processes if p not in stuck]
+            logs_dir = ray_logs_dir()
             raise WorkerFailed(stuck_message(stuck, done, what, timeout_s,
-                                             [f for p in stuck for f in worker_logs(p.pid, ray_logs_dir())]))
+                                             [f for p in stuck for f in worker_logs(p.pid, logs_dir)]))
         for ref in ready:
             process = processes[index[ref]]
             try:

@@ -87,9 +87,10 @@ class RayWorkerGroup(_WorkerGroup):
             elif pool.device_resource != "CPU":
                 options["resources"] = {pool.device_resource: 1}
             self.actors.append(remote_cls.options(**options).remote(rank=rank, world_size=world, **worker_kwargs))
-        self.processes = [RankProcess(self.role, rank) for rank in range(world)]  # named by rank until they answer
-        self.processes = [RankProcess(self.role, rank, *where) for rank, where in
-                          enumerate(self._gather([a.process_info.remote() for a in self.actors], "process_info"))]
+        unnamed = [RankProcess(self.role, rank) for rank in range(world)]  # named by rank until they answer
+        where = gather([a.process_info.remote() for a in self.actors], unnamed,
+                       f"{worker_cls.__name__}.process_info", call_timeout_s)
+        self.processes = [RankProcess(self.role, rank, pid, node) for rank, (pid, node) in enumerate(where)]
         address, port = self._gather([self.actors[0].rendezvous_endpoint.remote()], "rendezvous_endpoint")[0]
         self.ranks = self._gather([a.init_distributed.remote(address, port) for a in self.actors], "init_distributed")
         self.dp_size = self.ranks[0].dp_size
