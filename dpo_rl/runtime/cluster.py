@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import ipaddress
 import logging
 import math
 import os
@@ -122,12 +123,9 @@ def start_ray(
     if ray.is_initialized():
         return ray.cluster_resources()
     home = prepare_ray_home(home_dir)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = resolve_address(address or os.environ.get("RAY_ADDRESS"))
     if address:
-        with ray_process_env(home):
-            check_reachable(address, connect_timeout_s)
-            logger.info("joining Ray cluster at %s", address)
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        join_ray(address, home, connect_timeout_s)
         return ray.cluster_resources()
     warn_if_loopback_names_need_dns()
     mark = uuid.uuid4().hex
@@ -143,6 +141,55 @@ def start_ray(
         _finish_reaper()
         raise
     return ray.cluster_resources()
+
+
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """``auto`` -> the address of the cluster ``ray start`` last started on this machine (Ray's own record);
+    anything else unchanged."""
+    if address != "auto":
+        return address
+    from ray._private.services import get_ray_address_from_environment  # deferred: Ray, only when a run uses it
+
+    found = get_ray_address_from_environment("auto", None)
+    if found in (None, "auto"):
+        raise ConfigError(["ray.address=auto, but no Ray cluster was started on this machine (`ray start --head`); "
+                           "give the head's host:port, or unset ray.address / RAY_ADDRESS to start a local cluster"])
+    return found
+
+
+def join_ray(address: str, home: Path, connect_timeout_s: float) -> None:
+    """``ray.init`` joining the cluster at ``address``, saying which address this driver uses for it.
+
+    The driver's node address is the head's when the head is on loopback (a cluster of this machine; Ray would
+    otherwise swap 127.0.0.1 for the address of its default route), else the address of the interface that
+    routes to the head (the kernel's answer for a UDP socket aimed at it; no packet is sent), so Ray never
+    probes a public address (8.8.8.8) to find it. A ``ray://`` (Ray Client) address needs neither.
+    """
+    import ray  # deferred: Ray, only when a run uses it
+
+    check_reachable(address, connect_timeout_s)
+    endpoint = head_endpoint(address)
+    client = address.startswith("ray://")
+    node_address = None if client or endpoint is None else driver_node_address(*endpoint)
+    loopback = node_address is not None and ipaddress.ip_address(node_address).is_loopback
+    logger.info("joining Ray cluster at %s%s", address, f" as node address {node_address}" if node_address else "")
+    with ray_process_env(home), (_loopback_only_cluster() if loopback else contextlib.nullcontext()):
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 **({"_node_ip_address": node_address} if node_address else {}))
+
+
+def driver_node_address(host: str, port: int) -> str:
+    """The address of this machine's interface that routes to ``host:port`` (loopback for a loopback head)."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        if host == "localhost":
+            return "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))  # UDP: sets the route only, nothing is sent
+        return probe.getsockname()[0]
 
 
 def start_with_retries(start: Callable[[], object], shutdown: Callable[[], None], timeout_s: float,

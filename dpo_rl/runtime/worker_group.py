@@ -19,11 +19,14 @@ same interface, so drivers and tests can run a role without Ray.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 from dpo_rl.batch import Batch
 from dpo_rl.dispatch import Dispatch, dispatch_of
 from dpo_rl.runtime.failures import RankProcess, gather
+
+logger = logging.getLogger(__name__)
 
 
 def split_for_dp(batch: Batch, dp_size: int) -> tuple[list[Batch], int]:
@@ -92,6 +95,8 @@ class RayWorkerGroup(_WorkerGroup):
                        f"{worker_cls.__name__}.process_info", call_timeout_s)
         self.processes = [RankProcess(self.role, rank, pid, node) for rank, (pid, node) in enumerate(where)]
         address, port = self._gather([self.actors[0].rendezvous_endpoint.remote()], "rendezvous_endpoint")[0]
+        logger.info("%s: torch.distributed rendezvous at %s:%d (the address of rank 0's node, %s); ranks on nodes %s",
+                    self.role, address, port, self.processes[0].node, [p.node for p in self.processes])
         self.ranks = self._gather([a.init_distributed.remote(address, port) for a in self.actors], "init_distributed")
         self.dp_size = self.ranks[0].dp_size
         self._output_actor_by_dp = {r.dp_rank: a for a, r in zip(self.actors, self.ranks) if r.is_output_rank}
