@@ -15,6 +15,7 @@ import typing
 from typing import Optional, Sequence
 
 from dpo_rl.config.schema import (
+    MOVED_KEYS,
     AlgorithmConfig,
     DataConfig,
     RayConfig,
@@ -70,13 +71,16 @@ _COULD_NOT_OVERRIDE = re.compile(r"Could not (?:override|append to) '([\w.]+)'|K
 def did_you_mean(message: str) -> Optional[str]:
     """For Hydra's "Could not override 'key'" on a key the schema does not document, what to say instead (Hydra's
     "use +key" would only fail validation): that the key is unknown, and the documented key it was probably meant
-    to be. ``None`` for any other message."""
+    to be, or for a replaced key (:data:`~dpo_rl.config.schema.MOVED_KEYS`) what to write instead. ``None`` for any
+    other message."""
     import difflib
 
     match = _COULD_NOT_OVERRIDE.search(message)
     key = match and (match.group(1) or match.group(2))
     if not key or key in documented_keys():
         return None
+    if key in MOVED_KEYS:
+        return MOVED_KEYS[key]
     close = difflib.get_close_matches(key, sorted(documented_keys()), n=1, cutoff=0.8)
     return (f"{key} is not a documented key (docs/config_reference.md)" +
             (f"; did you mean {close[0]}?" if close else "; check its section and spelling"))

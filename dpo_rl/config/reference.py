@@ -63,6 +63,10 @@ def render() -> str:
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             lines.append(f"| `{f.name}` | `{kind}` | {default} | {docs[f.name].replace('|', '/')} |")
         lines.append("")
+    lines += ["## Replaced keys", "", "A config that still sets one of these is refused with this message.", "",
+              "| key | instead |", "|---|---|"]
+    lines += [f"| `{key}` | {instead.replace('|', '/')} |" for key, instead in schema.MOVED_KEYS.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

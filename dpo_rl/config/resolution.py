@@ -24,6 +24,7 @@ from dpo_rl.config.model import ModelConfig, ParallelConfig, model_config_from_d
 from dpo_rl.config.schema import (
     LORA_ALL,
     LORA_TARGETS,
+    MOVED_KEYS,
     ROLE_FIELDS,
     ROLE_SETTING_GROUPS,
     UNUSED_IN_DPO,
@@ -39,6 +40,7 @@ from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
 from dpo_rl.data.tokenizers import tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
 from dpo_rl.losses import LOSSES
+from dpo_rl.tracking import PACKAGED_TRACKERS, REPORT_TO
 
 #: Role name -> where its section lives in the config.
 ROLE_SECTIONS = {
@@ -136,6 +138,14 @@ def _merge(schema_cls, node: Any, key: str, problems: list[str]):
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         where = f"{key}.{exc.full_key}" if exc.full_key else key
+        if where in MOVED_KEYS:
+            problems.append(MOVED_KEYS[where])
+            return None
+        if "is not a ListConfig" in exc.msg and OmegaConf.is_config(node) and exc.full_key:
+            value = OmegaConf.select(node, exc.full_key, default=None)
+            problems.append(f"{where}={value!r} must be a list; write {where}=[{value}] on the command line or "
+                            f"[{value}] in YAML")
+            return None
         problems.append(f"{where}: {exc.msg.splitlines()[0]}; check the spelling and type against "
                         f"docs/config_reference.md")
         return None
@@ -300,6 +310,10 @@ def _unused_keys(cfg: DictConfig, c: ResolvedConfig, reads: dict[str, set[str]])
     for key in training:
         if key in ROLE_FIELDS and key not in UNUSED_IN_DPO and not any(key in read for read in reads.values()):
             messages.append(f"training.{key}={training[key]} is read by no role of stage {c.stage!r}; it is ignored")
+    for key in ("wandb_project", "run_name"):
+        if training.get(key) is not None and "wandb" not in c.training.report_to:
+            messages.append(f"training.{key}={training[key]!r} names the W&B run, but training.report_to="
+                            f"{c.training.report_to} has no wandb; it is ignored")
     return messages
 
 
@@ -350,9 +364,7 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
     if check_paths and "ref" in c.roles:
         p.extend(_check_reference_tokenizer(c))
     p.extend(c.stage_rules.check(c, check_paths))
-    if check_paths and t.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        p.append("training.tensorboard=true but the tensorboard package is not installed; "
-                 'pip install -e ".[tensorboard]" or set training.tensorboard: false')
+    p.extend(check_report_to(t.report_to, check_paths))
     if t.save_interval < 0 or t.keep_last_k < 0:
         p.append(f"training.save_interval ({t.save_interval}) and training.keep_last_k ({t.keep_last_k}) must be >= 0")
     if t.resume not in ("auto", "none") and check_paths and not Path(t.resume, "trainer_state.json").is_file():
@@ -362,6 +374,19 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"training.global_batch_size ({t.global_batch_size}) and training.train_iters "
                  f"({t.train_iters}) must be >= 1")
     return p
+
+
+def check_report_to(report_to: list[str], check_paths: bool) -> list[str]:
+    """``training.report_to``: known tracker names, ``none`` alone, and (on this machine) their packages."""
+    unknown = [name for name in report_to if name not in (*REPORT_TO, "none")]
+    if unknown:
+        return [f"training.report_to={report_to} names {', '.join(map(repr, unknown))}, not a tracker; list any of "
+                f"{REPORT_TO} (jsonl is always written), or [none] for no tracker beside the jsonl files"]
+    if "none" in report_to and len(report_to) > 1:
+        return [f"training.report_to={report_to}: none means no tracker beside the jsonl files; list trackers or none"]
+    return [f"training.report_to={report_to} includes {name} but the {name} package is not installed; "
+            f'pip install -e ".[{name}]" or remove {name} from training.report_to'
+            for name in PACKAGED_TRACKERS if check_paths and name in report_to and importlib.util.find_spec(name) is None]
 
 
 def check_loss(c: ResolvedConfig) -> list[str]:

@@ -223,13 +223,23 @@ class TrainingConfig(RoleConfig):
     eval_samples: int = 32
     """Held-out prompts (online) or examples (offline) used by evaluation."""
     log_interval: int = 1
-    """Print a metrics line every N steps (metrics.jsonl gets every step)."""
+    """Print the progress line (stage, step, ETA, the stage's key metrics) every N steps and at the last one
+    (metrics.jsonl and the trackers get every step)."""
     output_dir: str = "runs/online_dpo"
-    """Run directory: metrics.jsonl, TensorBoard events, plots, resolved config."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files to ``output_dir/tensorboard``."""
+    """Run directory: metrics.jsonl, the trackers' files, plots, resolved config."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where each step's metrics go (TRL's ``report_to``): ``jsonl`` (``metrics.jsonl`` and ``timing.jsonl``, always
+    written: resume and the run report read them, so listing it is optional), ``tensorboard`` (event files in
+    ``output_dir/tensorboard``), ``wandb`` (a Weights & Biases run under ``output_dir/wandb``; ``WANDB_MODE`` and
+    W&B's other environment variables apply, so ``WANDB_MODE=offline`` keeps it local). ``[none]`` (TRL's
+    spelling) adds no tracker to the jsonl files. TensorBoard and W&B log the jsonl files' metric names."""
+    wandb_project: Optional[str] = None
+    """The W&B project (``report_to`` with ``wandb``); ``null`` = ``$WANDB_PROJECT`` if set, else ``dpo_rl``."""
+    run_name: Optional[str] = None
+    """The W&B run's name (TRL's ``run_name``); ``null`` = ``$WANDB_NAME`` if set, else ``<stage>-<output_dir's
+    last component>``."""
     plot: bool = True
-    """Write ``curves.png`` (reward and loss) at the end."""
+    """Write ``curves.png`` (reward and loss) and ``report.html`` (every curve, time per phase, config) at the end."""
     save_interval: int = 0
     """Save a training checkpoint (actor model, optimizer, scheduler, RNG, data position) every N steps (0 = never)."""
     save_dir: Optional[str] = None
@@ -249,6 +259,15 @@ class TrainingConfig(RoleConfig):
     export_hf: bool = False
     """At the end, write the trained model as an HF checkpoint to ``<output_dir>/hf_actor`` (``hf_reward`` for the
     reward stage)."""
+
+
+#: Keys that were replaced: the old dotted key -> what to write instead (a config that still sets one is an error).
+MOVED_KEYS = {
+    "training.tensorboard": "training.tensorboard was replaced by training.report_to (TRL's name); set "
+                            "training.report_to: [jsonl, tensorboard] for TensorBoard events, or remove "
+                            "training.tensorboard for none (the default [jsonl] writes only metrics.jsonl and "
+                            "timing.jsonl)",
+}
 
 
 @dataclass

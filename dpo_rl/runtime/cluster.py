@@ -6,8 +6,9 @@ exists (``ray/_common/usage/usage_lib.py: get_cluster_config_to_report``), even 
 stats disabled. So every Ray process this project starts runs with ``HOME`` set to a
 project-owned directory holding an empty (``{}``) bootstrap config; that also keeps Ray's
 ``~/.ray/auth_token`` out of the user's real home. Usage stats are off
-(``RAY_USAGE_STATS_ENABLED=0``), a local cluster lives on 127.0.0.1, and its dashboard
-binds to 127.0.0.1 unless configured.
+(``RAY_USAGE_STATS_ENABLED=0``), and the address Ray would send its one "usage stats are
+disabled" report to is a closed loopback port (:data:`QUIET_RAY_ENV`). A local cluster lives
+on 127.0.0.1, and its dashboard binds to 127.0.0.1 unless configured.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ logger = logging.getLogger(__name__)
 
 BOOTSTRAP_FILE = "ray_bootstrap_config.yaml"
 
+#: What every Ray process this project starts gets, and what a driver keeps: usage stats off, and the report URL
+#: on loopback. Ray's dashboard still sends one "disabled" report (``usage_stats_head.py:
+#: _report_disabled_usage_sync``) to ``RAY_USAGE_STATS_REPORT_URL`` (https://usage-stats.ray.io/) for a cluster
+#: not started by ``ray.init`` (``ray start``, a multi-node cluster), and resolves its name with the DNS resolver
+#: even when the report then fails; port 9 (discard) on loopback takes nothing.
+QUIET_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/"}
+
 
 def default_ray_home() -> Path:
     """A per-user directory under the system temp dir."""
@@ -50,15 +58,15 @@ def prepare_ray_home(path: Optional[str | Path] = None) -> Path:
 
 @contextlib.contextmanager
 def ray_process_env(home: Path, mark: Optional[str] = None) -> Iterator[None]:
-    """Environment for starting Ray processes: HOME = ``home``, usage stats off, and ``mark`` (when given) under
+    """Environment for starting Ray processes: HOME = ``home``, :data:`QUIET_RAY_ENV`, and ``mark`` (when given) under
     :data:`~dpo_rl.runtime.reaper.MARK_ENV` so the cluster's processes can be found (:mod:`dpo_rl.runtime.reaper`).
 
     Processes started inside (the local cluster's raylet, dashboard and workers) keep it;
     the driver's own environment is restored afterwards.
     """
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_USAGE_STATS_ENABLED", MARK_ENV)}
+    saved = {k: os.environ.get(k) for k in ("HOME", *QUIET_RAY_ENV, MARK_ENV)}
     os.environ["HOME"] = str(home)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.update(QUIET_RAY_ENV)
     if mark is not None:
         os.environ[MARK_ENV] = mark
     try:
@@ -69,7 +77,7 @@ def ray_process_env(home: Path, mark: Optional[str] = None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+        os.environ.update(QUIET_RAY_ENV)
 
 
 #: Ray's switch for single-machine clusters: with it off, Ray uses the loopback address as
@@ -130,12 +138,14 @@ def start_ray(
     warn_if_loopback_names_need_dns()
     mark = uuid.uuid4().hex
     _reaper = Reaper(mark)
-    env_vars = {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", MARK_ENV: mark}
+    env_vars = {"HOME": str(home), **QUIET_RAY_ENV, MARK_ENV: mark}
     try:
         with ray_process_env(home, mark), _loopback_only_cluster():
-            start_with_retries(lambda: ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
-                                                dashboard_host=dashboard_host, logging_level=logging.WARNING,
-                                                log_to_driver=True, runtime_env={"env_vars": env_vars}),
+            # address="local": a new cluster even when `ray start` left one on this machine (Ray would join it)
+            start_with_retries(lambda: ray.init(address="local", num_cpus=num_cpus,
+                                                include_dashboard=include_dashboard, dashboard_host=dashboard_host,
+                                                logging_level=logging.WARNING, log_to_driver=True,
+                                                runtime_env={"env_vars": env_vars}),
                                ray.shutdown, start_timeout_s)
     except BaseException:
         _finish_reaper()

@@ -1,4 +1,5 @@
-"""What every stage's set-up uses: the tokenizer and its special ids, the run directory, HF export."""
+"""What every stage's set-up uses: the tokenizer and its special ids, the run directory, the metrics tracker,
+HF export."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dpo_rl.checkpoint.convert import TOKENIZER_FILES
 from dpo_rl.config.resolution import ROLE_SECTIONS, ResolvedConfig
 from dpo_rl.data.tokenizers import load_local_tokenizer
 from dpo_rl.errors import ConfigError
+from dpo_rl.tracking import MetricsTracker
 
 logger = logging.getLogger("dpo_rl")
 
@@ -49,6 +51,15 @@ def prepare_output(cfg: DictConfig, c: ResolvedConfig) -> Path:
     (out / "config.yaml").write_text(config_yaml(cfg))
     logger.info("resolved config:\n%s", config_yaml(cfg))
     return out
+
+
+def metrics_tracker(cfg: DictConfig, c: ResolvedConfig, out: Path, key_metrics: tuple[str, ...]) -> MetricsTracker:
+    """The stage's tracker: the jsonl files and the trackers ``training.report_to`` lists (W&B gets the resolved
+    config); the progress line shows ``key_metrics``."""
+    t = c.training
+    return MetricsTracker(out, t.train_iters, log_interval=t.log_interval, report_to=t.report_to,
+                          key_metrics=key_metrics, run_config=OmegaConf.to_container(cfg, resolve=True),
+                          wandb_project=t.wandb_project, run_name=t.run_name, label=c.stage)
 
 
 def export_model(c: ResolvedConfig, group, directory: Path, role: str, tokenizer) -> dict[str, str]:

@@ -20,13 +20,14 @@ from dpo_rl.config.resolution import (
 from dpo_rl.data.indexed import TokenizedDataset
 from dpo_rl.data.tokenizers import same_directory, tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
+from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
-from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer import ref_cache
 from dpo_rl.trainer.common import (
     export_model,
     load_tokenizer,
+    metrics_tracker,
     prepare_output,
     special_ids,
     tokenizer_key,
@@ -126,8 +127,7 @@ def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, us
                 f"{len(eval_split)} held-out examples for evaluation" if eval_split else "no evaluation split")
     out = prepare_output(cfg, c)
     specs = offline_worker_specs(stage, c, eos_ids, pad_id)
-    tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
-                             tensorboard=c.training.tensorboard, label=c.stage)
+    tracker = metrics_tracker(cfg, c, out, stage.key_metrics)
     chunk = max(c.training.global_batch_size, 1)
     try:
         precomputed = c.algorithm.reference == "precomputed" and ("ref" in c.roles or c.reference_is_actor_base)
@@ -152,6 +152,7 @@ def run_offline(stage: "OfflineStage", cfg: DictConfig, c: ResolvedConfig, *, us
         tracker.close()
     if c.training.plot:
         summary["plot"] = str(tracker.plot(keys=stage.plot_keys))
+        summary["report"] = str(write_report(out, c.stage, summary, extra_keys=stage.plot_keys))
     tracker.write_json("summary.json", summary)
     return summary
 
@@ -193,7 +194,7 @@ class OfflineStage(Stage):
     data_kinds: tuple[str, ...] = ()
     """The preprocessed dataset kinds (``preprocess_data.py`` handler kinds) it trains on."""
     plot_keys: tuple[str, ...] = ("loss",)
-    """The metrics ``curves.png`` shows."""
+    """The metrics ``curves.png`` shows (``report.html`` charts them too, with the common curves)."""
     export_dir: str = "hf_actor"
     """Where ``training.export_hf`` writes the trained model, under the run directory."""
     reads_reference_logps: bool = False
@@ -224,6 +225,7 @@ class OfflineDPOStage(OfflineStage):
     data_kinds = ("pairwise", "reward")
     reads_reference_logps = True
     plot_keys = ("loss", "rewards/margins", "rewards/accuracies")
+    key_metrics = ("loss", "rewards/accuracies")
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("actor_rollout", "ref") if needs_reference(algorithm) else ("actor_rollout",)
@@ -245,6 +247,7 @@ class RewardStage(OfflineStage):
     name = "reward"
     data_kinds = ("reward", "pairwise")
     plot_keys = ("loss", "accuracy", "margin")
+    key_metrics = ("loss", "accuracy")
     export_dir = "hf_reward"
 
     def roles(self, training, algorithm) -> tuple[str, ...]:

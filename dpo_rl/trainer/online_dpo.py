@@ -40,6 +40,7 @@ from dpo_rl.data.prompts import (
 )
 from dpo_rl.errors import ConfigError
 from dpo_rl.pairing import build_pairs
+from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
 from dpo_rl.runtime.worker_group import wait_for
@@ -47,6 +48,7 @@ from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.common import (
     export_model,
     load_tokenizer,
+    metrics_tracker,
     prepare_output,
     special_ids,
     tokenizer_key,
@@ -347,8 +349,8 @@ def worker_specs(c: ResolvedConfig, eos_ids: tuple[int, ...], pad_id: int) -> di
 
 def role_pools(c: ResolvedConfig):
     """RolePools for each group; the actor's pool is split into train and rollout ranks."""
-    def pool(role, counts):
-        return RolePool(role, list(counts), c.ray.device_resource, c.ray.cpus_per_worker)
+    def pool(role, counts, config_key=""):
+        return RolePool(role, list(counts), c.ray.device_resource, c.ray.cpus_per_worker, config_key)
 
     actor = c.roles["actor_rollout"]
     train_counts, infer_counts, need = [], [], actor.num_gpus_for_train
@@ -357,11 +359,11 @@ def role_pools(c: ResolvedConfig):
         train_counts.append(take)
         infer_counts.append(n - take)
         need -= take
-    pools = {"actor": pool("actor", train_counts), "reward": pool("reward", c.resource_pool.reward)}
+    pools = {"actor": pool("actor", train_counts, "resource_pool.actor_rollout"), "reward": pool("reward", c.resource_pool.reward)}
     if "ref" in c.roles:
         pools["ref"] = pool("ref", c.resource_pool.ref)
     if not c.colocated:
-        pools["rollout"] = pool("rollout", infer_counts)
+        pools["rollout"] = pool("rollout", infer_counts, "resource_pool.actor_rollout")
     return pools
 
 
@@ -370,6 +372,7 @@ class OnlineDPOStage(Stage):
 
     name = "ray_online_dpo"
     samples = True
+    key_metrics = ("objective/scores", "loss")
 
     def roles(self, training, algorithm) -> tuple[str, ...]:
         return ("actor_rollout", "ref", "reward")
@@ -403,8 +406,7 @@ def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str
                            "in-process needs a colocated actor; set it to 0 or run on Ray"])
     out = prepare_output(cfg, c)
     specs = worker_specs(c, eos_ids, pad_id)
-    tracker = MetricsTracker(out, c.training.train_iters, log_interval=c.training.log_interval,
-                             tensorboard=c.training.tensorboard, label=c.stage)
+    tracker = metrics_tracker(cfg, c, out, OnlineDPOStage.key_metrics)
     try:
         with GroupFactory(c, role_pools(c), use_ray=use_ray) as factory:
             created = {name: factory.create(name, cls, kwargs) for name, (cls, kwargs) in specs.items()}
@@ -418,6 +420,7 @@ def run_online(cfg: DictConfig, c: ResolvedConfig, *, use_ray: bool) -> dict[str
         tracker.close()
     if c.training.plot:
         summary["plot"] = str(tracker.plot())
+        summary["report"] = str(write_report(out, c.stage, summary))
     tracker.write_json("summary.json", summary)
     report(summary, tracker)
     return summary

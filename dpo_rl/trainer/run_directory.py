@@ -33,12 +33,13 @@ from dpo_rl.checkpoint.convert import META_FILE, TRACKER_FILE
 from dpo_rl.checkpoint.training import latest_step, read_trainer_state, resolve_resume
 from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.errors import ConfigError, NothingToDo
+from dpo_rl.tracking import TENSORBOARD_DIR, WANDB_DIR
 
 logger = logging.getLogger(__name__)
 
 #: The files a run writes into its output directory (removed by ``overwrite_output_dir``).
 RUN_FILES = ("metrics.jsonl", "timing.jsonl", "summary.json", "curves.png", "config.yaml")
-RUN_DIRS = ("tensorboard",)
+RUN_DIRS = (TENSORBOARD_DIR, WANDB_DIR)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class Stage(ABC):
     """The ``training.stage`` value that selects it."""
     samples: bool = False
     """The actor samples (online): its data-parallel size counts its training ranks only."""
+    key_metrics: tuple[str, ...] = ("loss",)
+    """The metrics the progress line (and bar) shows, first to last."""
 
     @abstractmethod
     def roles(self, training: TrainingConfig, algorithm: AlgorithmConfig) -> tuple[str, ...]:

@@ -138,6 +138,16 @@ RULE_CASES = [
     (["actor_rollout_ref.actor_rollout.top_p=1.5"], "actor_rollout_ref.actor_rollout.top_p=1.5 must be in (0, 1]"),
     (["actor_rollout_ref.actor_rollout.temperature=0"],
      "actor_rollout_ref.actor_rollout.temperature=0.0 must be > 0 when actor_rollout_ref.actor_rollout.do_sample is true"),
+    (["training.report_to=[jsonl,tb]"],
+     "training.report_to=['jsonl', 'tb'] names 'tb', not a tracker; list any of ('jsonl', 'tensorboard', 'wandb') "
+     "(jsonl is always written), or [none]"),
+    (["training.report_to=[all]"], "names 'all', not a tracker"),
+    (["training.report_to=[none,wandb]"], "training.report_to=['none', 'wandb']: none means no tracker beside the jsonl"),
+    (["training.report_to=wandb"],
+     "training.report_to='wandb' must be a list; write training.report_to=[wandb] on the command line or [wandb] in YAML"),
+    # a config written before report_to (the key is in the YAML, or added with +)
+    (["+training.tensorboard=true"], "training.tensorboard was replaced by training.report_to (TRL's name); set "
+                                     "training.report_to: [jsonl, tensorboard] for TensorBoard events"),
 ]
 
 
@@ -180,14 +190,37 @@ def test_every_schema_field_is_documented_and_the_reference_is_current():
     assert path.read_text() == reference.render(), "regenerate: python -m dpo_rl.config.reference > docs/config_reference.md"
 
 
-def test_tensorboard_needs_its_package(monkeypatch, tmp_path):
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_needs_its_package(monkeypatch, tracker):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    found = problems(["training.tensorboard=true"], check_paths=True)
-    assert any('the tensorboard package is not installed; pip install -e ".[tensorboard]"' in p for p in found)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else real(name, *a))
+    found = problems([f"training.report_to=[jsonl,{tracker}]"], check_paths=True)
+    assert any(f"training.report_to=['jsonl', '{tracker}'] includes {tracker} but the {tracker} package is not "
+               f'installed; pip install -e ".[{tracker}]" or remove {tracker} from training.report_to' in p for p in found)
     resolve(compose("online_dpo_trainer_llama32_1b"), check_paths=False)  # machine-independent checks pass
+
+
+def test_report_to_accepts_trackers_none_and_notes_unread_wandb_keys():
+    for listed in ("[jsonl,tensorboard,wandb]", "[wandb]", "[none]", "[]"):
+        resolve(compose("online_dpo_trainer_tiny", [f"training.report_to={listed}"]), check_paths=False)
+    c = resolve(compose("online_dpo_trainer_tiny", ["training.wandb_project=mine", "training.run_name=a"]),
+                check_paths=False)
+    assert "training.wandb_project='mine' names the W&B run, but training.report_to=['jsonl'] has no wandb; it is " \
+           "ignored" in c.unused and any(u.startswith("training.run_name='a'") for u in c.unused)
+
+
+def test_the_old_tensorboard_override_says_what_to_write_instead(tmp_path):
+    from dpo_rl.cli import preflight
+
+    with pytest.raises(ConfigError) as err:  # Hydra refuses the key (the YAML lacks it): the message says why
+        preflight(["--config-name", "online_dpo_trainer_tiny", "training.tensorboard=true",
+                   f"training.output_dir={tmp_path}/run"])
+    assert err.value.problems == [
+        "training.tensorboard was replaced by training.report_to (TRL's name); set training.report_to: [jsonl, "
+        "tensorboard] for TensorBoard events, or remove training.tensorboard for none (the default [jsonl] writes only "
+        "metrics.jsonl and timing.jsonl)"]
 
 
 def test_the_llama32_1b_pipeline_script_names_shipped_configs_and_parses():

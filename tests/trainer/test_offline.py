@@ -85,6 +85,8 @@ def test_sft_stage_lowers_held_out_loss(world_dir, offline_data, tmp_path):
     summary = run(offline_config("sft_trainer_tiny", world_dir, tmp_path, "training.train_iters=8"), use_ray=False)
     assert summary["eval/loss"] < summary["eval/loss_initial"] - 0.5
     assert (tmp_path / "hf_actor" / "model.safetensors").is_file()
+    assert summary["report"] == str(tmp_path / "report.html")
+    assert 'data-key="eval/loss"' in (tmp_path / "report.html").read_text()
 
 
 def test_offline_dpo_resume_gives_the_uninterrupted_run(world_dir, offline_data, tmp_path, dpo_run):

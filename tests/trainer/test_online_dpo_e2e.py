@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
 from dpo_rl.config.compose import compose
 from tests.tolerance import assert_close, assert_differs, logps_scale
+from tests.trackers import assert_same_metrics, jsonl_metrics, tensorboard_scalars, wandb_offline_env, wandb_run
 
 #: float32 rounding of a summed log-prob, as a fraction of its size (~13 float32 spacings).
 RTOL_LOGPS = 1e-6
@@ -41,6 +43,8 @@ def test_ray_run_writes_metrics_timing_plot_and_summary(runs):
     timing = rows(out / "timing.jsonl")
     assert all(TIMING_KEYS <= set(t) for t in timing)
     assert (out / "curves.png").stat().st_size > 1000
+    assert summary["report"] == str(out / "report.html")  # tests/test_run_report.py checks its contents
+    assert 'data-key="objective/scores"' in (out / "report.html").read_text()
     assert 0.0 <= summary["eval/win_rate"] <= 1.0
     assert json.loads((out / "summary.json").read_text())["eval/win_rate"] == summary["eval/win_rate"]
     assert metrics[0]["actor/lr"] == pytest.approx(1e-3)
@@ -62,10 +66,34 @@ def test_same_seed_gives_identical_metrics(runs):
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 
 
-def test_different_seed_gives_different_metrics(runs):
+@pytest.fixture
+def other_seed(runs, tmp_path_factory, monkeypatch):
+    """A run with another seed that also reports to TensorBoard and to W&B (offline, its files under a test
+    directory)."""
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    for key, value in wandb_offline_env(tmp_path_factory.mktemp("wandb_home")).items():
+        monkeypatch.setenv(key, value)
+    return runs("other_seed", "training.seed=99", "training.report_to=[jsonl,tensorboard,wandb]")
+
+
+def test_different_seed_gives_different_metrics(runs, other_seed):
     a, _ = runs("colocated")
-    c, _ = runs("other_seed", "training.seed=99")
+    c, _ = other_seed
     assert (a / "metrics.jsonl").read_text() != (c / "metrics.jsonl").read_text()
+
+
+def test_report_to_trackers_hold_the_jsonl_metrics_and_the_resolved_config(other_seed):
+    import yaml
+
+    out, _ = other_seed
+    jsonl = jsonl_metrics(out)
+    assert sorted(jsonl) == [1, 2, 3] and "eval/win_rate" in jsonl[2]
+    assert_same_metrics(tensorboard_scalars(out), jsonl, "TensorBoard")
+    run = wandb_run(out)
+    assert_same_metrics(run.history, jsonl, "W&B")
+    assert run.config == yaml.safe_load((out / "config.yaml").read_text())
+    assert (run.name, run.project, run.exit_code) == (f"ray_online_dpo-{out.name}", "dpo_rl", 0)
 
 
 def test_in_process_workers_match_ray_workers(runs):

@@ -75,6 +75,7 @@ def test_starting_afresh_over_checkpoints_is_refused_and_overwrite_deletes_the_e
     fake_checkpoint(out, 2)
     finished_run(out)
     (out / "tensorboard").mkdir()
+    (out / "wandb" / "offline-run-x").mkdir(parents=True)
     (out / "hf_actor").mkdir()
     with pytest.raises(ConfigError, match=r"checkpoints up to step 2 in .*resume them with training.resume=auto"):
         plan_run_directory(config(out, "training.resume=none"))
