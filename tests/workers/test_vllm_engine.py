@@ -88,7 +88,7 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
     """The engine's start-up, weight load and sampling, under strace: no connection beyond this machine.
     (torch.distributed's own store asks the DNS resolver for ``::ffff:127.0.0.1`` unless /etc/hosts names
     it: tests/runtime/test_cluster.py covers the warning; this process has no rendezvous of ours.)"""
-    from tests.runtime.test_cluster import local_addresses, remote_addresses
+    from tests.runtime.test_cluster import STRACE_CONNECTS, local_addresses, remote_addresses
 
     script = ("import socket\n"  # a known loopback connection first: proves the trace sees inet connects
               "server = socket.create_server(('127.0.0.1', 0))\n"
@@ -96,8 +96,8 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
               "from tests.workers.vllm_cases import sample_once\nassert sample_once() == 8\n")
     trace = tmp_path / "trace"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # the engine sets its own
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=connect,sendto", "-o", str(trace), sys.executable, "-c",
-                    script], check=True, env=env, timeout=300, capture_output=True, cwd=ROOT)
+    subprocess.run([*STRACE_CONNECTS, "-o", str(trace), sys.executable, "-c", script], check=True, env=env,
+                   timeout=300, capture_output=True, cwd=ROOT)
     remote, text = remote_addresses(trace.read_text())
     outside = {a for a in remote if not a.is_loopback and str(a) not in local_addresses()}
     assert not outside, f"a vLLM rollout connected beyond this machine: {outside}"
