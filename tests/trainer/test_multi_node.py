@@ -9,6 +9,7 @@ pool error run against the same cluster.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import pytest
 from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.cluster import QUIET_RAY_ENV, prepare_ray_home
 from dpo_rl.trainer.run import run
+from dpo_rl.workers.megatron.parallel_state import free_port
 from tests.runtime.loopback_cluster import node_addresses
 from tests.runtime.test_cluster import local_addresses, remote_addresses
 from tests.trainer.conftest import small_config, small_run_overrides
@@ -34,14 +36,6 @@ TP2_ACROSS_NODES = ("++actor_rollout_ref.actor_rollout.tensor_model_parallel_siz
 #: What a test may send a job's working directory without (local outputs; the lock's virtual environment).
 JOB_EXCLUDES = [".venv/", ".git/", "runs/", "outputs/", "examples/tiny_world/artifacts/"]
 STRACE = shutil.which("strace")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +116,9 @@ def test_online_dpo_across_nodes_as_a_ray_job_equals_the_single_node_run(cluster
     ranks = dict(re.findall(r"\] - (\w+): torch.distributed rendezvous .*ranks on nodes (\[.*\])", log))
     assert set(placed) == {"actor", "ref", "reward"}, log
     assert set(placed.values()) <= set(cluster["nodes"])  # never the driver's 127.0.0.1
-    actor_nodes = eval(ranks["actor"])  # noqa: S307 - the list the worker group logged
+    actor_nodes = ast.literal_eval(ranks["actor"])  # the list the worker group logged
     assert len(set(actor_nodes)) == 2 and actor_nodes[0] == placed["actor"]
-    assert len({node for nodes in ranks.values() for node in eval(nodes)}) >= 3  # noqa: S307
+    assert len({node for nodes in ranks.values() for node in ast.literal_eval(nodes)}) >= 3
 
     # The same seed on one node gives the same metrics, byte for byte.
     single = tmp_path / "single"
