@@ -9,7 +9,8 @@ medians over every timed step after warm-up and the ratios to TRL.
 * ours on Ray: ``configs/rlxf/dpo_trainer_tiny.yaml``: actor and reference are two Ray
   workers with 1 torch thread each, driven over RPC;
 * ours in-process: the same workers without Ray (1 thread), i.e. the model path alone;
-* TRL (``pip install -e ".[bench]"``): ``trl.DPOTrainer`` with ``use_cpu=True``, 1 torch thread.
+* TRL (``pip install -e ".[bench]"``): ``trl.DPOTrainer`` with ``use_cpu=True``, 1 torch thread, fp32 and no
+  gradient checkpointing (set explicitly: a speed-minded user's settings for a model that fits).
 
     python benchmarks/offline_dpo_cpu.py [--steps 30] [--warmup 5] [--rounds 2]
 """
@@ -68,7 +69,7 @@ def run_trl(steps: int) -> tuple[list[float], float]:
                          max_steps=steps, learning_rate=5e-5, lr_scheduler_type="constant", beta=0.1,
                          loss_type=["sigmoid"], max_length=None, logging_steps=1000, save_strategy="no",
                          report_to=[], seed=1234, dataloader_num_workers=0, disable_tqdm=True, bf16=False,
-                         max_grad_norm=1.0)
+                         gradient_checkpointing=False, max_grad_norm=1.0)
         trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[step_timer(step_times)])
         lengths = [len(trainer.train_dataset[i]["prompt_ids"]) + len(trainer.train_dataset[i]["chosen_ids"])

@@ -2,14 +2,18 @@
 
 Both run on the embedded tiny world (built if missing) with the same SFT actor (exported to
 HF format), reward model, prompts, batch (16 prompts x 2 completions), 32 max new tokens,
-temperature 0.9, beta 0.1 and missing-EOS penalty 1.0, one after the other in this run.
-Prints per-phase medians (generate, reward, reference, update, sync) for ours,
-orchestration overhead (step wall time minus the workers' own compute), TRL's median
-step time, and the ratio. TRL (``pip install -e ".[bench]"``) runs in this process with
-``--trl-threads`` torch threads (default 1, as each of our workers has). ``--engines`` runs ours
-once per rollout engine (``megatron``, ``vllm``), one after the other.
+temperature 0.9, beta 0.1 and missing-EOS penalty 1.0, in alternating rounds in this run (ours, then
+TRL, ``--rounds`` times). Prints per-phase medians (generate, reward, reference, update, sync) for
+ours, orchestration overhead (step wall time minus the workers' own compute), the step medians with
+min/max of every run kind, and the ratio.
 
-    python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5] [--engines megatron,vllm]
+TRL (``pip install -e ".[bench]"``) is configured as a speed-minded user would: fp32 (``bf16=False``:
+CPU), **no gradient checkpointing** (its CPU default is on, which drops the KV cache in generation
+and recomputes activations in the backward pass: nobody who times a 1M-parameter model runs it that
+way), ``--trl-threads`` torch threads (default 1, as each of our workers has), in this process.
+``--engines`` runs ours once per rollout engine (``megatron``, ``vllm``) in each round.
+
+    python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5] [--rounds 2] [--engines megatron,vllm]
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("generate", "reward", "reference", "update", "sync")
+#: TRL as a speed-minded user runs it on CPU (its defaults turn gradient checkpointing on); printed with the table.
+TRL_FAIR_SETTINGS = {"gradient_checkpointing": False, "bf16": False}
 
 
 def run_ours(steps: int, out: Path, engine: str = "megatron") -> list[dict]:
@@ -73,7 +79,7 @@ def run_trl(steps: int, threads: int) -> list[float]:
             output_dir=out, use_cpu=True, per_device_train_batch_size=16, gradient_accumulation_steps=1,
             max_steps=steps, learning_rate=5e-5, beta=[0.1], max_new_tokens=32, temperature=0.9,
             missing_eos_penalty=1.0, logging_steps=1000, save_strategy="no", report_to=[], seed=1234,
-            dataloader_num_workers=0, disable_tqdm=True,
+            dataloader_num_workers=0, disable_tqdm=True, **TRL_FAIR_SETTINGS,
         )
         trainer = OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=rm, args=args,
                                    train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
@@ -87,21 +93,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="leading steps left out of the medians")
     parser.add_argument("--trl-threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and TRL")
     parser.add_argument("--engines", default="megatron", help="comma-separated rollout engines of ours to run")
     args = parser.parse_args()
 
     from examples.tiny_world.build import build
 
     build()
-    timings = {}
-    for engine in args.engines.split(","):
-        with tempfile.TemporaryDirectory() as out:
-            timings[engine] = run_ours(args.steps, Path(out), engine)[args.warmup:]
-    trl_steps = run_trl(args.steps, args.trl_threads)[args.warmup:]
+    timings: dict[str, list[dict]] = {engine: [] for engine in args.engines.split(",")}
+    trl_steps: list[float] = []
+    for _ in range(args.rounds):  # alternating, so a machine that gets busier slows both sides alike
+        for engine in timings:
+            with tempfile.TemporaryDirectory() as out:
+                timings[engine] += run_ours(args.steps, Path(out), engine)[args.warmup:]
+        trl_steps += run_trl(args.steps, args.trl_threads)[args.warmup:]
     trl_step = statistics.median(trl_steps)
 
-    print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; "
-          f"medians of {args.steps - args.warmup} steps after {args.warmup} warm-up\n")
+    print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; medians of "
+          f"{args.rounds} alternating rounds x {args.steps - args.warmup} steps after {args.warmup} warm-up each\n")
     print("| phase (ours)          | " + " | ".join(f"{e + ' s':>10}" for e in timings) + " |")
     print("|-----------------------|" + "|".join("-" * 12 for _ in timings) + "|")
 
@@ -115,8 +124,12 @@ def main() -> None:
             value = med(timing, phase)
             cells.append(f"{'-' if value is None else f'{value:.3f}':>10}")
         print(f"| {phase.removeprefix('timing/'):<21} | " + " | ".join(cells) + " |")
-    print(f"\nTRL OnlineDPOTrainer step: {trl_step:.3f} s ({args.trl_threads} torch thread(s), HF generate with "
-          "its KV cache, no gradient checkpointing)")
+    print("\n| step time            | min s | median s | max s |\n|----------------------|-------|----------|-------|")
+    steps_of = {f"ours ({e})": [t["timing/step"] for t in timing] for e, timing in timings.items()}
+    for name, values in {**steps_of, "TRL OnlineDPOTrainer": trl_steps}.items():
+        print(f"| {name:<20} | {min(values):.3f} | {statistics.median(values):>8.3f} | {max(values):.3f} |")
+    print(f"\nTRL OnlineDPOTrainer: {args.trl_threads} torch thread(s), HF generate with its KV cache, "
+          f"{', '.join(f'{k}={v}' for k, v in TRL_FAIR_SETTINGS.items())}")
     for engine, timing in timings.items():
         overhead = statistics.median(t["timing/orchestration"] / t["timing/step"] for t in timing)
         ratio = med(timing, "timing/step") / trl_step
