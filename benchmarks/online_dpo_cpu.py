@@ -50,13 +50,15 @@ def run_ours(steps: int, out: Path, engine: str = "megatron") -> list[dict]:
     return [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
 
 
-def run_trl(steps: int, threads: int) -> list[float]:
+def run_trl(steps: int, threads: int) -> list[dict[str, float]]:
+    """TRL's steps: ``step`` seconds and its phases (``generate``: the policy's ``generate``; ``reference`` and
+    ``reward``: those models' forwards; ``update``: the rest of the step)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from benchmarks.trl_timing import step_timer
+    from benchmarks.trl_timing import PhaseTimes, step_timer
     from dpo_rl.data.prompts import encode_prompt
 
     torch.set_num_threads(threads)
@@ -73,6 +75,10 @@ def run_trl(steps: int, threads: int) -> list[float]:
         m.generation_config.eos_token_id = tokenizer.eos_token_id
         m.generation_config.pad_token_id = tokenizer.pad_token_id
     step_times: list[float] = []
+    phases = PhaseTimes()
+    phases.wrap(model, "generate", "generate")
+    phases.wrap(ref, "forward", "reference")
+    phases.wrap(rm, "forward", "reward")
 
     with tempfile.TemporaryDirectory() as out:
         args = OnlineDPOConfig(
@@ -83,9 +89,9 @@ def run_trl(steps: int, threads: int) -> list[float]:
         )
         trainer = OnlineDPOTrainer(model=model, ref_model=ref, reward_funcs=rm, args=args,
                                    train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
-                                   reward_processing_classes=tokenizer, callbacks=[step_timer(step_times)])
+                                   reward_processing_classes=tokenizer, callbacks=[step_timer(step_times, phases)])
         trainer.train()
-    return step_times
+    return phases.steps
 
 
 def main() -> None:
@@ -101,29 +107,29 @@ def main() -> None:
 
     build()
     timings: dict[str, list[dict]] = {engine: [] for engine in args.engines.split(",")}
-    trl_steps: list[float] = []
+    trl: list[dict[str, float]] = []
     for _ in range(args.rounds):  # alternating, so a machine that gets busier slows both sides alike
         for engine in timings:
             with tempfile.TemporaryDirectory() as out:
                 timings[engine] += run_ours(args.steps, Path(out), engine)[args.warmup:]
-        trl_steps += run_trl(args.steps, args.trl_threads)[args.warmup:]
+        trl += run_trl(args.steps, args.trl_threads)[args.warmup:]
+    trl_steps = [t["step"] for t in trl]
     trl_step = statistics.median(trl_steps)
 
     print(f"\nonline DPO step on CPU, tiny world, 16 prompts x 2 completions, 32 new tokens; medians of "
           f"{args.rounds} alternating rounds x {args.steps - args.warmup} steps after {args.warmup} warm-up each\n")
-    print("| phase (ours)          | " + " | ".join(f"{e + ' s':>10}" for e in timings) + " |")
-    print("|-----------------------|" + "|".join("-" * 12 for _ in timings) + "|")
+    print("| phase (median s)      | " + " | ".join(f"{'ours ' + e:>14}" for e in timings) + " |            TRL |")
+    print("|-----------------------|" + "|".join("-" * 16 for _ in timings) + "|----------------|")
 
     def med(timing, key):
         values = [t[key] for t in timing if key in t]
         return statistics.median(values) if values else None
 
-    for phase in (*(f"timing/{p}" for p in PHASES), "timing/orchestration", "timing/step"):
-        cells = []
-        for timing in timings.values():
-            value = med(timing, phase)
-            cells.append(f"{'-' if value is None else f'{value:.3f}':>10}")
-        print(f"| {phase.removeprefix('timing/'):<21} | " + " | ".join(cells) + " |")
+    for phase in (*PHASES, "orchestration", "step"):
+        cells = [med(timing, f"timing/{phase}") for timing in timings.values()] + [med(trl, phase)]
+        print(f"| {phase:<21} | " + " | ".join(f"{'-' if v is None else f'{v:.3f}':>14}" for v in cells) + " |")
+    print("(TRL's update is its step less the timed generate, reference and reward calls: the policy's forward,\n"
+          " backward and optimizer step with the trainer's own bookkeeping; ours lists orchestration apart)")
     print("\n| step time            | min s | median s | max s |\n|----------------------|-------|----------|-------|")
     steps_of = {f"ours ({e})": [t["timing/step"] for t in timing] for e, timing in timings.items()}
     for name, values in {**steps_of, "TRL OnlineDPOTrainer": trl_steps}.items():
