@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_rl.runtime.cluster import _loopback_only_cluster, prepare_ray_home, ray_process_env
+from dpo_rl.workers.megatron.parallel_state import free_port
 
 HEAD_ADDRESS = "127.0.0.1"
 
@@ -38,7 +39,10 @@ def start_cluster(cpus_per_node: list[float], dashboard_port: Optional[int] = No
 
     head = {"num_cpus": 0, "node_ip_address": HEAD_ADDRESS, "include_dashboard": dashboard_port is not None}
     if dashboard_port is not None:
-        head.update(dashboard_host=HEAD_ADDRESS, dashboard_port=dashboard_port)
+        # the job agent's port too: Ray's fixed default (52365) may still be held by an agent of a cluster that is
+        # shutting down, and then no job can be submitted ("No available agent to submit job")
+        head.update(dashboard_host=HEAD_ADDRESS, dashboard_port=dashboard_port,
+                    dashboard_agent_listen_port=free_port(HEAD_ADDRESS))
     with ray_process_env(prepare_ray_home()), _loopback_only_cluster():
         cluster = Cluster(initialize_head=True, head_node_args=head)
         for cpus, address in zip(cpus_per_node, node_addresses(len(cpus_per_node))):

@@ -56,6 +56,12 @@ def remote_addresses(text: str) -> tuple[set, str]:
     return {plain(a) for a in found}, text
 
 
+def beyond_this_machine(remote: set) -> set:
+    """The addresses of :func:`remote_addresses` that are neither loopback nor one of this machine's own."""
+    allowed = local_addresses()
+    return {a for a in remote if not a.is_loopback and str(a) not in allowed}
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_ray_start_connects_only_to_this_machine(tmp_path):
     script = textwrap.dedent(
@@ -77,8 +83,7 @@ def test_ray_start_connects_only_to_this_machine(tmp_path):
     subprocess.run([*STRACE_CONNECTS, "-o", str(trace), sys.executable, "-c", script],
                    check=True, env=env, timeout=240, capture_output=True)
     remote, text = remote_addresses(trace.read_text())
-    allowed = local_addresses()
-    outside = {a for a in remote if not a.is_loopback and str(a) not in allowed}
+    outside = beyond_this_machine(remote)
     assert not outside, f"Ray start-up connected beyond this machine: {outside}"
     assert "169.254.169.254" not in text and "metadata.google" not in text
     assert remote, "the trace saw no connections at all; strace did not follow Ray's processes"

@@ -26,7 +26,7 @@ from dpo_rl.runtime.cluster import QUIET_RAY_ENV, prepare_ray_home
 from dpo_rl.trainer.run import run
 from dpo_rl.workers.megatron.parallel_state import free_port
 from tests.runtime.loopback_cluster import node_addresses
-from tests.runtime.test_cluster import local_addresses, remote_addresses
+from tests.runtime.test_cluster import STRACE_CONNECTS, beyond_this_machine, remote_addresses
 from tests.trainer.conftest import small_config, small_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
     command = [sys.executable, "-m", "tests.runtime.loopback_cluster", "--cpus", *map(str, NODE_CPUS),
                "--dashboard-port", str(free_port()), "--info", str(info_file)]
     if STRACE:
-        command = [STRACE, "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect,sendto", "-o", str(trace), *command]
+        command = [*STRACE_CONNECTS, "-o", str(trace), *command]
     namespace = hosts_namespace(work / "hosts", len(NODE_CPUS))
     command = [*(namespace or []), *command]
     log = (work / "cluster.log").open("w")
@@ -101,9 +101,15 @@ def test_online_dpo_across_nodes_as_a_ray_job_equals_the_single_node_run(cluster
     out = tmp_path / "multi"
     overrides = small_run_overrides(world_dir, out, *TP2_ACROSS_NODES)
     submit_id = f"dpo-rl-test-{os.getpid()}"
-    submitted = ray_cli("job", "submit", "--address", cluster["dashboard"], "--submission-id", submit_id,
-                        "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": JOB_EXCLUDES}),
-                        "--", sys.executable, "ray_gpt.py", "--config-name", "online_dpo_trainer_tiny", *overrides)
+    submit = ("job", "submit", "--address", cluster["dashboard"], "--submission-id", submit_id, "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"excludes": JOB_EXCLUDES}),
+              "--", sys.executable, "ray_gpt.py", "--config-name", "online_dpo_trainer_tiny", *overrides)
+    deadline = time.monotonic() + 90
+    while True:  # a fresh head's job agent registers a few seconds after the dashboard answers ("try again later")
+        submitted = ray_cli(*submit)
+        if "No available agent to submit job" not in submitted.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     status = ray_cli("job", "status", "--address", cluster["dashboard"], submit_id)
     assert f"Job '{submit_id}' succeeded" in status.stdout, f"{submitted.stdout[-4000:]}\n{submitted.stderr[-2000:]}\n{status.stdout}"
     logs = ray_cli("job", "logs", "--address", cluster["dashboard"], submit_id).stdout
@@ -128,7 +134,7 @@ def test_online_dpo_across_nodes_as_a_ray_job_equals_the_single_node_run(cluster
 
     if cluster["trace"] is not None:  # the cluster since its start, the job and its workers
         remote, text = remote_addresses(cluster["trace"].read_text())
-        outside = {a for a in remote if not a.is_loopback and str(a) not in local_addresses()}
+        outside = beyond_this_machine(remote)
         assert not outside, f"the multi-node run connected beyond this machine: {outside}"
         assert "169.254.169.254" not in text and "metadata.google" not in text
         nodes = {str(a) for a in remote}

@@ -88,7 +88,7 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
     """The engine's start-up, weight load and sampling, under strace: no connection beyond this machine.
     (torch.distributed's own store asks the DNS resolver for ``::ffff:127.0.0.1`` unless /etc/hosts names
     it: tests/runtime/test_cluster.py covers the warning; this process has no rendezvous of ours.)"""
-    from tests.runtime.test_cluster import STRACE_CONNECTS, local_addresses, remote_addresses
+    from tests.runtime.test_cluster import STRACE_CONNECTS, beyond_this_machine, remote_addresses
 
     script = ("import socket\n"  # a known loopback connection first: proves the trace sees inet connects
               "server = socket.create_server(('127.0.0.1', 0))\n"
@@ -99,7 +99,7 @@ def test_a_vllm_rollout_connects_only_to_this_machine(tmp_path):
     subprocess.run([*STRACE_CONNECTS, "-o", str(trace), sys.executable, "-c", script], check=True, env=env,
                    timeout=300, capture_output=True, cwd=ROOT)
     remote, text = remote_addresses(trace.read_text())
-    outside = {a for a in remote if not a.is_loopback and str(a) not in local_addresses()}
+    outside = beyond_this_machine(remote)
     assert not outside, f"a vLLM rollout connected beyond this machine: {outside}"
     assert "8.8.8.8" not in text
     assert ipaddress.ip_address("127.0.0.1") in remote, "the trace missed the known loopback connection"
