@@ -111,6 +111,27 @@ class Batch:
         return Batch({k: torch.cat([b[k] for b in batches]) for k in keys}, dict(batches[0].meta))
 
 
+def drop_trailing_padding(samples: Batch) -> Batch:
+    """``samples`` without the response columns that no row reaches.
+
+    The sampling ranks return sequences ``max_new_tokens`` wide (so shards concatenate), but a
+    step's longest response is often much shorter; every later forward (reward, reference,
+    update) would compute those all-padding positions. Cuts ``sequences``/``attention_mask``/
+    ``response_mask`` [S, L] after the last real token of any row and ``rollout_logprobs``
+    [S, R] to the same response width; other keys are unchanged.
+    """
+    width = samples["attention_mask"].shape[1]
+    real_columns = samples["attention_mask"].any(dim=0).nonzero()
+    keep = int(real_columns[-1]) + 1 if len(real_columns) else width
+    if keep == width:
+        return samples
+    response_width = samples["rollout_logprobs"].shape[1] - (width - keep)
+    return samples.update({
+        **{k: samples[k][:, :keep] for k in ("sequences", "attention_mask", "response_mask")},
+        "rollout_logprobs": samples["rollout_logprobs"][:, :max(response_width, 0)],
+    })
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> left-padded ids [b, P] and mask [b, P] (1 on real tokens): the one left-padding
     of prompts, for generation and for prompt batches."""

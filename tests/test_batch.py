@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_rl.batch import Batch
+from dpo_rl.batch import Batch, drop_trailing_padding
 from dpo_rl.runtime.worker_group import collect_dp, split_for_dp
 
 
@@ -33,3 +33,33 @@ def test_chunk_requires_even_split_and_concat_requires_same_keys():
 
 def test_collect_non_batch_takes_dp_rank_zero():
     assert collect_dp([{"loss": 1.0}, {"loss": 2.0}], rows=4) == {"loss": 1.0}
+
+
+def _samples(response_lengths, prompt=2, width=6):
+    """Two-token prompts followed by responses of the given lengths, padded to ``width`` response columns."""
+    rows = len(response_lengths)
+    response = torch.tensor([[1] * n + [0] * (width - n) for n in response_lengths])
+    attention = torch.cat([torch.ones(rows, prompt, dtype=torch.long), response], dim=1)
+    return Batch({
+        "sequences": torch.arange(rows * (prompt + width)).view(rows, -1),
+        "attention_mask": attention,
+        "response_mask": torch.cat([torch.zeros(rows, prompt, dtype=torch.long), response], dim=1),
+        "rollout_logprobs": -response.float(),
+        "ended_with_eos": torch.ones(rows, dtype=torch.bool),
+    })
+
+
+def test_drop_trailing_padding_keeps_every_real_token_and_nothing_after_the_longest():
+    samples = _samples([1, 3])
+    trimmed = drop_trailing_padding(samples)
+    assert trimmed["sequences"].shape == (2, 5) and trimmed["rollout_logprobs"].shape == (2, 3)
+    for key in ("sequences", "attention_mask", "response_mask"):
+        assert torch.equal(trimmed[key], samples[key][:, :5])
+    assert int(trimmed["response_mask"].sum()) == int(samples["response_mask"].sum()) == 4
+    assert torch.equal(trimmed["rollout_logprobs"], samples["rollout_logprobs"][:, :3])
+    assert torch.equal(trimmed["ended_with_eos"], samples["ended_with_eos"])
+
+
+def test_drop_trailing_padding_leaves_a_full_batch_alone():
+    samples = _samples([6, 2])
+    assert drop_trailing_padding(samples) is samples

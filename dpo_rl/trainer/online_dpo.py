@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from dpo_rl import seeds
-from dpo_rl.batch import Batch
+from dpo_rl.batch import Batch, drop_trailing_padding
 from dpo_rl.config.resolution import (
     ROLE_SECTIONS,
     ResolvedConfig,
@@ -173,6 +173,7 @@ class OnlineDPOTrainer(TrainingLoop):
             self._prefetched = None
         else:
             samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
+        samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
         # The reference scores every sample while the reward model does; pairs index into both.
         scored = timer.concurrently("score_and_reference", {
             "reward": (self.groups.reward, "score", (samples,)),

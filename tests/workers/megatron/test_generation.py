@@ -10,8 +10,10 @@ from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.generation import (
     SamplingParams,
+    choose_tokens,
     filter_logits,
     generate,
+    sample_from_logits,
 )
 from dpo_rl.workers.megatron.model_factory import build_gpt_model
 from tests.tolerance import assert_close
@@ -64,6 +66,25 @@ def test_greedy_equals_hf_generate_with_eos(models):
         response = ours.responses[row][ours.response_mask[row, ours.prompt_length:].bool()]
         if ours.ended_with_eos[row]:
             assert int(response[-1]) in eos and not any(int(t) in eos for t in response[:-1])
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_stopped_rows_leave_the_decode_batch(models, use_kv_cache):
+    """Each decode step feeds the model only the rows still generating: summed over steps, the rows
+    fed equal the summed response lengths (prefill feeds every row once)."""
+    _, hf_model, model = models
+    batch = prompts()
+    eos = eos_ids_hit_early(hf_model, batch)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[0]))
+    try:
+        out = generate(model, batch, SamplingParams(max_new_tokens=24, do_sample=False, eos_token_ids=eos),
+                       use_kv_cache=use_kv_cache)
+    finally:
+        hook.remove()
+    lengths = out.response_mask.sum(-1)
+    assert out.ended_with_eos.sum() >= 2 and fed[0] == len(batch) and fed[-1] < len(batch)
+    assert fed == sorted(fed, reverse=True) and sum(fed) == int(lengths.sum())
 
 
 def test_negative_control_perturbed_model_differs_from_hf(models):
@@ -155,6 +176,35 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.81)).tolist() == [[False, False, False, True]]
     # A tiny top_p still keeps the most likely token.
     assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.01)).tolist() == [[False, True, True, True]]
+
+
+def test_sampling_draws_each_token_with_its_softmax_probability():
+    """200k draws of one distribution (with two never-allowed tokens, one of them last): each token's
+    frequency is within 5 standard errors of its probability; a disallowed token is never drawn."""
+    probs = torch.tensor([0.4, 0.0, 0.3, 0.2, 0.07, 0.03, 0.0])
+    logits = probs.log().expand(200_000, -1)
+    tokens = sample_from_logits(logits, torch.Generator().manual_seed(5))
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    frequency = counts / len(tokens)
+    standard_error = (probs.double() * (1 - probs.double()) / len(tokens)).sqrt()
+    assert counts[1] == 0 and counts[-1] == 0
+    assert ((frequency - probs.double()).abs() <= 5 * standard_error + 1e-12).all(), frequency
+    # seeded: the same generator state gives the same tokens, another seed other tokens
+    again = sample_from_logits(logits[:64], torch.Generator().manual_seed(5))
+    assert torch.equal(again, tokens[:64])
+    assert not torch.equal(sample_from_logits(logits[:64], torch.Generator().manual_seed(6)), again)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_nonfinite_logits_stop_sampling(bad, do_sample):
+    logits = torch.zeros(3, 8)
+    logits[1, 4] = bad
+    params = SamplingParams(do_sample=do_sample, temperature=0.7)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        choose_tokens(logits, params, torch.Generator().manual_seed(0))
+    tokens, logprobs = choose_tokens(torch.zeros(3, 8), params, torch.Generator().manual_seed(0))
+    assert torch.allclose(logprobs, torch.full((3,), -torch.log(torch.tensor(8.0))))
 
 
 def test_bad_sampling_params_are_rejected(models):
