@@ -7,7 +7,7 @@ import torch
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward
-from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+from dpo_rl.workers.megatron.logprobs import sequence_logprobs, vocab_parallel_entropy, vocab_parallel_token_logprobs
 from dpo_rl.workers.megatron.model_factory import build_gpt_model
 from tests.tolerance import assert_close, assert_differs
 from tests.workers.megatron.common import random_batch, tiny_config, tiny_hf_model
@@ -78,3 +78,14 @@ def test_logprob_gradients_match_autograd_reference(megatron_single_rank):
     mask = response[:, 1:].float()
     (summed.sum() + ((entropy * mask).sum(-1) / mask.sum(-1)).sum()).backward()
     assert_close(ours_grad, logits.grad, rtol=RTOL, what="gradient wrt the logits")
+
+
+def test_vocab_parallel_path_equals_the_one_rank_path(megatron_single_rank):
+    """With TP = 1, sequence_logprobs takes one log_softmax; the vocab-parallel functions (used under TP)
+    give the same numbers on one rank, so the two paths cannot drift apart."""
+    ids, response, ours_logits, _ = setup()
+    one_rank = sequence_logprobs(ours_logits, ids, response, with_entropy=True)
+    shifted = ours_logits[:, :-1]
+    assert_close(vocab_parallel_token_logprobs(shifted, ids[:, 1:]), one_rank.token_logprobs, rtol=RTOL,
+                 what="vocab-parallel token log-probs")
+    assert_close(vocab_parallel_entropy(shifted), one_rank.entropy, rtol=RTOL, what="vocab-parallel entropy")
