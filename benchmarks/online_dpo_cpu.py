@@ -11,7 +11,8 @@ TRL (``pip install -e ".[bench]"``) is configured as a speed-minded user would: 
 CPU), **no gradient checkpointing** (its CPU default is on, which drops the KV cache in generation
 and recomputes activations in the backward pass: nobody who times a 1M-parameter model runs it that
 way), ``--trl-threads`` torch threads (default 1, as each of our workers has), in this process.
-``--engines`` runs ours once per rollout engine (``megatron``, ``vllm``) in each round.
+``--engines`` runs ours once per entry in each round: a rollout engine (``megatron``, ``vllm``), optionally
+with Hydra overrides after colons, to measure one lever side by side (``megatron:training.pack_sequences=false``).
 
     python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5] [--rounds 2] [--engines megatron,vllm]
 """
@@ -33,9 +34,12 @@ PHASES = ("generate", "reward", "reference", "update", "sync")
 TRL_FAIR_SETTINGS = {"gradient_checkpointing": False, "bf16": False}
 
 
-def run_ours(steps: int, out: Path, engine: str = "megatron") -> list[dict]:
+def run_ours(steps: int, out: Path, variant: str = "megatron") -> list[dict]:
+    """Our run's timing records; ``variant`` is a rollout engine, optionally followed by ``:override`` entries."""
     from dpo_rl.config.compose import compose
     from dpo_rl.trainer.run import run
+
+    engine, *overrides = variant.split(":")
 
     art = "examples/tiny_world/artifacts"
     cfg = compose("online_dpo_trainer_tiny", [
@@ -44,7 +48,7 @@ def run_ours(steps: int, out: Path, engine: str = "megatron") -> list[dict]:
         f"training.tokenizer_name_or_path={ROOT / art / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ROOT / art / 'sft'}", f"actor_rollout_ref.ref.load={ROOT / art / 'sft'}",
         f"reward.load={ROOT / art / 'rm'}", f"data.train_path={ROOT / art / 'prompts_train.jsonl'}",
-        f"actor_rollout_ref.actor_rollout.rollout_engine={engine}",
+        f"actor_rollout_ref.actor_rollout.rollout_engine={engine}", *overrides,
     ])
     run(cfg)
     return [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]

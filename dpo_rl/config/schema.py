@@ -49,6 +49,11 @@ class RoleBase:
     """Sequences per forward on one data-parallel rank (pairs, for the actor's update)."""
     num_threads: int = 1
     """torch intra-op threads per worker process (CPU)."""
+    pack_sequences: bool = True
+    """Forward and train on packed rows: the real tokens of several sequences side by side in one row as
+    long as the micro-batch's longest sequence, attention blocked between them (padding removal: verl's
+    ``use_remove_padding``, OpenRLHF's ``packing_samples``, TRL's ``padding_free``). Same results up to float
+    rounding, fewer positions computed; PP > 1 keeps the padded layout."""
 
 
 @dataclass

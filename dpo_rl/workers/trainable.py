@@ -139,7 +139,7 @@ class TrainableWorker(MegatronWorker):
             micros = [make_micro(p) for p in part.chunk(len(part) // self.role.micro_batch_size)]
             engine.zero_grad()
             for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
-                                        forward_only=False):
+                                        forward_only=False, pack=self.role.pack_sequences):
                 stats.add(out)
             if self.parallel.params_dtype != "fp16" and not engine.grads_finite():
                 nonfinite += 1  # never applied; the driver stops the run or skips the step (training.on_nonfinite)

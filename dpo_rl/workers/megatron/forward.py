@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from dpo_rl.workers.megatron.packing import PackPlan, plan_packing
+
 ComputeFn = Callable[[torch.Tensor, "Microbatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -55,6 +57,8 @@ class Microbatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    packing: Optional[PackPlan] = None
+    """Set by :func:`run_microbatches` when the forward runs on packed rows (:mod:`.packing`)."""
 
     @property
     def batch_size(self) -> int:
@@ -67,7 +71,12 @@ class Microbatch:
 
 def model_forward(model, micro: Microbatch) -> torch.Tensor:
     """One stage's forward. Returns [b, s, V/TP] logits (or values) on the last stage, hidden
-    states [s, b, h] elsewhere."""
+    states [s, b, h] elsewhere. A packed micro-batch (one stage only) runs on its packed rows and
+    returns the last stage's output in the padded layout."""
+    plan = micro.packing
+    if plan is not None:
+        output = model(plan.pack(micro.input_ids), plan.positions, attention_mask=plan.blocked_attention())
+        return plan.unpack(output)
     return model(
         micro.input_ids,
         position_ids_for(micro.input_ids),
@@ -81,9 +90,13 @@ def run_microbatches(
     compute: ComputeFn,
     *,
     forward_only: bool,
+    pack: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward unless ``forward_only``) over ``microbatches`` with megatron's
     pipeline schedule. All micro-batches must share one shape (pad them first).
+
+    With ``pack`` and one pipeline stage, each micro-batch runs on packed rows where that saves rows
+    (:mod:`.packing`); pipeline stages exchange fixed [s, b, h] shapes, so PP > 1 keeps the padded layout.
 
     ``compute(last_stage_output, microbatch) -> (loss, outputs)``. Gradients of ``loss``
     accumulate in ``.grad`` (megatron divides each micro-batch's loss by their number).
@@ -97,6 +110,12 @@ def run_microbatches(
     if len(shapes) != 1:
         raise ValueError(f"all micro-batches must have one shape for the pipeline schedule; got {shapes}")
     batch, seq = microbatches[0].input_ids.shape
+    if pack:
+        from megatron.core import parallel_state as mpu  # deferred: heavy (megatron-core)
+
+        if mpu.get_pipeline_model_parallel_world_size() == 1:
+            for micro in microbatches:
+                micro.packing = plan_packing(micro.attention_mask)
 
     def forward_step(data_iterator, stage_model):
         micro = next(data_iterator)

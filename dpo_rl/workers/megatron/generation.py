@@ -209,7 +209,10 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
     step_ids = ids
     steps = 0
     for step in range(params.max_new_tokens):
-        logits = _last_token_logits_full_vocab(model, step_ids, mask, context)
+        if step == 0 and context is not None:
+            logits = _prefill_distinct_prompts(model, ids, mask, context)
+        else:
+            logits = _last_token_logits_full_vocab(model, step_ids, mask, context)
         tokens, logprobs = choose_tokens(logits, params, generator)
         tokens = _agree_across_tp(tokens)
         tokens_out[rows, step] = tokens
@@ -226,7 +229,7 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
                 break
             rows, ids, mask, tokens = rows[going], ids[going], mask[going], tokens[going]
             if context is not None:
-                _keep_cache_rows(context, going)
+                _select_cache_rows(context, going)
         step_ids = tokens[:, None] if use_kv_cache else ids
     model.train(was_training)
     response_mask = (torch.arange(steps, device=device)[None, :] < lengths[:, None]).long()
@@ -241,11 +244,27 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
     )
 
 
-def _keep_cache_rows(context, keep: torch.Tensor) -> None:
-    """Drop the stopped rows from the static KV cache (``keep`` [rows now], bool): megatron's attention
-    writes and reads the first ``rows`` batch entries of each layer's [s, b, heads, dim] memory."""
+def _prefill_distinct_prompts(model, ids, mask, context) -> torch.Tensor:
+    """Prefill each distinct prompt once (the n responses of a prompt share it), then give every row its
+    prompt's KV cache; returns every row's first logits [b, V]."""
+    rows = torch.cat([ids, mask], dim=1)
+    distinct, which = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == len(rows):
+        return _last_token_logits_full_vocab(model, ids, mask, context)
+    order = torch.arange(len(rows), device=ids.device)
+    first = torch.full((len(distinct),), len(rows), dtype=torch.long, device=ids.device).scatter_reduce(
+        0, which, order, reduce="amin")
+    logits = _last_token_logits_full_vocab(model, ids[first], mask[first], context)
+    _select_cache_rows(context, which)
+    return logits[which]
+
+
+def _select_cache_rows(context, index: torch.Tensor) -> None:
+    """Keep (bool ``index``) or gather (long ``index``) rows of the static KV cache: megatron's attention
+    writes and reads the first ``rows`` batch entries of each layer's [s, b, heads, dim] memory, so the
+    rows still decoding (a stopped row leaves the batch) must be those entries, in order."""
     for layer, (key, value) in context.key_value_memory_dict.items():
-        context.key_value_memory_dict[layer] = (key[:, keep], value[:, keep])
+        context.key_value_memory_dict[layer] = (key[:, index], value[:, index])
 
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,24 @@ def test_stopped_rows_leave_the_decode_batch(models, use_kv_cache):
     assert fed == sorted(fed, reverse=True) and sum(fed) == int(lengths.sum())
 
 
+def test_a_prompt_shared_by_several_rows_is_prefilled_once(models):
+    """Rows repeating a prompt (n responses per prompt) share one prefill; their samples are those of the
+    recompute path, which prefills nothing."""
+    _, _, model = models
+    batch = [p for p in prompts() for _ in range(3)]
+    params = SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.8, seed=3)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[0]))
+    try:
+        cached = generate(model, batch, params)
+    finally:
+        hook.remove()
+    recomputed = generate(model, batch, params, use_kv_cache=False)
+    assert fed[0] == len(PROMPT_LENGTHS) and fed[1] == len(batch)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert not torch.equal(cached.responses[0], cached.responses[1])  # the rows still sample apart
+
+
 def test_negative_control_perturbed_model_differs_from_hf(models):
     config, hf_model, _ = models
     perturbed = build_gpt_model(config, ParallelConfig())

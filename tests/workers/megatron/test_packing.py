@@ -1,0 +1,115 @@
+"""Packed rows (padding removal): the plan, and a model forward/backward on packed rows equal to the padded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_rl.config.model import ParallelConfig
+from dpo_rl.workers.megatron import hf_interop
+from dpo_rl.workers.megatron.forward import Microbatch, model_forward, run_microbatches
+from dpo_rl.workers.megatron.logprobs import sequence_logprobs
+from dpo_rl.workers.megatron.model_factory import build_gpt_model
+from dpo_rl.workers.megatron.packing import plan_packing
+from tests.tolerance import assert_close
+from tests.workers.megatron.common import VOCAB, tiny_config, tiny_hf_model
+
+#: (left padding, prompt + response tokens) per row, in a width of 44: lengths from 5 to 40.
+ROWS = [(0, 40), (6, 12), (3, 25), (10, 8), (1, 30), (0, 15), (20, 10), (2, 5)]
+WIDTH = 44
+
+
+def varied_batch(seed: int = 7):
+    """Rows [left padding | real tokens | right padding] with the lengths of ROWS; the second half of each
+    row's real tokens is its response."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(ROWS), WIDTH, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids)
+    for row, (left, n) in enumerate(ROWS):
+        ids[row, left:left + n] = torch.randint(3, VOCAB, (n,), generator=g)
+        attention[row, left:left + n] = 1
+        response[row, left + n // 2:left + n] = 1
+    return ids, attention, response
+
+
+def test_plan_packs_every_real_token_once_into_fewer_rows():
+    ids, attention, _ = varied_batch()
+    plan = plan_packing(attention)
+    assert plan.width == 40 and plan.rows < len(ROWS)
+    assert int(plan.real.sum()) == int(attention.sum())  # every real token, once
+    packed = plan.pack(ids)
+    assert sorted(packed[plan.segments > 0].tolist()) == sorted(ids[attention.bool()].tolist())
+    # unpacking puts each token back in its place and zeros on padding
+    back = plan.unpack(plan.pack(torch.arange(ids.numel()).view_as(ids))[..., None])[..., 0]
+    assert torch.equal(back, torch.where(attention.bool(), torch.arange(ids.numel()).view_as(ids), 0))
+    # each sequence keeps its own positions 0..n-1
+    for segment in range(1, len(ROWS) + 1):
+        assert plan.positions[plan.segments == segment].tolist() == list(range(ROWS[segment - 1][1]))
+
+
+def test_attention_never_crosses_sequences_and_no_query_is_fully_blocked():
+    _, attention, _ = varied_batch()
+    plan = plan_packing(attention)
+    blocked = plan.blocked_attention()[:, 0]  # [R, W(q), W(k)]
+    seg = plan.segments
+    visible = ~blocked
+    same = seg[:, :, None] == seg[:, None, :]
+    real_query = (seg > 0)[:, :, None]
+    assert not (visible & real_query & ~same).any()
+    assert visible.any(dim=-1).all()
+    # a real token sees exactly its own sequence's tokens up to itself
+    assert int((visible & real_query).sum()) == sum(n * (n + 1) // 2 for _, n in ROWS)
+
+
+def test_no_plan_when_packing_saves_no_row_and_an_error_for_padding_inside_a_row():
+    assert plan_packing(torch.ones(4, 10, dtype=torch.long)) is None
+    holes = torch.ones(2, 6, dtype=torch.long)
+    holes[1, 3] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have padding between real tokens"):
+        plan_packing(holes)
+
+
+@pytest.fixture(scope="module")
+def model(megatron_single_rank):
+    config = tiny_config("llama")
+    built = build_gpt_model(config, ParallelConfig())
+    hf_interop.load_into_current_rank(built, tiny_hf_model(config, seed=5).state_dict(), config)
+    return built
+
+
+def test_packed_forward_gives_the_padded_logits_on_every_real_token(model):
+    ids, attention, _ = varied_batch()
+    padded_micro = Microbatch(ids, attention)
+    packed_micro = Microbatch(ids, attention, packing=plan_packing(attention))
+    with torch.no_grad():
+        padded = model_forward(model, padded_micro)
+        packed = model_forward(model, packed_micro)
+    real = attention.bool()
+    assert_close(packed[real], padded[real], rtol=1e-5, what="logits of real tokens, packed vs padded")
+    assert (packed[~real] == 0).all()
+
+
+def test_packed_training_step_gives_the_padded_loss_and_gradients(model):
+    """run_microbatches with pack=True: the same summed response log-probs and parameter gradients."""
+    ids, attention, response = varied_batch()
+
+    def compute(output, micro):
+        lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True)
+        return lp.summed.sum(), {"summed": lp.summed.detach(), "entropy": lp.mean_entropy().detach()}
+
+    results = {}
+    for pack in (False, True):
+        model.zero_grad(set_to_none=True)
+        micro = Microbatch(ids, attention, {"response_mask": response})
+        out = run_microbatches(model, [micro], compute, forward_only=False, pack=pack)
+        assert (micro.packing is not None) == pack
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[pack] = (out[0], grads)
+    model.zero_grad(set_to_none=True)
+    (padded, padded_grads), (packed, packed_grads) = results[False], results[True]
+    assert_close(packed["summed"], padded["summed"], rtol=1e-5, what="summed response log-probs")
+    assert_close(packed["entropy"], padded["entropy"], rtol=1e-5, what="mean entropy")
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name, grad in padded_grads.items():
+        assert_close(packed_grads[name], grad, rtol=1e-4, what=f"gradient of {name}")
