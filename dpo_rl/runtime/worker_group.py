@@ -172,6 +172,35 @@ class _Done:
         self.value = value
 
 
+class Deferred:
+    """A started call's result handed to another group's call as an argument before it is ready; the
+    receiving worker calls :meth:`resolve` when it needs the value, and computes meanwhile.
+
+    Its Ray object refs travel inside this object, so Ray does not wait for them before the receiving
+    call starts (it would for a ref passed as an argument itself). The receiving call's group must
+    not be the one that computes the value unless that call was queued first (one actor runs its calls
+    in order)."""
+
+    def __init__(self, pending: "_Pending | _Done") -> None:
+        if isinstance(pending, _Done):
+            self.refs, self.rows, self.what, self.timeout_s, self._value = [], None, "", 0.0, (pending.value,)
+            return
+        self.refs = [pending.refs[i] for i in pending.output_indices]
+        self.rows, self.what = pending.rows, pending.what
+        self.timeout_s = pending.group.call_timeout_s
+        self._value: tuple | None = None
+
+    def resolve(self) -> Any:
+        """The call's result (collected like :func:`wait_for`'s), waiting for it the first time."""
+        if self._value is None:
+            import ray  # deferred: Ray, only when a run uses it
+
+            outputs = ray.get(self.refs, timeout=self.timeout_s or None)
+            outputs = owned_results(outputs, self.what, list(range(len(outputs))))
+            self._value = (outputs[0] if self.rows is None else collect_dp(outputs, self.rows),)
+        return self._value[0]
+
+
 class LocalWorkerGroup(_WorkerGroup):
     """A single in-process worker (world size 1) with the worker-group interface."""
 

@@ -252,15 +252,17 @@ class StepTimer:
         self.critical += self.compute[phase]
         return result
 
-    def collect(self, phase: str, pending: list) -> Any:
-        """Wait for started calls of one phase; Batches are concatenated, compute times summed."""
+    def collect(self, phase: str, pending: list, *, critical: bool = True) -> Any:
+        """Wait for started calls of one phase; Batches are concatenated, compute times summed. A phase that
+        ran alongside the critical path (``critical=False``) is timed but not added to it."""
         start = time.perf_counter()
         results = [wait_for(p) for p in pending]
         self.wall[phase] = time.perf_counter() - start
         computes = [_compute_seconds(r) for r in results]
         self.compute[phase] = sum(c for c in computes if c is not None) if any(
             c is not None for c in computes) else self.wall[phase]
-        self.critical += self.compute[phase]
+        if critical:
+            self.critical += self.compute[phase]
         if isinstance(results[0], Batch):
             merged = Batch.concat(results)
             merged.meta["compute_s"] = self.compute[phase]

@@ -43,7 +43,7 @@ from dpo_rl.pairing import build_pairs
 from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
-from dpo_rl.runtime.worker_group import wait_for
+from dpo_rl.runtime.worker_group import Deferred, wait_for
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.common import (
     export_model,
@@ -95,11 +95,13 @@ def wait_all(pending: list) -> list:
 
 def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -> Batch:
     """Pair tensors (see :mod:`dpo_rl.batch`) from sample rows, with the rollout engine's log-probs of each
-    sequence's tokens by position (``{side}_rollout_logps``, 0 on prompt and padding) for the log-prob gap."""
+    sequence's tokens by position (``{side}_rollout_logps``, 0 on prompt and padding) for the log-prob gap
+    and each side's sample row (``{side}_sample``: where its reference log-prob is)."""
     rollout = samples["rollout_logprobs"]
     by_position = torch.nn.functional.pad(rollout, (samples["sequences"].shape[1] - rollout.shape[1], 0))
     out = {}
     for side, index in (("chosen", chosen), ("rejected", rejected)):
+        out[f"{side}_sample"] = index
         out[f"{side}_ids"] = samples["sequences"][index]
         out[f"{side}_attention"] = samples["attention_mask"][index]
         out[f"{side}_response"] = samples["response_mask"][index]
@@ -174,21 +176,19 @@ class OnlineDPOTrainer(TrainingLoop):
         else:
             samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
         samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
-        # The reference scores every sample while the reward model does; pairs index into both.
-        scored = timer.concurrently("score_and_reference", {
-            "reward": (self.groups.reward, "score", (samples,)),
-            "reference": (*self.groups.reference, (samples,)),
-        })
-        scores, ref_logps = scored["reward"]["scores"], scored["reference"]["sequence_logps"]
+        # The reference scores every sample while the reward model does. The update starts as soon as the
+        # scores have paired the samples and reads the reference's log-probs when its loss needs them, so
+        # the actor's forward runs while the reference computes.
+        pending_reference = self.reference_async(samples)
+        scores = timer.collect("reward", [self.groups.reward.call_async("score", samples)])["scores"]
         penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
         pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
                             min_score_margin=self.c.algorithm.min_score_margin,
                             tie_policy=self.c.algorithm.tie_policy, seed=seeds.pairing(self.c.training.seed, step))
         metrics = self.sample_metrics(samples, penalized, pairs)
         if len(pairs):
-            pair_batch = gather_pairs(samples, pairs.chosen, pairs.rejected).update(
-                {"ref_chosen_logps": ref_logps[pairs.chosen], "ref_rejected_logps": ref_logps[pairs.rejected]})
-            pending_update = self.groups.actor.call_async("update", self.layout(pair_batch, step))
+            pending_update = self.groups.actor.call_async("update", self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step),
+                                                          Deferred(pending_reference))
             if self.groups.rollout is None and step < self.c.training.train_iters:
                 self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
             update = timer.collect("update", [pending_update])
@@ -196,15 +196,21 @@ class OnlineDPOTrainer(TrainingLoop):
             metrics.update({k: v for k, v in update.items() if k != "compute_s"})
             if self.groups.rollout is not None:
                 timer.run("sync", self.sync_weights)
+        timer.collect("reference", [pending_reference], critical=False)  # the update waited for it if it had pairs
         self._last_step_end = time.perf_counter()
         step_s = self._last_step_end - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
-        metrics.update({f"timing/{k}": timer.compute[k] for k in ("reward", "reference")})
+        metrics.update({f"timing/{k}": timer.compute[k] for k in ("reward", "reference")})  # the workers' own
         metrics.update({f"timing/compute/{k}": v for k, v in timer.compute.items()})
         metrics["timing/step"] = step_s
         metrics["timing/orchestration"] = step_s - timer.critical
         metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
         return metrics
+
+    def reference_async(self, samples: Batch):
+        """Start the reference's summed response log-probs of every sample (``sequence_logps`` [S])."""
+        group, method = self.groups.reference
+        return group.call_async(method, samples)
 
     def sample_seed(self, step: int) -> int:
         return seeds.rollout(self.c.training.seed, step)

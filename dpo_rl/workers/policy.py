@@ -255,30 +255,39 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         if objective not in ("preference", "sft"):
             raise ValueError(f"unknown objective {objective!r}")
         self.loss_spec, self.objective = loss_spec or LossSpec(), objective
+        self._reference = None  # the running update's deferred reference log-probs (see update)
 
     @register(Dispatch.DP)
-    def update(self, rows: Batch) -> dict[str, float]:
+    def update(self, rows: Batch, reference=None) -> dict[str, float]:
         """One training step over this rank's share of the step's rows.
 
         ``rows`` carries ``minibatch`` (optimizer step index) and ``weight`` (the row's share of
         its mini-batch's mean loss, 0 on padding) so the DP-reduced gradient is the mini-batch mean's.
+        The reference's log-probs are the rows' ``ref_{chosen,rejected}_logps``, or come from
+        ``reference`` (a :class:`~dpo_rl.runtime.worker_group.Deferred` of the reference's
+        ``sequence_logps`` [S] over the step's samples, indexed by ``{chosen,rejected}_sample``), read
+        when the first loss needs them: the forward before it runs while the reference computes.
         """
-        with Stopwatch() as watch:
-            if self.objective == "sft":
-                metrics = self.train_minibatches(rows, sft_microbatch, self._sft_loss, SFT_STAT_KEYS)
-            elif "chosen_rollout_logps" in rows:
-                # the first optimizer step's rows are still on the weights that sampled them
-                rows = rows.update({"gap_measured": (rows["minibatch"] == rows["minibatch"].min()).float()})
-                metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss,
-                                                 STAT_KEYS + GAP_SUM_KEYS, max_keys=(GAP_MAX_KEY,))
-                metrics = gap_metrics(metrics)
-            else:
-                metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss, STAT_KEYS)
-            self.policy_version += 1
-            if self.vllm is not None:  # colocated engine: the next sampling must see the new weights
-                self.vllm.load_weights(self._own_weight_stream())
-                if self.role.verify_weight_sync:
-                    self._verify_engine_weights()
+        self._reference = reference
+        try:
+            with Stopwatch() as watch:
+                if self.objective == "sft":
+                    metrics = self.train_minibatches(rows, sft_microbatch, self._sft_loss, SFT_STAT_KEYS)
+                elif "chosen_rollout_logps" in rows:
+                    # the first optimizer step's rows are still on the weights that sampled them
+                    rows = rows.update({"gap_measured": (rows["minibatch"] == rows["minibatch"].min()).float()})
+                    metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss,
+                                                     STAT_KEYS + GAP_SUM_KEYS, max_keys=(GAP_MAX_KEY,))
+                    metrics = gap_metrics(metrics)
+                else:
+                    metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss, STAT_KEYS)
+                self.policy_version += 1
+                if self.vllm is not None:  # colocated engine: the next sampling must see the new weights
+                    self.vllm.load_weights(self._own_weight_stream())
+                    if self.role.verify_weight_sync:
+                        self._verify_engine_weights()
+        finally:
+            self._reference = None  # the next update brings its own
         metrics["compute_s"] = watch.seconds
         return metrics
 
@@ -365,9 +374,9 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
             weight = micro.extras["weight"]
             real = weight > 0
+            ref_chosen, ref_rejected = self._reference_logps(micro)
             logps = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens,
-                              rejected_tokens=rejected_tokens, ref_chosen=micro.extras.get("ref_chosen_logps"),
-                              ref_rejected=micro.extras.get("ref_rejected_logps"))
+                              rejected_tokens=rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
             out = real_rows_loss(logps, spec, real)
             gap = {}
             if "rollout_logps" in micro.extras:
@@ -399,6 +408,17 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             return loss, detached
 
         return compute
+
+    def _reference_logps(self, micro) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The micro-batch's reference log-probs (chosen, rejected): carried by its rows, read from the
+        update's deferred reference result, or ``None`` (a reference-free loss)."""
+        extras = micro.extras
+        if "ref_chosen_logps" in extras:
+            return extras["ref_chosen_logps"], extras["ref_rejected_logps"]
+        if self._reference is None:
+            return None, None
+        logps = self._reference.resolve()["sequence_logps"].to(self.device)
+        return logps[extras["chosen_sample"]], logps[extras["rejected_sample"]]
 
     def _sft_loss(self, averaged_over: int):
         def compute(output, micro):

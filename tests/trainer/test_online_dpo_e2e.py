@@ -21,7 +21,7 @@ EXPECTED_KEYS = {
     "response_length/mean", "pairs/tie_rate", "loss", "actor/grad_norm", "actor/lr",
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/seq_logprob_diff_mean", "rollout/policy_version",
 }
-TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference", "timing/score_and_reference",
+TIMING_KEYS = {"timing/generate", "timing/reward", "timing/reference",
                "timing/update", "timing/step",
                "timing/orchestration", "throughput/tokens_per_s"}
 

@@ -11,6 +11,7 @@ from dpo_rl.batch import Batch
 from dpo_rl.config.model import ParallelConfig
 from dpo_rl.config.schema import AlgorithmConfig, RoleConfig
 from dpo_rl.trainer.loop import minibatch_layout
+from dpo_rl.runtime.worker_group import Deferred, _Done
 from dpo_rl.trainer.online_dpo import gather_pairs
 from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.policy import ActorWorker
@@ -40,8 +41,10 @@ def fixed_pairs() -> Batch:
     return pairs.update(ref).rows(index).update({"minibatch": minibatch, "weight": weight})
 
 
-def update_case(parallel: ParallelConfig) -> dict:
-    """Build an actor from a seeded HF model at ``parallel`` and run one update step."""
+def update_case(parallel: ParallelConfig, deferred_reference: bool = False) -> dict:
+    """Build an actor from a seeded HF model at ``parallel`` and run one update step; with
+    ``deferred_reference`` the reference log-probs come as the online loop sends them: a deferred
+    result over the step's samples, indexed by each pair's sample rows."""
     config = tiny_config("llama")
     role = RoleConfig(model="tiny", lr=1e-3, micro_batch_size=1, ppo_mini_batch_size=2, clip_grad=0.5)
     worker = ActorWorker(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
@@ -49,9 +52,24 @@ def update_case(parallel: ParallelConfig) -> dict:
                          loss_spec=AlgorithmConfig().loss_spec(), total_iters=10, eos_token_ids=(1,), pad_token_id=0)
     worker.init_distributed("127.0.0.1", 0)  # the world already exists; this builds model and optimizer
     hf_interop.load_into_current_rank(worker.model, tiny_hf_model(config, seed=11).state_dict(), config)
-    metrics = worker.update(fixed_pairs())
-    second = worker.update(fixed_pairs())  # after two optimizer steps the policy has moved
+    rows, reference = fixed_pairs(), None
+    if deferred_reference:
+        sample_logps = torch.zeros(8)
+        sample_logps[rows["chosen_sample"]] = rows["ref_chosen_logps"]
+        sample_logps[rows["rejected_sample"]] = rows["ref_rejected_logps"]
+        reference = Deferred(_Done(Batch({"sequence_logps": sample_logps})))
+        rows = rows.select([k for k in rows.keys() if not k.startswith("ref_")])
+    metrics = worker.update(rows, reference)
+    second = worker.update(rows, reference)  # after two optimizer steps the policy has moved
     return {"ranks": worker.ranks, "first": metrics, "second": second}
+
+
+def test_deferred_reference_gives_the_same_update(megatron_single_rank):
+    """The online loop's reference arrives as a deferred result over samples: same metrics, bit for bit."""
+    carried, deferred = update_case(TP1), update_case(TP1, deferred_reference=True)
+    for phase in ("first", "second"):
+        assert {k: v for k, v in deferred[phase].items() if k != "compute_s"} == {
+            k: v for k, v in carried[phase].items() if k != "compute_s"}
 
 
 def test_tp2_update_matches_tp1(megatron_single_rank):
