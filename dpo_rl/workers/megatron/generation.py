@@ -104,10 +104,14 @@ def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator
     weights = (logits - logits.amax(dim=-1, keepdim=True)).double().exp()
     cumulative = weights.cumsum(dim=-1)
     draw = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device, dtype=torch.float64)
-    tokens = torch.searchsorted(cumulative, draw * cumulative[:, -1:], right=True)[:, 0]
-    # A draw that rounds up to the total lands past the end: take the last token that has weight.
-    last_allowed = logits.shape[-1] - 1 - (weights.flip(-1) > 0).long().argmax(dim=-1)
-    return torch.minimum(tokens, last_allowed)
+    tokens = torch.searchsorted(cumulative, draw * cumulative[:, -1:], right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    # A draw that rounds up to the total lands past the end (clamped to the last token): if that token has
+    # no weight, take the last one that has.
+    landed_on_nothing = weights.gather(-1, tokens[:, None])[:, 0] == 0
+    if bool(landed_on_nothing.any()):
+        last_allowed = logits.shape[-1] - 1 - (weights.flip(-1) > 0).long().argmax(dim=-1)
+        tokens = torch.where(landed_on_nothing, last_allowed, tokens)
+    return tokens
 
 
 def choose_tokens(
@@ -202,9 +206,12 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
     logprobs_out = torch.zeros((batch, params.max_new_tokens), device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     ended_with_eos = torch.zeros(batch, dtype=torch.bool, device=device)
-    # The rows still decoding: their original row numbers, ids (whole sequences) and masks. A row that
-    # stops leaves the batch (and the KV cache), so no later step computes it.
+    # The rows in the decode batch: their original row numbers, ids (whole sequences) and masks. A row
+    # that stops is marked finished (its later tokens are dropped) and leaves the batch and the KV cache
+    # once a quarter of the batch has finished, so later steps stop computing it without a cache copy
+    # after every stop.
     rows = torch.arange(batch, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     ids, mask = prompt_ids, prompt_mask
     step_ids = ids
     steps = 0
@@ -215,21 +222,24 @@ def _generate(model, prompts, params, *, use_kv_cache, device) -> GenerationOutp
             logits = _last_token_logits_full_vocab(model, step_ids, mask, context)
         tokens, logprobs = choose_tokens(logits, params, generator)
         tokens = _agree_across_tp(tokens)
-        tokens_out[rows, step] = tokens
-        logprobs_out[rows, step] = logprobs
-        lengths[rows] = step + 1
+        going = ~finished
+        tokens_out[rows[going], step] = tokens[going]
+        logprobs_out[rows[going], step] = logprobs[going]
+        lengths[rows[going]] = step + 1
         steps = step + 1
-        stopped = torch.isin(tokens, eos)
+        stopped = going & torch.isin(tokens, eos)
         ended_with_eos[rows[stopped]] = True
+        finished |= stopped
         ids = torch.cat([ids, tokens[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(tokens)[:, None]], dim=1)
-        if bool(stopped.any()):
-            going = ~stopped
-            if not bool(going.any()):
-                break
-            rows, ids, mask, tokens = rows[going], ids[going], mask[going], tokens[going]
+        done = int(finished.sum())
+        if done == len(rows):
+            break
+        if done and done * 4 >= len(rows):
+            keep = ~finished
+            rows, ids, mask, tokens, finished = rows[keep], ids[keep], mask[keep], tokens[keep], finished[keep]
             if context is not None:
-                _select_cache_rows(context, going)
+                _select_cache_rows(context, keep)
         step_ids = tokens[:, None] if use_kv_cache else ids
     model.train(was_training)
     response_mask = (torch.arange(steps, device=device)[None, :] < lengths[:, None]).long()
@@ -262,9 +272,17 @@ def _prefill_distinct_prompts(model, ids, mask, context) -> torch.Tensor:
 def _select_cache_rows(context, index: torch.Tensor) -> None:
     """Keep (bool ``index``) or gather (long ``index``) rows of the static KV cache: megatron's attention
     writes and reads the first ``rows`` batch entries of each layer's [s, b, heads, dim] memory, so the
-    rows still decoding (a stopped row leaves the batch) must be those entries, in order."""
-    for layer, (key, value) in context.key_value_memory_dict.items():
-        context.key_value_memory_dict[layer] = (key[:, index], value[:, index])
+    rows still decoding (a stopped row leaves the batch) must be those entries, in order. Only the filled
+    positions are copied (megatron writes each later position before reading it)."""
+    filled = context.sequence_len_offset
+    for layer, memories in context.key_value_memory_dict.items():
+        selected = []
+        for memory in memories:
+            kept = memory[:filled, index]
+            fresh = memory.new_empty(memory.shape[0], kept.shape[1], *memory.shape[2:])
+            fresh[:filled] = kept
+            selected.append(fresh)
+        context.key_value_memory_dict[layer] = tuple(selected)
 
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:

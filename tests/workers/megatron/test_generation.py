@@ -70,8 +70,8 @@ def test_greedy_equals_hf_generate_with_eos(models):
 
 @pytest.mark.parametrize("use_kv_cache", [True, False])
 def test_stopped_rows_leave_the_decode_batch(models, use_kv_cache):
-    """Each decode step feeds the model only the rows still generating: summed over steps, the rows
-    fed equal the summed response lengths (prefill feeds every row once)."""
+    """Stopped rows leave the decode batch (once a quarter of it has stopped: with four rows, at every
+    stop): summed over steps, the rows fed equal the summed response lengths (prefill feeds every row once)."""
     _, hf_model, model = models
     batch = prompts()
     eos = eos_ids_hit_early(hf_model, batch)
@@ -211,6 +211,14 @@ def test_sampling_draws_each_token_with_its_softmax_probability():
     again = sample_from_logits(logits[:64], torch.Generator().manual_seed(5))
     assert torch.equal(again, tokens[:64])
     assert not torch.equal(sample_from_logits(logits[:64], torch.Generator().manual_seed(6)), again)
+
+
+def test_a_draw_at_the_very_top_takes_the_last_allowed_token(monkeypatch):
+    """A uniform draw that rounds up to the total lands past the end; it must not land on a token with no
+    weight (here the last two)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), float("-inf")]] * 3)
+    monkeypatch.setattr(torch, "rand", lambda size, **kwargs: torch.ones(size, dtype=kwargs.get("dtype")))
+    assert sample_from_logits(logits, None).tolist() == [2, 2, 2]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
