@@ -234,8 +234,8 @@ def _compute_seconds(result: Any) -> Optional[float]:
 class StepTimer:
     """Wall time of each phase as seen by the driver, and the workers' own compute time.
 
-    ``critical`` holds the compute on the step's critical path: phases that run
-    concurrently count once, with their longest compute.
+    ``critical`` holds the compute on the step's critical path: a phase that runs beside it
+    (collected with ``critical=False``) is timed but not counted.
     """
 
     wall: dict[str, float] = field(default_factory=dict)
@@ -268,17 +268,3 @@ class StepTimer:
             merged.meta["compute_s"] = self.compute[phase]
             return merged
         return results[0]
-
-    def concurrently(self, name: str, calls: dict[str, tuple[Any, str, tuple]]) -> dict[str, Any]:
-        """Start ``phase -> (group, method, args)`` calls together and wait for all of them."""
-        start = time.perf_counter()
-        pending = {phase: group.call_async(method, *args) for phase, (group, method, args) in calls.items()}
-        results = {phase: wait_for(p) for phase, p in pending.items()}
-        self.wall[name] = time.perf_counter() - start
-        for phase, result in results.items():
-            compute = _compute_seconds(result)
-            self.compute[phase] = float(compute) if compute is not None else self.wall[name]
-        self.critical += max(self.compute[phase] for phase in calls)
-        return results
-
-

@@ -2,7 +2,8 @@
 
 One step (``train_step``): sample ``n`` responses per prompt from the actor; score them
 with the reward model (minus the missing-EOS penalty) while the reference computes their
-log-probs; pair them; update the actor over ``ppo_epochs`` x mini-batches; push the new
+log-probs; pair them; update the actor over ``ppo_epochs`` x mini-batches (starting before the
+reference has finished: the update reads its result when its first loss needs it); push the new
 weights to separate rollout ranks when there are any. Each phase is one worker-group RPC.
 """
 
@@ -187,8 +188,8 @@ class OnlineDPOTrainer(TrainingLoop):
                             tie_policy=self.c.algorithm.tie_policy, seed=seeds.pairing(self.c.training.seed, step))
         metrics = self.sample_metrics(samples, penalized, pairs)
         if len(pairs):
-            pending_update = self.groups.actor.call_async("update", self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step),
-                                                          Deferred(pending_reference))
+            pair_batch = self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step)
+            pending_update = self.groups.actor.call_async("update", pair_batch, Deferred(pending_reference))
             if self.groups.rollout is None and step < self.c.training.train_iters:
                 self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
             update = timer.collect("update", [pending_update])

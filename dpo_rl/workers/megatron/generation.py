@@ -104,12 +104,13 @@ def sample_from_logits(logits: torch.Tensor, generator: Optional[torch.Generator
     weights = (logits - logits.amax(dim=-1, keepdim=True)).double().exp()
     cumulative = weights.cumsum(dim=-1)
     draw = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device, dtype=torch.float64)
-    tokens = torch.searchsorted(cumulative, draw * cumulative[:, -1:], right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    last = logits.shape[-1] - 1
+    tokens = torch.searchsorted(cumulative, draw * cumulative[:, -1:], right=True)[:, 0].clamp_(max=last)
     # A draw that rounds up to the total lands past the end (clamped to the last token): if that token has
     # no weight, take the last one that has.
     landed_on_nothing = weights.gather(-1, tokens[:, None])[:, 0] == 0
     if bool(landed_on_nothing.any()):
-        last_allowed = logits.shape[-1] - 1 - (weights.flip(-1) > 0).long().argmax(dim=-1)
+        last_allowed = last - (weights.flip(-1) > 0).long().argmax(dim=-1)
         tokens = torch.where(landed_on_nothing, last_allowed, tokens)
     return tokens
 
