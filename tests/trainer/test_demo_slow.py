@@ -70,7 +70,7 @@ def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path, lora):
     build()
     data = ARTIFACTS / "data"
     summary = run(compose("dpo_trainer_tiny", [
-        "training.train_iters=60", "training.eval_interval=0", "training.log_interval=20",
+        "training.train_iters=80", "training.eval_interval=0", "training.log_interval=20",
         f"training.output_dir={tmp_path}", f"training.tokenizer_name_or_path={ARTIFACTS / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ARTIFACTS / 'sft'}", f"data.train_path={data / 'pairs_train'}",
         f"data.eval_path={data / 'pairs_eval'}", *(LORA if lora else ()),
