@@ -17,8 +17,9 @@ with Hydra overrides after colons, to measure one lever side by side (``megatron
 
 ``--scaling`` instead times ours and TRL (one thread) at 16, 32, 64 and 128 prompts per step (32 new
 tokens) and at 64 and 128 new tokens (16 prompts), one micro-batch per phase on both sides; those runs
-sample at temperature 2.0 so responses run towards the cap (the trained tiny policy stops after
-~8-18 tokens at 0.9, which would leave a longer cap unused); the table gives the mean response length.
+sample at ``--scaling-temperature`` (default 5.0) so responses run towards the cap (the trained tiny
+policy stops after ~8-18 tokens at 0.9, and still at 2.0, which would leave a longer cap unused); the
+table gives the mean response length.
 
     python benchmarks/online_dpo_cpu.py [--steps 30] [--warmup 5] [--rounds 2] [--engines megatron,vllm]
     python benchmarks/online_dpo_cpu.py --scaling [--steps 6] [--warmup 2]
@@ -145,6 +146,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours and TRL")
     parser.add_argument("--engines", default="megatron", help="comma-separated rollout engines of ours to run")
     parser.add_argument("--scaling", action="store_true", help="time the prompts-per-step and length grid instead")
+    parser.add_argument("--scaling-temperature", type=float, default=5.0,
+                        help="sampling temperature of the --scaling runs (high: responses run towards the cap)")
     return parser.parse_args()
 
 
@@ -192,8 +195,9 @@ def compare(args: argparse.Namespace) -> None:
 
 def scaling(args: argparse.Namespace) -> None:
     """Step time of ours and TRL (one thread) over prompts per step and the response-length cap."""
-    shapes = [Shape(prompts=n, temperature=2.0) for n in (16, 32, 64, 128)] + [
-        Shape(max_new_tokens=n, temperature=2.0) for n in (64, 128)]
+    t = args.scaling_temperature
+    shapes = [Shape(prompts=n, temperature=t) for n in (16, 32, 64, 128)] + [
+        Shape(max_new_tokens=n, temperature=t) for n in (64, 128)]
     print(f"\n| {'prompts x 2, cap':<17} | resp. len ours / TRL | ours s | TRL s | ours/TRL | ours s per 1k tokens |")
     print(f"|{'-' * 19}|----------------------|--------|-------|----------|----------------------|")
     for shape in shapes:
@@ -205,7 +209,7 @@ def scaling(args: argparse.Namespace) -> None:
         tokens = 2 * shape.prompts * length
         print(f"| {f'{shape.prompts} x 2, {shape.max_new_tokens}':<17} | {length:>8.1f} / {median_of(trl, 'response_length'):<9.1f} "
               f"| {ours_step:>6.3f} | {trl_step:>5.3f} | {ours_step / trl_step:>8.2f} | {1000 * ours_step / tokens:>20.3f} |")
-    print(f"\n(temperature 2.0; medians of {args.steps - args.warmup} steps after {args.warmup}; TRL one thread, "
+    print(f"\n(temperature {t}; medians of {args.steps - args.warmup} steps after {args.warmup}; TRL one thread, "
           f"{', '.join(f'{k}={v}' for k, v in TRL_FAIR_SETTINGS.items())}; one micro-batch per phase on both sides)")
 
 
