@@ -31,7 +31,8 @@ class PackPlan:
     width: int
     """W, the longest sequence's real tokens."""
     source: torch.Tensor
-    """[R * W] long: flat index into the [N * L] layout of the token at each packed position (0 on padding)."""
+    """[R * W] long: flat index into the [N * L] layout of the token at each packed position (0 on padding);
+    this and every tensor below are on the micro-batch's device."""
     real: torch.Tensor
     """[R * W] bool: the packed position holds a token."""
     segments: torch.Tensor
@@ -43,17 +44,16 @@ class PackPlan:
 
     def pack(self, tensor: torch.Tensor, fill: int = 0) -> torch.Tensor:
         """[N, L] -> [R, W] (``fill`` on padding)."""
-        flat = tensor.reshape(-1)[self.source.to(tensor.device)]
-        return flat.masked_fill(~self.real.to(tensor.device), fill).view(self.rows, self.width)
+        flat = tensor.reshape(-1)[self.source]
+        return flat.masked_fill(~self.real, fill).view(self.rows, self.width)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Last-stage output [R, W, ...] -> [N, L, ...] with zeros where the padded layout has padding.
         Differentiable (the gradient flows back to the packed positions)."""
         rest = packed.shape[2:]
-        real = self.real.to(packed.device)
-        values = packed.reshape(self.rows * self.width, *rest)[real]
+        values = packed.reshape(self.rows * self.width, *rest)[self.real]
         out = packed.new_zeros(self.shape[0] * self.shape[1], *rest)
-        out = out.index_copy(0, self.source.to(packed.device)[real], values)
+        out = out.index_copy(0, self.source[self.real], values)
         return out.view(*self.shape, *rest)
 
     def blocked_attention(self) -> torch.Tensor:
@@ -114,5 +114,5 @@ def plan_packing(attention_mask: torch.Tensor) -> Optional[PackPlan]:
         segments[row, offset:offset + n] = i + 1
         positions[row, offset:offset + n] = torch.arange(n)
     device = attention_mask.device
-    return PackPlan(rows=rows, width=width, source=source, real=real, segments=segments.to(device),
-                    positions=positions.to(device), shape=(count, length))
+    return PackPlan(rows=rows, width=width, source=source.to(device), real=real.to(device),
+                    segments=segments.to(device), positions=positions.to(device), shape=(count, length))
