@@ -7,6 +7,7 @@ so a mark put there finds them all afterwards, even those reparented to init.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,11 +40,21 @@ class CliResult:
 
 
 def start_cli(*args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    """``python ray_gpt.py ARGS`` in its own session (a terminal's Ctrl-C reaches its whole process group)."""
+    """``python ray_gpt.py ARGS`` in its own session (a terminal's Ctrl-C reaches its whole process group),
+    with SIGINT's default disposition, as a terminal's shell starts a command: a child inherits an ignored
+    SIGINT from its parent (Python then installs no KeyboardInterrupt), and this test process may have been
+    left ignoring it by a library an earlier test loaded."""
     mark = uuid.uuid4().hex
     env = dict(os.environ, **{MARK: mark})
-    process = subprocess.Popen([sys.executable, str(ROOT / "ray_gpt.py"), *args], cwd=cwd, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        process = subprocess.Popen([sys.executable, str(ROOT / "ray_gpt.py"), *args], cwd=cwd, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        if inherited == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, inherited)
     return process, mark
 
 
