@@ -46,15 +46,13 @@ def start_cli(*args: str, cwd: Path = ROOT) -> tuple[subprocess.Popen, str]:
     left ignoring it by a library an earlier test loaded."""
     mark = uuid.uuid4().hex
     env = dict(os.environ, **{MARK: mark})
-    inherited = signal.getsignal(signal.SIGINT)
-    if inherited == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # set for the fork (sigaction, whatever Python believes is installed: C code may have changed it), restored after
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         process = subprocess.Popen([sys.executable, str(ROOT / "ray_gpt.py"), *args], cwd=cwd, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     finally:
-        if inherited == signal.SIG_IGN:
-            signal.signal(signal.SIGINT, inherited)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
     return process, mark
 
 
