@@ -159,10 +159,13 @@ def wait_for(pending: "_Pending | _Done") -> Any:
         return pending.value
     group = pending.group
     results = gather(pending.refs, group.processes, pending.what, group.call_timeout_s)
-    outputs = owned_results([results[i] for i in pending.output_indices], pending.what, pending.output_indices)
-    if pending.rows is None:
-        return outputs[0]
-    return collect_dp(outputs, pending.rows)
+    return _collected([results[i] for i in pending.output_indices], pending.rows, pending.what, pending.output_indices)
+
+
+def _collected(outputs: list[Any], rows: int | None, what: str, ranks: list[int]) -> Any:
+    """The output ranks' results as the caller sees them: one result, or the DP shards joined."""
+    outputs = owned_results(outputs, what, ranks)
+    return outputs[0] if rows is None else collect_dp(outputs, rows)
 
 
 class _Done:
@@ -196,8 +199,7 @@ class Deferred:
             import ray  # deferred: Ray, only when a run uses it
 
             outputs = ray.get(self.refs, timeout=self.timeout_s or None)
-            outputs = owned_results(outputs, self.what, list(range(len(outputs))))
-            self._value = (outputs[0] if self.rows is None else collect_dp(outputs, self.rows),)
+            self._value = (_collected(outputs, self.rows, self.what, list(range(len(outputs)))),)
         return self._value[0]
 
 
