@@ -4,7 +4,8 @@
 :class:`ParallelConfig` (TP, PP, dtype, device) into a ``megatron.core.models.gpt.GPTModel``
 for this process's pipeline stage. ``build_reward_model`` builds the same trunk with a
 scalar value head in place of the LM head. The layer spec is megatron-core's local
-spec on CPU and TransformerEngine's when it is installed on GPU.
+spec on CPU and TransformerEngine's when it is installed on GPU; at TP = 1 the local spec's linear
+layers (and the LM head) are :mod:`.single_rank_linear`'s, which skip megatron's one-rank TP plumbing.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, overrides: 
 
 def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = None):
     """The decoder layer spec: TransformerEngine's on GPU when installed, else megatron's
-    local spec with its core attention computed by PyTorch SDPA (:mod:`.sdpa_attention`)."""
+    local spec with its core attention computed by PyTorch SDPA (:mod:`.sdpa_attention`) and, at
+    TP = 1, linear layers with a direct forward (:mod:`.single_rank_linear`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # deferred: heavy (megatron-core)
 
     from dpo_rl.workers.megatron.sdpa_attention import SDPAttention  # deferred: imports megatron-core
@@ -83,7 +85,17 @@ def layer_spec(parallel: ParallelConfig, use_transformer_engine: bool | None = N
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if parallel.tensor_model_parallel_size == 1:
+        from dpo_rl.workers.megatron.single_rank_linear import (  # deferred: imports megatron-core
+            SingleRankColumnLinear,
+            SingleRankRowLinear,
+        )
+
+        mlp = spec.submodules.mlp.submodules
+        attention.linear_qkv, mlp.linear_fc1 = SingleRankColumnLinear, SingleRankColumnLinear
+        attention.linear_proj, mlp.linear_fc2 = SingleRankRowLinear, SingleRankRowLinear
     return spec
 
 
@@ -124,6 +136,10 @@ def build_gpt_model(
     )
     if model.rope_scaling_type == "llama3":
         _apply_llama3_rope_scaling(gpt, model)
+    if parallel.tensor_model_parallel_size == 1:  # the LM head is megatron's own layer under either spec
+        from dpo_rl.workers.megatron.single_rank_linear import use_direct_output_layer  # deferred: megatron-core
+
+        use_direct_output_layer(gpt)
     if parallel.device != "cpu":
         gpt = gpt.to(device=torch_device(parallel.device))
     return gpt
