@@ -85,7 +85,7 @@ def plan_packing(attention_mask: torch.Tensor) -> Optional[PackPlan]:
     if bool(gaps.any()):
         raise ValueError(f"rows {gaps.nonzero().flatten().tolist()} have padding between real tokens: packing "
                          "needs each row's real tokens contiguous (left-padded prompt, right-padded response)")
-    spans = [(int(starts[i]), int(lengths[i])) for i in range(count)]
+    spans = list(zip(starts.tolist(), lengths.tolist()))
     width = max(n for _, n in spans)
     used: list[int] = []
     placement: dict[int, tuple[int, int]] = {}
@@ -102,17 +102,23 @@ def plan_packing(attention_mask: torch.Tensor) -> Optional[PackPlan]:
     rows = len(used)
     if rows >= count:
         return None
-    source = torch.zeros(rows * width, dtype=torch.long)
-    real = torch.zeros(rows * width, dtype=torch.bool)
-    segments = torch.zeros(rows, width, dtype=torch.long)
-    positions = torch.zeros(rows, width, dtype=torch.long)
+    # one index list per field, written in one scatter each (a slice per sequence costs ~1.5 ms at 32 rows)
+    at: list[int] = []
+    from_index: list[int] = []
+    segment: list[int] = []
+    position: list[int] = []
     for i, (row, offset) in placement.items():
         start, n = spans[i]
-        at = row * width + offset
-        source[at:at + n] = i * length + torch.arange(start, start + n)
-        real[at:at + n] = True
-        segments[row, offset:offset + n] = i + 1
-        positions[row, offset:offset + n] = torch.arange(n)
+        at.extend(range(row * width + offset, row * width + offset + n))
+        from_index.extend(range(i * length + start, i * length + start + n))
+        segment.extend([i + 1] * n)
+        position.extend(range(n))
+    at_t = torch.tensor(at, dtype=torch.long)
+    source = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(from_index, dtype=torch.long))
+    real = torch.zeros(rows * width, dtype=torch.bool).index_fill_(0, at_t, True)
+    segments = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(segment, dtype=torch.long))
+    positions = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(position, dtype=torch.long))
+    segments, positions = segments.view(rows, width), positions.view(rows, width)
     device = attention_mask.device
     return PackPlan(rows=rows, width=width, source=source.to(device), real=real.to(device),
                     segments=segments.to(device), positions=positions.to(device), shape=(count, length))
