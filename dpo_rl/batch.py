@@ -25,6 +25,10 @@ samples, N pairs, L = prompt block + response width):
 
 Rows added only to make a split even carry ``weight`` 0 (pairs) or are dropped by
 ``trim`` on the way back (samples).
+
+A batch pickles (Ray's serialization of call arguments and results) its CPU tensors as NumPy arrays:
+PyTorch's own tensor pickling costs ~0.2 ms per tensor each way, so a 12-tensor pair batch took ~6 ms
+per Ray call where the arrays take ~1.4 ms (a call with no argument: ~1 ms).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class Batch:
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0] if self.tensors else 0
+
+    def __reduce__(self):
+        return _unpickle_batch, ({k: _to_portable(v) for k, v in self.tensors.items()}, self.meta)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -144,3 +151,35 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
         ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
     return ids, mask
+
+
+#: dtypes NumPy lacks, pickled as a same-width integer view
+_VIEWED_AS = {torch.bfloat16: torch.int16}
+
+
+def _to_portable(tensor: torch.Tensor):
+    """A CPU tensor as a NumPy array (with the dtype to view it back as, for bf16); anything else (a device
+    tensor, one that needs its autograd state) as itself, for PyTorch's own pickling."""
+    if tensor.device.type != "cpu" or tensor.requires_grad or tensor.is_sparse:
+        return tensor
+    viewed = _VIEWED_AS.get(tensor.dtype)
+    try:
+        if viewed is not None:
+            return tensor.view(viewed).numpy(), str(tensor.dtype)
+        return tensor.numpy()
+    except (TypeError, RuntimeError):  # a dtype or layout NumPy cannot hold (float8, conjugate views)
+        return tensor
+
+
+def _from_portable(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple):
+        array, dtype = value
+        return _from_portable(array).view(getattr(torch, dtype.removeprefix("torch.")))
+    # arrays unpickled from Ray's object store are read-only views of its buffers: copy those
+    return torch.from_numpy(value if value.flags.writeable else value.copy())
+
+
+def _unpickle_batch(tensors: dict, meta: dict) -> Batch:
+    return Batch({k: _from_portable(v) for k, v in tensors.items()}, meta)

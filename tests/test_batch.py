@@ -63,3 +63,28 @@ def test_drop_trailing_padding_keeps_every_real_token_and_nothing_after_the_long
 def test_drop_trailing_padding_leaves_a_full_batch_alone():
     samples = _samples([6, 2])
     assert drop_trailing_padding(samples) is samples
+
+
+def test_pickled_batch_carries_cpu_tensors_as_arrays_and_comes_back_equal():
+    import pickle
+
+    base = torch.arange(24, dtype=torch.float32).view(4, 6)
+    tensors = {
+        "ids": torch.arange(8, dtype=torch.long).view(4, 2),
+        "ended": torch.tensor([True, False, True, True]),
+        "half": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16),
+        "strided": base[:, ::2],  # a non-contiguous view: only its own values travel
+        "grad": torch.ones(4, requires_grad=True),  # autograd state: PyTorch's own pickling keeps it
+    }
+    batch = Batch(tensors, {"compute_s": 0.5})
+    payload = pickle.dumps(batch, protocol=5)
+    back = pickle.loads(payload)
+    assert back.meta == {"compute_s": 0.5} and list(back.keys()) == list(tensors)
+    for key, tensor in tensors.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key].detach(), tensor.detach()), key
+    assert back["grad"].requires_grad
+    back["ids"][0, 0] = 99  # writable, and not shared with the sender's tensor
+    assert tensors["ids"][0, 0] == 0
+    # Only the requires-grad tensor went through PyTorch's tensor pickling (~0.2 ms per tensor each way).
+    assert payload.count(b"_rebuild_tensor") + payload.count(b"_rebuild_from_type") <= 1
+    assert pickle.dumps(Batch({k: v for k, v in tensors.items() if k != "grad"})).count(b"torch._utils") == 0
