@@ -72,7 +72,8 @@ class SequenceLogprobs:
     mask: torch.Tensor
     """[b, s-1] float, 1 where the target token is a response token."""
     entropy: torch.Tensor | None = None
-    """[b, s-1] entropy of the next-token distribution, when asked for."""
+    """[b, s-1] entropy of the next-token distribution, when asked for (at TP = 1 computed at response
+    positions only, 0 elsewhere: the mean over the response is what is read)."""
 
     @property
     def summed(self) -> torch.Tensor:
@@ -107,7 +108,7 @@ def sequence_logprobs(
     if _whole_vocabulary_here():
         log_probs = shifted.float().log_softmax(dim=-1)
         token_logprobs = log_probs.gather(-1, input_ids[:, 1:, None])[..., 0]
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1) if with_entropy else None
+        entropy = _response_entropy(log_probs, response_mask[:, 1:].bool()) if with_entropy else None
     else:
         entropy = vocab_parallel_entropy(shifted) if with_entropy else None
         token_logprobs = vocab_parallel_token_logprobs(shifted, input_ids[:, 1:])
@@ -116,6 +117,13 @@ def sequence_logprobs(
         mask=response_mask[:, 1:].to(token_logprobs.dtype),
         entropy=entropy,
     )
+
+
+def _response_entropy(log_probs: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """[b, s-1] entropy where ``response`` is true (0 elsewhere) from log-probs [b, s-1, V]: a third of the
+    positions of an online step's rows, and of the exp and product over the vocabulary."""
+    picked = log_probs[response]
+    return log_probs.new_zeros(response.shape).masked_scatter(response, -(picked.exp() * picked).sum(dim=-1))
 
 
 @dataclass

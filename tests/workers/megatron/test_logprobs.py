@@ -88,4 +88,9 @@ def test_vocab_parallel_path_equals_the_one_rank_path(megatron_single_rank):
     shifted = ours_logits[:, :-1]
     assert_close(vocab_parallel_token_logprobs(shifted, ids[:, 1:]), one_rank.token_logprobs, rtol=RTOL,
                  what="vocab-parallel token log-probs")
-    assert_close(vocab_parallel_entropy(shifted), one_rank.entropy, rtol=RTOL, what="vocab-parallel entropy")
+    response_positions = response[:, 1:].bool()  # the one-rank path computes entropy there only (0 elsewhere)
+    assert_close(vocab_parallel_entropy(shifted)[response_positions], one_rank.entropy[response_positions],
+                 rtol=RTOL, what="vocab-parallel entropy")
+    assert not one_rank.entropy[~response_positions].any()
+    assert_close(one_rank.mean_entropy(), (vocab_parallel_entropy(shifted) * one_rank.mask).sum(-1)
+                 / one_rank.num_tokens.clamp(min=1), rtol=RTOL, what="mean response entropy")

@@ -193,3 +193,16 @@ def test_activation_recomputation_gives_the_same_update(megatron_single_rank, re
     assert_close(second["actor/grad_norm"], first["actor/grad_norm"], rtol=1e-6, scale=0.0, what="grad norm")
     for (name, a), b in zip(plain.model.named_parameters(), again.model.parameters()):
         assert_close(b.detach(), a.detach(), rtol=1e-6, what=name)
+
+
+def test_all_finite_is_exact_where_its_fast_sum_overflows():
+    from dpo_rl.workers.megatron.optimizer import _all_finite
+
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert _all_finite(values)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = values.clone()
+        broken[517] = bad
+        assert not _all_finite(broken), bad
+    huge = torch.full((10,), 3e38)  # finite values whose sum overflows to inf
+    assert not torch.isfinite(huge.sum()) and _all_finite(huge)
