@@ -1,4 +1,5 @@
-"""Build (chosen, rejected) pairs from scored samples: pure functions, no tensors moved.
+"""Build (chosen, rejected) pairs from scored samples: pure functions, no tensors moved (and
+:class:`LatePairing`, the same pairing applied by an update that started before the scores came).
 
 Samples come in groups of ``n`` per prompt (``prompt_index``). Strategies:
 
@@ -92,3 +93,114 @@ def build_pairs(
         dropped_ties=dropped_ties,
         dropped_margin=dropped_margin,
     )
+
+
+@dataclass(frozen=True)
+class PairingRule:
+    """How a step's scored samples become pairs: the missing-EOS penalty on the scores, then
+    :func:`build_pairs`. The driver and, when the update starts before the scores are in, the actor
+    apply the same rule to the same scores, so both see the same pairs."""
+
+    strategy: str
+    min_score_margin: float
+    tie_policy: str
+    missing_eos_penalty: float
+    seed: int
+
+    def penalized(self, scores: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
+        return scores - self.missing_eos_penalty * (~ended_with_eos.bool()).float()
+
+    def pairs(self, scores: torch.Tensor, ended_with_eos: torch.Tensor, prompt_index: torch.Tensor) -> Pairs:
+        return build_pairs(self.penalized(scores, ended_with_eos), prompt_index, strategy=self.strategy,
+                           min_score_margin=self.min_score_margin, tie_policy=self.tie_policy, seed=self.seed)
+
+
+def prompt_pairs(prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) sample of each prompt, prompts ascending, for a step of exactly two samples per
+    prompt: its only possible pairs before the scores say which side is chosen (:func:`orient`)."""
+    order = torch.argsort(prompt_index, stable=True)
+    counts = torch.bincount(prompt_index)
+    if bool((counts[counts > 0] != 2).any()):
+        raise ValueError("prompt_pairs needs exactly two samples per prompt")
+    return order[0::2], order[1::2]
+
+
+def orient(first: torch.Tensor, second: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """For candidate pairs (``first[i]``, ``second[i]``) and the pairs the scores gave: ``kept`` [C] (the
+    candidate is a pair) and ``swapped`` [C] (its chosen side is ``second``)."""
+    rejected_of = dict(zip(pairs.chosen.tolist(), pairs.rejected.tolist()))
+    a, b = first.tolist(), second.tolist()
+    forward = [rejected_of.get(x) == y for x, y in zip(a, b)]
+    backward = [rejected_of.get(y) == x for x, y in zip(a, b)]
+    kept = torch.tensor([f or r for f, r in zip(forward, backward)], dtype=torch.bool)
+    return kept, torch.tensor(backward, dtype=torch.bool)
+
+
+@dataclass
+class LatePairing:
+    """The pairing of an update that starts before the reward's scores are in (two samples per prompt).
+
+    The update's rows are each prompt's two samples as (``chosen_*`` = first, ``rejected_*`` = second),
+    laid out in mini-batches as pairs are; its forward runs while the reward model scores. When the first
+    loss needs them, :meth:`resolve` reads the scores (``scores``: anything whose ``resolve()`` gives the
+    reward call's result, a Ray ``Deferred`` in a run), applies ``rule`` to every sample of the step as the
+    driver does, and says per row which side is chosen and the row's weight: 1 / the pairs kept in its
+    mini-batch, 0 for a prompt whose pair was dropped (tie, margin) and for layout padding. Every rank
+    holds the whole layout (``first``, ``minibatch``, ``laid_out`` over all DP ranks' rows), so all of
+    them agree on which mini-batches keep a pair (:meth:`pairs_in`) without a collective.
+    """
+
+    scores: object
+    rule: PairingRule
+    prompt_index: torch.Tensor
+    """[S] every sample's prompt."""
+    ended_with_eos: torch.Tensor
+    """[S] every sample's EOS flag (the missing-EOS penalty)."""
+    first: torch.Tensor
+    """[R] the laid-out rows' first sample (``chosen_sample`` before orientation), every DP rank's rows."""
+    second: torch.Tensor
+    """[R] their second sample."""
+    minibatch: torch.Tensor
+    """[R] the rows' mini-batch."""
+    laid_out: torch.Tensor
+    """[R] bool: a real row of the layout (not padding added for an even split)."""
+
+    def __post_init__(self) -> None:
+        self._resolved: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_resolved"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._resolved = None
+
+    def resolve(self) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the step's pairs, ``swapped`` [S] and ``kept`` [S] indexed by a row's first sample, pairs kept per
+        mini-batch id); waits for the scores the first time."""
+        if self._resolved is None:
+            scores = self.scores.resolve()["scores"].detach().to("cpu")
+            pairs = self.rule.pairs(scores, self.ended_with_eos, self.prompt_index)
+            kept, swapped = orient(self.first, self.second, pairs)
+            per_minibatch = torch.bincount(self.minibatch[kept & self.laid_out],
+                                           minlength=int(self.minibatch.max()) + 1)
+            samples = len(self.prompt_index)
+            by_first_swapped = torch.zeros(samples, dtype=torch.bool).index_put_((self.first,), swapped)
+            by_first_kept = torch.zeros(samples, dtype=torch.bool).index_put_((self.first,), kept)
+            self._resolved = (pairs, by_first_swapped, by_first_kept, per_minibatch)
+        return self._resolved
+
+    def rows(self, first: torch.Tensor, minibatch: torch.Tensor,
+             weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows with first samples ``first``, mini-batches ``minibatch`` and layout weights ``weight`` (0 on
+        padding): (``swapped``, the rows' weights after pairing: 1 / pairs kept in the row's mini-batch)."""
+        _, swapped, kept, per_minibatch = self.resolve()
+        at, mb = first.to("cpu"), minibatch.to("cpu")
+        real = (weight.to("cpu") > 0) & kept[at]
+        new_weight = torch.where(real, 1.0 / per_minibatch[mb].clamp(min=1).float(), 0.0)
+        return swapped[at].to(weight.device), new_weight.to(weight.device, weight.dtype)
+
+    def pairs_in(self, minibatch: int) -> int:
+        """Pairs the scores kept in mini-batch ``minibatch``."""
+        per_minibatch = self.resolve()[3]
+        return int(per_minibatch[minibatch]) if minibatch < len(per_minibatch) else 0

@@ -63,3 +63,46 @@ def test_single_sample_prompt_gives_no_pair_and_unknown_options_fail():
         build_pairs(torch.zeros(2), torch.zeros(2, dtype=torch.long), strategy="best_of_n")
     with pytest.raises(ValueError, match="tie_policy"):
         build_pairs(torch.zeros(2), torch.zeros(2, dtype=torch.long), tie_policy="coin")
+
+
+def test_late_pairing_orients_each_prompts_two_samples_as_the_rule_pairs_them():
+    from dpo_rl.batch import Batch
+    from dpo_rl.pairing import LatePairing, PairingRule, prompt_pairs
+
+    class Ready:  # the reward call's result, already in
+        def __init__(self, scores):
+            self.scores = scores
+
+        def resolve(self):
+            return Batch({"scores": self.scores})
+
+    prompt_index = torch.tensor([2, 0, 1, 0, 3, 1, 2, 3])  # interleaved, as DP shards come back
+    first, second = prompt_pairs(prompt_index)
+    assert first.tolist() == [1, 2, 0, 4] and second.tolist() == [3, 5, 6, 7]
+    eos = torch.tensor([True, True, True, True, True, True, False, True])
+    # prompt 0: 3 beats 1 (swapped); 1: 2 beats 5; 2: 0 beats 6 only through 6's missing-EOS penalty; 3: tie
+    scores = torch.tensor([0.5, 0.1, 0.7, 0.4, 0.3, 0.2, 1.2, 0.3])
+    rule = PairingRule(strategy="best_vs_worst", min_score_margin=0.0, tie_policy="skip", missing_eos_penalty=1.0,
+                       seed=0)
+    pairs = rule.pairs(scores, eos, prompt_index)
+    assert sorted(zip(pairs.chosen.tolist(), pairs.rejected.tolist())) == [(0, 6), (2, 5), (3, 1)]
+    # layout: prompts 0 and 1 in mini-batch 0, prompts 2 and 3 in mini-batch 1, plus a padding row
+    rows_first = torch.cat([first, first[-1:]])
+    minibatch = torch.tensor([0, 0, 1, 1, 1])
+    weight = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0])
+    late = LatePairing(Ready(scores), rule, prompt_index, eos, first=rows_first,
+                       second=torch.cat([second, second[-1:]]), minibatch=minibatch, laid_out=weight > 0)
+    swapped, new_weight = late.rows(rows_first, minibatch, weight)
+    assert swapped.tolist() == [True, False, False, False, False]
+    assert new_weight.tolist() == [0.5, 0.5, 1.0, 0.0, 0.0]  # the tie's row and the padding count for nothing
+    assert [late.pairs_in(m) for m in (0, 1, 2)] == [2, 1, 0]
+    oriented = {(int(s if w else f), int(f if w else s)) for f, s, w, k in
+                zip(rows_first, torch.cat([second, second[-1:]]), swapped, new_weight) if k > 0}
+    assert oriented == set(zip(pairs.chosen.tolist(), pairs.rejected.tolist()))
+
+
+def test_prompt_pairs_needs_two_samples_per_prompt():
+    from dpo_rl.pairing import prompt_pairs
+
+    with pytest.raises(ValueError, match="exactly two samples"):
+        prompt_pairs(torch.tensor([0, 0, 0, 1, 1, 1]))

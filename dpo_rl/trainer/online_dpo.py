@@ -3,8 +3,9 @@
 One step (``train_step``): sample ``n`` responses per prompt from the actor; score them
 with the reward model (minus the missing-EOS penalty) while the reference computes their
 log-probs; pair them; update the actor over ``ppo_epochs`` x mini-batches (starting before the
-reference has finished: the update reads its result when its first loss needs it); push the new
-weights to separate rollout ranks when there are any. Each phase is one worker-group RPC.
+reference has finished, and with ``n = 2`` before the scores are in: the update reads both results
+when its first loss needs them); push the new weights to separate rollout ranks when there are
+any. Each phase is one worker-group RPC.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dpo_rl.data.prompts import (
     prompt_batch,
 )
 from dpo_rl.errors import ConfigError
-from dpo_rl.pairing import build_pairs
+from dpo_rl.pairing import LatePairing, PairingRule, prompt_pairs
 from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
@@ -177,26 +178,37 @@ class OnlineDPOTrainer(TrainingLoop):
         else:
             samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
         samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
-        # The reference scores every sample while the reward model does. The update starts as soon as the
-        # scores have paired the samples and reads the reference's log-probs when its loss needs them, so
-        # the actor's forward runs while the reference computes.
+        # The reference scores every sample while the reward model does. The update starts on its forward
+        # before the scores are in when each prompt has two samples (their pair is known but for its
+        # orientation, LatePairing), else once the scores have paired the samples; it reads the reference's
+        # log-probs when its loss needs them, so the actor's forward runs beside both.
         pending_reference = self.reference_async(samples)
-        scores = timer.collect("reward", [self.groups.reward.call_async("score", samples)])["scores"]
-        penalized = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
-        pairs = build_pairs(penalized, samples["prompt_index"], strategy=self.c.algorithm.pairing_strategy,
-                            min_score_margin=self.c.algorithm.min_score_margin,
-                            tie_policy=self.c.algorithm.tie_policy, seed=seeds.pairing(self.c.training.seed, step))
+        pending_scores = self.groups.reward.call_async("score", samples)
+        rule = self.pairing_rule(step)
+        pending_update = None
+        if self.c.algorithm.num_responses_per_prompt == 2:
+            first, second = prompt_pairs(samples["prompt_index"])
+            rows = self.layout(gather_pairs(samples, first, second), step)
+            late = LatePairing(Deferred(pending_scores), rule, samples["prompt_index"], samples["ended_with_eos"],
+                               first=rows["chosen_sample"], second=rows["rejected_sample"],
+                               minibatch=rows["minibatch"], laid_out=rows["weight"] > 0)
+            pending_update = self.start_update(rows, Deferred(pending_reference), late, step)
+        # with the update started, the reward model scores beside its forward (the actor waits for the scores
+        # inside the update if they are slower): off the critical path
+        scores = timer.collect("reward", [pending_scores], critical=pending_update is None)["scores"]
+        penalized = rule.penalized(scores, samples["ended_with_eos"])
+        pairs = rule.pairs(scores, samples["ended_with_eos"], samples["prompt_index"])
         metrics = self.sample_metrics(samples, penalized, pairs)
-        if len(pairs):
-            pair_batch = self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step)
-            pending_update = self.groups.actor.call_async("update", pair_batch, Deferred(pending_reference))
-            if self.groups.rollout is None and step < self.c.training.train_iters:
-                self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
+        if pending_update is None and len(pairs):
+            rows = self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step)
+            pending_update = self.start_update(rows, Deferred(pending_reference), None, step)
+        if pending_update is not None:
             update = timer.collect("update", [pending_update])
-            self.policy_version += 1
-            metrics.update({k: v for k, v in update.items() if k != "compute_s"})
-            if self.groups.rollout is not None:
-                timer.run("sync", self.sync_weights)
+            if len(pairs):  # the actor applied the update exactly when the scores gave a pair
+                self.policy_version += 1
+                metrics.update({k: v for k, v in update.items() if k != "compute_s"})
+                if self.groups.rollout is not None:
+                    timer.run("sync", self.sync_weights)
         timer.collect("reference", [pending_reference], critical=False)  # the update waited for it if it had pairs
         self._last_step_end = time.perf_counter()
         step_s = self._last_step_end - start
@@ -207,6 +219,19 @@ class OnlineDPOTrainer(TrainingLoop):
         metrics["timing/orchestration"] = step_s - timer.critical
         metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
         return metrics
+
+    def start_update(self, rows: Batch, reference: Deferred, late: Optional[LatePairing], step: int):
+        """Start the actor's update; with a colocated actor, queue the next step's sampling right behind it."""
+        pending = self.groups.actor.call_async("update", rows, reference, late)
+        if self.groups.rollout is None and step < self.c.training.train_iters:
+            self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
+        return pending
+
+    def pairing_rule(self, step: int) -> PairingRule:
+        a = self.c.algorithm
+        return PairingRule(strategy=a.pairing_strategy, min_score_margin=a.min_score_margin, tie_policy=a.tie_policy,
+                           missing_eos_penalty=self.actor_cfg.missing_eos_penalty,
+                           seed=seeds.pairing(self.c.training.seed, step))
 
     def reference_async(self, samples: Batch):
         """Start the reference's summed response log-probs of every sample (``sequence_logps`` [S])."""

@@ -161,7 +161,8 @@ def pair_microbatch(pairs: Batch):
     extras = {"response_mask": response}
     if "weight" in pairs:
         extras["weight"] = pairs["weight"]
-    for key in ("ref_chosen_logps", "ref_rejected_logps", "gap_measured", "chosen_sample", "rejected_sample"):
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "gap_measured", "chosen_sample", "rejected_sample",
+                "minibatch"):
         if key in pairs:
             extras[key] = pairs[key]
     if "chosen_rollout_logps" in pairs:  # [k, s] per position, for the rollout-vs-trainer log-prob gap

@@ -256,9 +256,10 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             raise ValueError(f"unknown objective {objective!r}")
         self.loss_spec, self.objective = loss_spec or LossSpec(), objective
         self._reference = None  # the running update's deferred reference log-probs (see update)
+        self._late_pairing = None  # the running update's pairing when it started before the scores (see update)
 
     @register(Dispatch.DP)
-    def update(self, rows: Batch, reference=None) -> dict[str, float]:
+    def update(self, rows: Batch, reference=None, late_pairing=None) -> dict[str, float]:
         """One training step over this rank's share of the step's rows.
 
         ``rows`` carries ``minibatch`` (optimizer step index) and ``weight`` (the row's share of
@@ -267,8 +268,12 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         ``reference`` (a :class:`~dpo_rl.runtime.worker_group.Deferred` of the reference's
         ``sequence_logps`` [S] over the step's samples, indexed by ``{chosen,rejected}_sample``), read
         when the first loss needs them: the forward before it runs while the reference computes.
+        With ``late_pairing`` (:class:`~dpo_rl.pairing.LatePairing`) the rows are each prompt's two samples and
+        the reward's scores decide, when the first loss needs them, which side is chosen and which rows count:
+        the forward runs while the reward model scores. A mini-batch whose pairs were all dropped applies no
+        optimizer step; an update with no pair at all is not applied (``actor/applied`` 0).
         """
-        self._reference = reference
+        self._reference, self._late_pairing = reference, late_pairing
         try:
             with Stopwatch() as watch:
                 if self.objective == "sft":
@@ -278,18 +283,22 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                     rows = rows.update({"gap_measured": (rows["minibatch"] == rows["minibatch"].min()).float()})
                     metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss,
                                                      STAT_KEYS + GAP_SUM_KEYS, max_keys=(GAP_MAX_KEY,))
-                    metrics = gap_metrics(metrics)
+                    metrics = gap_metrics(metrics) if metrics.get("actor/applied", 1.0) else metrics
                 else:
                     metrics = self.train_minibatches(rows, pair_microbatch, self._preference_loss, STAT_KEYS)
-                self.policy_version += 1
-                if self.vllm is not None:  # colocated engine: the next sampling must see the new weights
-                    self.vllm.load_weights(self._own_weight_stream())
-                    if self.role.verify_weight_sync:
-                        self._verify_engine_weights()
+                if metrics.get("actor/applied", 1.0):  # else nothing trained: weights, version, engine unchanged
+                    self.policy_version += 1
+                    if self.vllm is not None:  # colocated engine: the next sampling must see the new weights
+                        self.vllm.load_weights(self._own_weight_stream())
+                        if self.role.verify_weight_sync:
+                            self._verify_engine_weights()
         finally:
-            self._reference = None  # the next update brings its own
+            self._reference = self._late_pairing = None  # the next update brings its own
         metrics["compute_s"] = watch.seconds
         return metrics
+
+    def _minibatch_has_rows(self, minibatch: int) -> bool:
+        return self._late_pairing is None or self._late_pairing.pairs_in(minibatch) > 0
 
     @register(Dispatch.DP)
     def reference_logprobs(self, samples: Batch) -> Batch:
@@ -373,19 +382,27 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
             weight = micro.extras["weight"]
-            real = weight > 0
             ref_chosen, ref_rejected = self._reference_logps(micro)
+            if self._late_pairing is not None:  # the rows are (first, second) samples: the scores orient them
+                swapped, weight = self._late_pairing.rows(micro.extras["chosen_sample"], micro.extras["minibatch"],
+                                                          weight)
+                chosen, rejected = _swap(swapped, chosen, rejected)
+                chosen_tokens, rejected_tokens = _swap(swapped, chosen_tokens, rejected_tokens)
+                if ref_chosen is not None:
+                    ref_chosen, ref_rejected = _swap(swapped, ref_chosen, ref_rejected)
+            real = weight > 0
             logps = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens,
                               rejected_tokens=rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
             out = real_rows_loss(logps, spec, real)
             gap = {}
             if "rollout_logps" in micro.extras:
-                measured = micro.extras["gap_measured"].repeat(2)[:, None]
+                measured_rows = micro.extras["gap_measured"] * real  # pairs only (not padding, not dropped rows)
+                measured = measured_rows.repeat(2)[:, None]
                 g = logprob_gap(lp.token_logprobs, micro.extras["rollout_logps"][:, 1:], lp.mask * measured)
                 pair_sum = lambda v: sum(split_pair_halves(v))  # noqa: E731 - chosen + rejected of each pair
                 gap = {"rollout/_gap_abs_sum": pair_sum(g.abs_sum), "rollout/_gap_tokens": pair_sum(g.tokens),
                        "rollout/_gap_sequence_abs": pair_sum(g.sequence_abs),
-                       "rollout/_gap_sequences": 2 * micro.extras["gap_measured"],
+                       "rollout/_gap_sequences": 2 * measured_rows,
                        GAP_MAX_KEY: torch.maximum(*split_pair_halves(g.max))}
             # megatron divides by micro-batches x DP ranks (`averaged_over`); the weights already average.
             loss = (out.losses * weight).sum() * averaged_over
@@ -432,6 +449,11 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             return loss, detached
 
         return compute
+
+
+def _swap(swapped: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) from a row's (first, second) values: ``second`` is chosen where ``swapped``."""
+    return torch.where(swapped, second, first), torch.where(swapped, first, second)
 
 
 #: Largest per-token log-prob difference two copies of the same weights may show on the probe, by dtype.

@@ -133,7 +133,7 @@ class TrainableWorker(MegatronWorker):
         rows = self.to_device(rows)
         stats = StatSums(stat_keys, self.device, max_keys)
         engine = self.engine
-        grad_norms, skipped, nonfinite = [], 0, 0
+        grad_norms, skipped, nonfinite, applied_minibatches = [], 0, 0, 0
         for minibatch in torch.unique(rows["minibatch"], sorted=True).tolist():
             part = rows.rows(torch.nonzero(rows["minibatch"] == minibatch).flatten())
             micros = [make_micro(p) for p in part.chunk(len(part) // self.role.micro_batch_size)]
@@ -141,6 +141,9 @@ class TrainableWorker(MegatronWorker):
             for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
                                         forward_only=False, pack=self.role.pack_sequences):
                 stats.add(out)
+            if not self._minibatch_has_rows(minibatch):
+                continue  # its rows were all dropped after the forward (late pairing): nothing to apply
+            applied_minibatches += 1
             if self.parallel.params_dtype != "fp16" and not engine.grads_finite():
                 nonfinite += 1  # never applied; the driver stops the run or skips the step (training.on_nonfinite)
                 grad_norms.append(float("nan"))
@@ -150,9 +153,11 @@ class TrainableWorker(MegatronWorker):
                 grad_norms.append(norm)
             else:
                 skipped += 1  # fp16 loss scaling found inf/NaN gradients: megatron skipped the update
+        prefix = "actor" if not self.reward_model else "reward"
+        if not applied_minibatches:
+            return {f"{prefix}/applied": 0.0}
         engine.scheduler.step()
         metrics = stats.reduce()
-        prefix = "actor" if not self.reward_model else "reward"
         if grad_norms:  # none when fp16 loss scaling skipped every step (normal while the scale settles)
             metrics[f"{prefix}/grad_norm"] = float(sum(grad_norms) / len(grad_norms))
         metrics[f"{prefix}/lr"] = float(engine.scheduler.get_last_lr()[0])
@@ -161,6 +166,11 @@ class TrainableWorker(MegatronWorker):
             metrics[f"{prefix}/loss_scale"] = engine.loss_scale()
             metrics[f"{prefix}/skipped_steps"] = float(skipped)
         return metrics
+
+    def _minibatch_has_rows(self, minibatch: int) -> bool:
+        """Whether mini-batch ``minibatch`` kept a row to train on (a subclass whose rows can be dropped after
+        the forward says otherwise); every rank of the role answers alike."""
+        return True
 
     @register(Dispatch.ALL)
     def save_checkpoint(self, directory: str) -> bool:

@@ -131,3 +131,71 @@ def test_lr_schedule_reaches_min_lr_however_many_pairs_survive(megatron_single_r
     cosine = [1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in (1, 2, 3)]
     assert lrs == pytest.approx(cosine, rel=1e-9)
     assert lrs[-1] == pytest.approx(1e-4, rel=1e-9)
+
+
+def late_pairing_case(late: bool, scores: list[float]) -> dict:
+    """Two updates on 4 prompts x 2 samples paired by ``scores``: rows paired by the driver (``late`` false) or
+    each prompt's two samples oriented by the scores inside the update (``LatePairing``), one mini-batch."""
+    from dpo_rl.pairing import LatePairing, PairingRule, prompt_pairs
+
+    config = tiny_config("llama")
+    role = RoleConfig(model="tiny", lr=1e-3, micro_batch_size=1, ppo_mini_batch_size=4, clip_grad=0.5)
+    worker = ActorWorker(rank=0, world_size=1, model_config=config, parallel=TP1, role=role, seed=0,
+                         loss_spec=AlgorithmConfig().loss_spec(), total_iters=10, eos_token_ids=(1,), pad_token_id=0)
+    worker.init_distributed("127.0.0.1", 0)
+    hf_interop.load_into_current_rank(worker.model, tiny_hf_model(config, seed=11).state_dict(), config)
+    initial = [p.detach().clone() for p in worker.model.parameters()]
+    ids, attention, response = random_batch(8, 24, prompt_lens=[10, 12, 8, 10, 14, 9, 11, 10])
+    samples = Batch({"sequences": ids, "attention_mask": attention, "response_mask": response,
+                     "rollout_logprobs": torch.zeros(ids.shape), "prompt_index": torch.arange(8) // 2,
+                     "ended_with_eos": torch.ones(8, dtype=torch.bool)})
+    rule = PairingRule(strategy="best_vs_worst", min_score_margin=0.0, tie_policy="skip", missing_eos_penalty=1.0,
+                       seed=0)
+    reward = Deferred(_Done(Batch({"scores": torch.tensor(scores)})))
+    reference = Deferred(_Done(Batch({"sequence_logps": -60 - torch.rand(8, generator=torch.Generator().manual_seed(3))})))
+    if late:
+        first, second = prompt_pairs(samples["prompt_index"])
+    else:
+        pairs = rule.pairs(torch.tensor(scores), samples["ended_with_eos"], samples["prompt_index"])
+        first, second = pairs.chosen, pairs.rejected
+    index, minibatch, weight = minibatch_layout(len(first), mini_batch_size=len(first), dp_size=1, micro_batch_size=1,
+                                                epochs=1, shuffle=False, seed=0)
+    rows = gather_pairs(samples, first, second).rows(index).update({"minibatch": minibatch, "weight": weight})
+    pairing = LatePairing(reward, rule, samples["prompt_index"], samples["ended_with_eos"], first=rows["chosen_sample"],
+                          second=rows["rejected_sample"], minibatch=rows["minibatch"],
+                          laid_out=rows["weight"] > 0) if late else None
+    out = {"first": worker.update(rows, reference, pairing)}
+    out["second"] = worker.update(rows, reference, pairing)
+    out["version"] = worker.policy_version
+    out["initial"], out["weights"] = initial, [p.detach().clone() for p in worker.model.parameters()]
+    return out
+
+
+#: prompt 0: its second sample wins (swapped), 1: the first wins, 2: a tie (dropped), 3: the second wins
+LATE_SCORES = [0.1, 0.9, 0.8, -0.2, 0.5, 0.5, -1.0, 2.0]
+
+
+def test_late_pairing_gives_the_driver_paired_update(megatron_single_rank):
+    """The update that started before the scores (rows = each prompt's two samples, oriented and the tie dropped
+    inside the loss) trains as the rows the driver pairs after the scores: the same metrics and weights."""
+    paired, late = late_pairing_case(False, LATE_SCORES), late_pairing_case(True, LATE_SCORES)
+    for phase in ("first", "second"):
+        assert paired[phase].keys() == late[phase].keys()
+        for key, value in paired[phase].items():
+            if key != "compute_s":
+                assert_close(late[phase][key], value, rtol=1e-6, what=f"{phase} update {key}")
+    assert paired["version"] == late["version"] == 2
+    for p, q in zip(paired["weights"], late["weights"]):  # Adam's normalisation magnifies rounding: a side
+        assert_close(q, p, rtol=1e-5, what="trained weights")  # swapped in the micro-batch packs differently
+    # control: without the orientation the loss would train the rejected side of prompts 0 and 3
+    unoriented = late_pairing_case(False, [0.9, 0.1, 0.8, -0.2, 0.5, 0.5, 2.0, -1.0])
+    assert abs(unoriented["first"]["loss"] - paired["first"]["loss"]) > 1e-6
+
+
+def test_late_pairing_with_every_pair_dropped_applies_nothing(megatron_single_rank):
+    late = late_pairing_case(True, [0.5] * 8)  # every prompt a tie: no pair
+    assert late["first"] == {"actor/applied": 0.0, "compute_s": late["first"]["compute_s"]}
+    assert late["version"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(late["initial"], late["weights"]))  # no optimizer step
+    trained = late_pairing_case(True, LATE_SCORES)  # control: with pairs the same update moves the weights
+    assert not all(torch.equal(p, q) for p, q in zip(trained["initial"], trained["weights"]))

@@ -37,7 +37,7 @@ def _compute(output, micro: Microbatch):
     return loss, {
         "summed": lp.summed.detach(),
         "token_logprobs": lp.token_logprobs.detach(),
-        "entropy": lp.entropy.detach(),
+        "entropy": (lp.entropy * lp.mask).detach(),  # at response positions (TP = 1 computes it there only)
         "logits": gather_from_tensor_model_parallel_region(output.detach()),
     }
 
