@@ -177,7 +177,8 @@ def compare(args: argparse.Namespace) -> None:
         cells = [median_of(records, phase) for records in columns.values()]
         print(f"| {phase:<21} | " + " | ".join(f"{'-' if v is None else f'{v:.3f}':>{width}}" for v in cells) + " |")
     print("(ours: generate and update are the driver's wall time for them, reward and reference the workers' own\n"
-          " compute; the reference runs beside the reward and the update. TRL's update is its step less the timed\n"
+          " compute; reward and reference run beside the update's forward (two responses per prompt: the update\n"
+          " starts before the scores), so their compute shares the cores with it. TRL's update is its step less the timed\n"
           " generate, reference and reward calls: the policy's forward, backward and optimizer step with the trainer's\n"
           " own bookkeeping, its prompt tokenization included)")
     print(f"\n| {'step time':<{width}} | min s | median s | max s |\n|{'-' * (width + 2)}|-------|----------|-------|")
