@@ -168,13 +168,6 @@ class LatePairing:
     def __post_init__(self) -> None:
         self._resolved: tuple | None = None
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_resolved"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._resolved = None
-
     def resolve(self) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the step's pairs, ``swapped`` [S] and ``kept`` [S] indexed by a row's first sample, pairs kept per
         mini-batch id); waits for the scores the first time."""

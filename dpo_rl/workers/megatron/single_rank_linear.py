@@ -11,8 +11,9 @@ The subclasses below keep everything else of megatron's layers (parameters, thei
 checkpoint layout, LoRA forward hooks) and compute ``input @ weight.T`` (then ``+ bias``) with PyTorch's own
 autograd when the layer is on a single rank and uses no feature that needs megatron's path (fused gradient
 accumulation, deferred embedding weight-grads, expert communication, sequence parallelism, activation
-offloading); otherwise they call megatron's forward. The forward is bit-identical to megatron's (the same
-matmul and bias add); gradients agree to float rounding (tests/workers/megatron/test_single_rank_linear.py).
+offloading); otherwise they call megatron's forward. The forward equals megatron's bit for bit (one GEMM over
+every position, then the bias add); gradients agree to float rounding
+(tests/workers/megatron/test_single_rank_linear.py).
 """
 
 from __future__ import annotations
