@@ -114,11 +114,12 @@ def plan_packing(attention_mask: torch.Tensor) -> Optional[PackPlan]:
         segment.extend([i + 1] * n)
         position.extend(range(n))
     at_t = torch.tensor(at, dtype=torch.long)
-    source = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(from_index, dtype=torch.long))
-    real = torch.zeros(rows * width, dtype=torch.bool).index_fill_(0, at_t, True)
-    segments = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(segment, dtype=torch.long))
-    positions = torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(position, dtype=torch.long))
-    segments, positions = segments.view(rows, width), positions.view(rows, width)
     device = attention_mask.device
-    return PackPlan(rows=rows, width=width, source=source.to(device), real=real.to(device),
-                    segments=segments.to(device), positions=positions.to(device), shape=(count, length))
+
+    def placed(values: list[int]) -> torch.Tensor:  # [R * W]: ``values`` at the packed positions, 0 elsewhere
+        return torch.zeros(rows * width, dtype=torch.long).index_put_((at_t,), torch.tensor(values, dtype=torch.long))
+
+    real = torch.zeros(rows * width, dtype=torch.bool).index_fill_(0, at_t, True)
+    return PackPlan(rows=rows, width=width, source=placed(from_index).to(device), real=real.to(device),
+                    segments=placed(segment).view(rows, width).to(device),
+                    positions=placed(position).view(rows, width).to(device), shape=(count, length))

@@ -46,12 +46,16 @@ def _offloading(layer) -> bool:
     return context is not None and context.inside_context
 
 
-class SingleRankColumnLinear(ColumnParallelLinear):
-    """``ColumnParallelLinear`` with a direct forward on one TP rank."""
+class _DecidesOnce:
+    """Decides at construction whether the layer's forward may be direct (``direct_forward``)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.direct_forward = _direct(self)
+
+
+class SingleRankColumnLinear(_DecidesOnce, ColumnParallelLinear):
+    """``ColumnParallelLinear`` with a direct forward on one TP rank."""
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
@@ -67,12 +71,8 @@ class SingleRankColumnLinear(ColumnParallelLinear):
         return output, (self.bias if self.skip_bias_add else None)
 
 
-class SingleRankRowLinear(RowParallelLinear):
+class SingleRankRowLinear(_DecidesOnce, RowParallelLinear):
     """``RowParallelLinear`` with a direct forward on one TP rank."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.direct_forward = _direct(self)
 
     def forward(self, input_: torch.Tensor):
         if not self.direct_forward or _offloading(self):
