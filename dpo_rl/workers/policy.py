@@ -54,7 +54,7 @@ from dpo_rl.workers.trainable import TrainableWorker
 
 def _logprobs_compute(output, micro):
 
-    lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
+    lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
     return output.sum() * 0, {"logps": lp.summed}
 
 
@@ -232,7 +232,7 @@ class PolicyWorker(MegatronWorker):
         batch = Batch({"sequences": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones_like(ids)})
 
         def compute(output, micro):
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
+            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
             return output.sum() * 0, {"token_logprobs": lp.token_logprobs}
 
         outputs = self.forward_only(self.to_device(batch), lambda part: sequence_microbatch(
@@ -378,7 +378,8 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         def compute(output, micro):
 
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True)
+            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True,
+                                   packing=micro.packing)
             chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
             weight = micro.extras["weight"]
@@ -440,7 +441,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
     def _sft_loss(self, averaged_over: int):
         def compute(output, micro):
 
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"])
+            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
             weight = micro.extras["weight"]
             nll = -lp.summed
             loss = (nll * weight).sum() * averaged_over

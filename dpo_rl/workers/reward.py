@@ -46,7 +46,7 @@ def needs_retokenizing(actor_tokenizer, reward_tokenizer) -> bool:
 
 
 def _score_compute(output, micro):
-    values = output[..., 0]
+    values = micro.padded(output)[..., 0]
     last = last_token_index(micro.attention_mask)
     return values.sum() * 0, {"scores": values.gather(1, last[:, None])[:, 0].float()}
 
@@ -148,7 +148,7 @@ class RewardTrainerWorker(RewardWorker, TrainableWorker):
 
     def _loss(self, averaged_over: int):
         def compute(output, micro):
-            values = output[..., 0].float()
+            values = micro.padded(output)[..., 0].float()
             scores = values.gather(1, last_token_index(micro.attention_mask)[:, None])[:, 0]
             chosen, rejected = split_pair_halves(scores)
             weight = micro.extras["weight"]

@@ -60,6 +60,10 @@ class Microbatch:
     packing: Optional[PackPlan] = None
     """Set by :func:`run_microbatches` when the forward runs on packed rows (:mod:`.packing`)."""
 
+    def padded(self, output: torch.Tensor) -> torch.Tensor:
+        """The last stage's ``output`` (:func:`model_forward`'s) in the padded [b, s, ...] layout (zeros on padding)."""
+        return self.packing.unpack(output) if self.packing is not None else output
+
     @property
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
@@ -72,11 +76,11 @@ class Microbatch:
 def model_forward(model, micro: Microbatch) -> torch.Tensor:
     """One stage's forward. Returns [b, s, V/TP] logits (or values) on the last stage, hidden
     states [s, b, h] elsewhere. A packed micro-batch (one stage only) runs on its packed rows and
-    returns the last stage's output in the padded layout."""
+    returns the packed rows' output [R, W, ...]: read it with :meth:`Microbatch.padded` or
+    ``sequence_logprobs(..., packing=micro.packing)``."""
     plan = micro.packing
     if plan is not None:
-        output = model(plan.pack(micro.input_ids), plan.positions, attention_mask=plan.blocked_attention())
-        return plan.unpack(output)
+        return model(plan.pack(micro.input_ids), plan.positions, attention_mask=plan.blocked_attention())
     return model(
         micro.input_ids,
         position_ids_for(micro.input_ids),

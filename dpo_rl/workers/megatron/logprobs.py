@@ -14,8 +14,11 @@ so it lines up with ``input_ids[:, 1:]`` and with ``response_mask[:, 1:]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from dpo_rl.workers.megatron.packing import PackPlan
 
 
 def _tp_group():
@@ -68,12 +71,12 @@ class SequenceLogprobs:
     """Log-probs of a batch of sequences, aligned with ``input_ids[:, 1:]``."""
 
     token_logprobs: torch.Tensor
-    """[b, s-1] log p(input_ids[:, t+1]) for every position."""
+    """[b, s-1] log p(input_ids[:, t+1]) where the target is a response token, 0 elsewhere."""
     mask: torch.Tensor
     """[b, s-1] float, 1 where the target token is a response token."""
     entropy: torch.Tensor | None = None
-    """[b, s-1] entropy of the next-token distribution, when asked for (at TP = 1 computed at response
-    positions only, 0 elsewhere: the mean over the response is what is read)."""
+    """[b, s-1] entropy of the next-token distribution where the target is a response token (0 elsewhere),
+    when asked for."""
 
     @property
     def summed(self) -> torch.Tensor:
@@ -98,32 +101,43 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     *,
     with_entropy: bool = False,
+    packing: Optional[PackPlan] = None,
 ) -> SequenceLogprobs:
-    """Response log-probs (and entropy) from last-stage logits [b, s, V/TP].
+    """Response log-probs (and entropy) from last-stage logits: [b, s, V/TP], or a packed micro-batch's
+    [R, W, V/TP] rows with its ``packing`` plan.
 
-    ``response_mask`` [b, s] marks response tokens in ``input_ids``; the first token of
-    a sequence is never a target.
+    ``response_mask`` [b, s] marks response tokens in ``input_ids``; the first token of a sequence is never a
+    target. Only the positions that predict a response token are read (about a fifth of an online step's
+    positions): the log-softmax, the entropy and their backward run over those rows alone.
     """
-    shifted = logits[:, :-1, :]
-    if _whole_vocabulary_here():
-        log_probs = shifted.float().log_softmax(dim=-1)
-        token_logprobs = log_probs.gather(-1, input_ids[:, 1:, None])[..., 0]
-        entropy = _response_entropy(log_probs, response_mask[:, 1:].bool()) if with_entropy else None
+    batch, length = input_ids.shape
+    if packing is None and tuple(logits.shape[:2]) != (batch, length):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}; packed "
+                         "logits need the micro-batch's plan (packing=micro.packing)")
+    targets = response_mask[:, 1:].bool()
+    row, column = targets.nonzero(as_tuple=True)
+    flat = row * length + column  # the position whose logits predict each response token
+    if packing is not None:
+        picked = packing.at_positions(logits, flat)
     else:
-        entropy = vocab_parallel_entropy(shifted) if with_entropy else None
-        token_logprobs = vocab_parallel_token_logprobs(shifted, input_ids[:, 1:])
+        picked = logits.reshape(batch * length, logits.shape[-1])[flat]
+    target_ids = input_ids[row, column + 1]
+    if _whole_vocabulary_here():
+        log_probs = picked.float().log_softmax(dim=-1)
+        picked_logprobs = log_probs.gather(-1, target_ids[:, None])[:, 0]
+        picked_entropy = -(log_probs.exp() * log_probs).sum(dim=-1) if with_entropy else None
+    else:
+        picked_logprobs = vocab_parallel_token_logprobs(picked[None], target_ids[None])[0]
+        picked_entropy = vocab_parallel_entropy(picked) if with_entropy else None
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # [T] at the response targets -> [b, s-1], 0 elsewhere
+        return values.new_zeros(batch, length - 1).index_put((row, column), values)
+
     return SequenceLogprobs(
-        token_logprobs=token_logprobs,
-        mask=response_mask[:, 1:].to(token_logprobs.dtype),
-        entropy=entropy,
+        token_logprobs=spread(picked_logprobs.float()),
+        mask=targets.float(),
+        entropy=spread(picked_entropy.float()) if picked_entropy is not None else None,
     )
-
-
-def _response_entropy(log_probs: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """[b, s-1] entropy where ``response`` is true (0 elsewhere) from log-probs [b, s-1, V]: a third of the
-    positions of an online step's rows, and of the exp and product over the vocabulary."""
-    picked = log_probs[response]
-    return log_probs.new_zeros(response.shape).masked_scatter(response, -(picked.exp() * picked).sum(dim=-1))
 
 
 @dataclass

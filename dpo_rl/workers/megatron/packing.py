@@ -8,8 +8,10 @@ step 32 x 26 positions become ~20 x 26). Attention is blocked between sequences 
 row and padding keys are never seen, so each token attends to exactly the tokens it does in the
 padded layout, at the same relative distances: with rotary position embeddings (every model
 family here) its outputs are the padded layout's up to float rounding. The last stage's
-outputs go back to the padded layout (:meth:`PackPlan.unpack`, zeros on padding), so every
-loss, metric and value read downstream sees the rows it always did.
+outputs are read in the padded layout's terms: all of them (:meth:`PackPlan.unpack`, zeros on
+padding), or only the positions a loss reads (:meth:`PackPlan.at_positions`: the response
+tokens' logits, without a [N, L, V] copy), so every loss, metric and value downstream sees the
+rows it always did.
 
 verl calls this ``use_remove_padding``, OpenRLHF ``packing_samples``, TRL ``padding_free``.
 """
@@ -55,6 +57,16 @@ class PackPlan:
         out = packed.new_zeros(self.shape[0] * self.shape[1], *rest)
         out = out.index_copy(0, self.source[self.real], values)
         return out.view(*self.shape, *rest)
+
+    def at_positions(self, packed: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Output [R, W, ...] -> [len(flat), ...]: the outputs at the padded layout's flat positions ``flat``
+        (``row * L + column``, each a real token's). Differentiable."""
+        packed_index = torch.full((self.shape[0] * self.shape[1],), -1, dtype=torch.long, device=self.source.device)
+        packed_index[self.source[self.real]] = self.real.nonzero().flatten()
+        index = packed_index[flat]
+        if bool((index < 0).any()):
+            raise ValueError("at_positions() reads real tokens only; a position given is padding")
+        return packed.reshape(self.rows * self.width, *packed.shape[2:])[index]
 
     def blocked_attention(self) -> torch.Tensor:
         """Boolean [R, 1, W, W] mask, True = blocked: a token sees the earlier tokens of its own sequence

@@ -86,9 +86,10 @@ def test_vocab_parallel_path_equals_the_one_rank_path(megatron_single_rank):
     ids, response, ours_logits, _ = setup()
     one_rank = sequence_logprobs(ours_logits, ids, response, with_entropy=True)
     shifted = ours_logits[:, :-1]
-    assert_close(vocab_parallel_token_logprobs(shifted, ids[:, 1:]), one_rank.token_logprobs, rtol=RTOL,
-                 what="vocab-parallel token log-probs")
-    response_positions = response[:, 1:].bool()  # the one-rank path computes entropy there only (0 elsewhere)
+    response_positions = response[:, 1:].bool()  # the one-rank path reads these positions only (0 elsewhere)
+    assert_close(vocab_parallel_token_logprobs(shifted, ids[:, 1:])[response_positions],
+                 one_rank.token_logprobs[response_positions], rtol=RTOL, what="vocab-parallel token log-probs")
+    assert not one_rank.token_logprobs[~response_positions].any()
     assert_close(vocab_parallel_entropy(shifted)[response_positions], one_rank.entropy[response_positions],
                  rtol=RTOL, what="vocab-parallel entropy")
     assert not one_rank.entropy[~response_positions].any()

@@ -48,6 +48,25 @@ def test_plan_packs_every_real_token_once_into_fewer_rows():
         assert plan.positions[plan.segments == segment].tolist() == list(range(ROWS[segment - 1][1]))
 
 
+def test_at_positions_reads_the_packed_output_of_given_padded_positions():
+    ids, attention, _ = varied_batch()
+    plan = plan_packing(attention)
+    flat_ids = torch.arange(ids.numel()).view_as(ids)
+    packed = plan.pack(flat_ids)[..., None]  # each packed position holds its padded flat index
+    wanted = attention.flatten().nonzero().flatten()[torch.randperm(int(attention.sum()))[:30]]
+    assert torch.equal(plan.at_positions(packed, wanted)[:, 0], wanted)
+    with pytest.raises(ValueError, match="padding"):
+        plan.at_positions(packed, torch.tensor([WIDTH - 1]))  # row 0 is padding after its 40 tokens
+
+
+def test_packed_logits_without_their_plan_are_refused():
+    ids, attention, response = varied_batch()
+    plan = plan_packing(attention)
+    packed_logits = torch.randn(plan.rows, plan.width, VOCAB)
+    with pytest.raises(ValueError, match="packing=micro.packing"):
+        sequence_logprobs(packed_logits, ids, response)
+
+
 def test_attention_never_crosses_sequences_and_no_query_is_fully_blocked():
     _, attention, _ = varied_batch()
     plan = plan_packing(attention)
@@ -84,7 +103,7 @@ def test_packed_forward_gives_the_padded_logits_on_every_real_token(model):
     packed_micro = Microbatch(ids, attention, packing=plan_packing(attention))
     with torch.no_grad():
         padded = model_forward(model, padded_micro)
-        packed = model_forward(model, packed_micro)
+        packed = packed_micro.padded(model_forward(model, packed_micro))
     real = attention.bool()
     assert_close(packed[real], padded[real], rtol=1e-5, what="logits of real tokens, packed vs padded")
     assert (packed[~real] == 0).all()
@@ -95,7 +114,8 @@ def test_packed_training_step_gives_the_padded_loss_and_gradients(model):
     ids, attention, response = varied_batch()
 
     def compute(output, micro):
-        lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True)
+        lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True,
+                               packing=micro.packing)
         return lp.summed.sum(), {"summed": lp.summed.detach(), "entropy": lp.mean_entropy().detach()}
 
     results = {}
