@@ -341,6 +341,9 @@ def _check_rules(c: ResolvedConfig, check_paths: bool) -> list[str]:
             p.extend(check_lora(key, rc.lora))
         if rc.micro_batch_size < 1:
             p.append(f"{key}.micro_batch_size={rc.micro_batch_size} must be >= 1")
+        if not 0 <= rc.cpu_niceness <= 19:
+            p.append(f"{key}.cpu_niceness={rc.cpu_niceness} must be in 0..19 (a worker can only lower its own "
+                     "priority); use 0 for the default")
         if check_paths:
             p.extend(_check_path(f"{key}.load", rc.load, "an HF checkpoint directory", directory=True)
                      or check_load(f"{key}.load", rc.load, role_needs(role, role == c.trained_role), model, rc.model,

@@ -49,6 +49,12 @@ class RoleBase:
     """Sequences per forward on one data-parallel rank (pairs, for the actor's update)."""
     num_threads: int = 1
     """torch intra-op threads per worker process (CPU)."""
+    cpu_niceness: int = 0
+    """Added to the niceness of this role's worker processes on Ray (``os.nice``; not in-process runs): the
+    operating system runs them after processes of lower niceness. Ray starts workers at niceness 15 (its
+    ``worker_niceness``), so 1-4 give 16-19 and more stops at 19. Where the roles share CPU cores, 4 for the
+    reference and the reward model lets the actor (the rollout and the update: the step's critical path) run
+    first while they score beside it. 0-19 (0 = Ray's priority; raising it needs root)."""
     pack_sequences: bool = True
     """Forward and train on packed rows: the real tokens of several sequences side by side in one row as
     long as the micro-batch's longest sequence, attention blocked between them (padding removal: verl's

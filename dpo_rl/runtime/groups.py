@@ -68,8 +68,9 @@ class GroupFactory:
     def create(self, name: str, worker_cls: type, kwargs: dict[str, Any]):
         if self.use_ray:
             create_pools([self.pools[name]], self.c.ray.resource_timeout_s)
-            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=kwargs["role"].num_threads,
-                                   call_timeout_s=self.c.ray.call_timeout_s)
+            role = kwargs["role"]
+            group = RayWorkerGroup(worker_cls, self.pools[name], kwargs, num_threads=role.num_threads,
+                                   cpu_niceness=role.cpu_niceness, call_timeout_s=self.c.ray.call_timeout_s)
         else:
             p = kwargs["parallel"]
             if p.tensor_model_parallel_size * p.pipeline_model_parallel_size != 1:

@@ -64,9 +64,10 @@ class RayWorkerGroup(_WorkerGroup):
     """One role's ranks as Ray actors placed in ``pool``'s bundles."""
 
     def __init__(self, worker_cls: type, pool, worker_kwargs: dict[str, Any], *, num_threads: int = 1,
-                 call_timeout_s: float = 0.0) -> None:
+                 cpu_niceness: int = 0, call_timeout_s: float = 0.0) -> None:
         """``call_timeout_s``: how long any call (set-up included) may wait for a rank (0 = no limit), after which
-        the ranks that did not answer are named (:func:`dpo_rl.runtime.failures.gather`)."""
+        the ranks that did not answer are named (:func:`dpo_rl.runtime.failures.gather`); ``cpu_niceness``: added
+        to each rank's process niceness (``lower_cpu_priority``) before it builds its model."""
         import ray  # deferred: Ray, only when a run uses it
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # deferred: Ray, only when a run uses it
 
@@ -94,6 +95,8 @@ class RayWorkerGroup(_WorkerGroup):
         where = gather([a.process_info.remote() for a in self.actors], unnamed,
                        f"{worker_cls.__name__}.process_info", call_timeout_s)
         self.processes = [RankProcess(self.role, rank, pid, node) for rank, (pid, node) in enumerate(where)]
+        if cpu_niceness:
+            self._gather([a.lower_cpu_priority.remote(cpu_niceness) for a in self.actors], "lower_cpu_priority")
         address, port = self._gather([self.actors[0].rendezvous_endpoint.remote()], "rendezvous_endpoint")[0]
         logger.info("%s: torch.distributed rendezvous at %s:%d (the address of rank 0's node, %s); ranks on nodes %s",
                     self.role, address, port, self.processes[0].node, [p.node for p in self.processes])

@@ -58,6 +58,10 @@ class MegatronWorker:
         """(pid, node address) of this rank's process: what the driver names when the rank fails."""
         return os.getpid(), node_address()
 
+    def lower_cpu_priority(self, niceness: int) -> int:
+        """Add ``niceness`` to this process's (``role.cpu_niceness``, on Ray); returns the niceness now."""
+        return os.nice(niceness)
+
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Address and a free port of this (rank 0) process for the group's rendezvous."""
         address = node_address()

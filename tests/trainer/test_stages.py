@@ -45,7 +45,13 @@ class ScorePromptsStage(Stage):
                 model_config=c.models["reward"], parallel=c.parallel("reward"), role=role, seed=c.training.seed,
                 pad_token_id=pad, actor_tokenizer=role.tokenizer_name_or_path))
             scores = group.score(samples)["scores"]
-        return {"scores": scores.tolist(), "placed": sorted(factory.pools)}
+            if use_ray:  # the rank's niceness now (lower_cpu_priority(0) adds nothing)
+                import ray
+
+                niceness = ray.get(group.actors[0].lower_cpu_priority.remote(0))
+            else:
+                niceness = group.worker.lower_cpu_priority(0)
+        return {"scores": scores.tolist(), "placed": sorted(factory.pools), "niceness": niceness}
 
 
 @pytest.fixture
@@ -68,6 +74,21 @@ def test_a_registered_toy_stage_resolves_and_runs_in_process(world_dir, tmp_path
     # the stage's own rule is checked before anything runs
     with pytest.raises(ConfigError, match="data.train_path=.*: a JSONL file"):
         resolve(small_config(world_dir, tmp_path, "training.stage=score_prompts", "data.train_path=prompts.txt"),
+                check_paths=False)
+
+
+def test_a_roles_cpu_niceness_lowers_its_ray_workers_priority_only(world_dir, tmp_path, toy_stage):
+    import os
+
+    local = run(small_config(world_dir, tmp_path / "local", "training.stage=score_prompts", "reward.cpu_niceness=2"),
+                use_ray=False)
+    assert local["niceness"] == os.nice(0)  # in-process: the driver's own process is left alone
+    on_ray = run(small_config(world_dir, tmp_path / "ray", "training.stage=score_prompts", "reward.cpu_niceness=2"))
+    ray_workers = int(os.environ.get("RAY_worker_niceness", "15"))  # where Ray starts its workers
+    assert on_ray["niceness"] == min(ray_workers + 2, 19)
+    assert on_ray["scores"] == local["scores"]
+    with pytest.raises(ConfigError, match=r"reward.cpu_niceness=20 must be in 0..19"):
+        resolve(small_config(world_dir, tmp_path, "training.stage=score_prompts", "reward.cpu_niceness=20"),
                 check_paths=False)
 
 
