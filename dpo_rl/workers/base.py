@@ -59,7 +59,8 @@ class MegatronWorker:
         return os.getpid(), node_address()
 
     def lower_cpu_priority(self, niceness: int) -> int:
-        """Add ``niceness`` to this process's (``role.cpu_niceness``, on Ray); returns the niceness now."""
+        """Lower this process's CPU priority: add ``niceness`` (``role.cpu_niceness``, on Ray) to its niceness;
+        returns the niceness it then has."""
         return os.nice(niceness)
 
     def rendezvous_endpoint(self) -> tuple[str, int]:
