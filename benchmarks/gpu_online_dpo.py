@@ -78,13 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- the shared inputs
 def write_world(args: argparse.Namespace, out: Path) -> None:
-    """Tokenizer, prompts (JSONL and pre-templated text) and seeded random HF weights for actor and reward."""
+    """Tokenizer, prompts (JSONL), seeded random HF weights for actor and reward, and the actor's parameter count."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
     from dpo_rl.checkpoint.hf_files import hf_transformers_config
     from dpo_rl.config.model import shipped_model_config
+    from dpo_rl.workers.megatron.model_factory import TORCH_DTYPES
 
     config = shipped_model_config(args.model)
     vocab = {token: i for i, token in enumerate(SPECIALS)}
@@ -100,10 +101,9 @@ def write_world(args: argparse.Namespace, out: Path) -> None:
              for _ in range(args.prompts * (args.steps + 1))]
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
     ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(1234)
     for name, reward, auto in (("actor", False, AutoModelForCausalLM), ("rm", True, AutoModelForSequenceClassification)):
-        model = auto.from_config(hf_transformers_config(config, reward=reward, **ids), dtype=dtype)
+        model = auto.from_config(hf_transformers_config(config, reward=reward, **ids), dtype=TORCH_DTYPES[args.dtype])
         model.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
         if name == "actor":
@@ -150,8 +150,9 @@ def run_trl(args: argparse.Namespace, world: Path) -> list[dict]:
 
     from benchmarks.trl_timing import PhaseTimes, step_timer
     from dpo_rl.data.prompts import encode_prompt
+    from dpo_rl.workers.megatron.model_factory import TORCH_DTYPES
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = TORCH_DTYPES[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
     tokenizer.padding_side = "left"
     prompts = [json.loads(line)["prompt"] for line in (world / "prompts.jsonl").read_text().splitlines()]
