@@ -42,7 +42,7 @@ from dpo_rl.workers.base import (
 from dpo_rl.workers.megatron.forward import Microbatch
 from dpo_rl.workers.megatron.generation import SamplingParams, generate
 from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
-from dpo_rl.workers.megatron.logprobs import logprob_gap, sequence_logprobs
+from dpo_rl.workers.megatron.logprobs import logprob_gap, microbatch_logprobs
 from dpo_rl.workers.megatron.parallel_state import connect_store, host_store
 from dpo_rl.workers.megatron.weight_sync import (
     receive_buckets,
@@ -54,7 +54,7 @@ from dpo_rl.workers.trainable import TrainableWorker
 
 def _logprobs_compute(output, micro):
 
-    lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
+    lp = microbatch_logprobs(output, micro)
     return output.sum() * 0, {"logps": lp.summed}
 
 
@@ -232,7 +232,7 @@ class PolicyWorker(MegatronWorker):
         batch = Batch({"sequences": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones_like(ids)})
 
         def compute(output, micro):
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
+            lp = microbatch_logprobs(output, micro)
             return output.sum() * 0, {"token_logprobs": lp.token_logprobs}
 
         outputs = self.forward_only(self.to_device(batch), lambda part: sequence_microbatch(
@@ -378,8 +378,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         def compute(output, micro):
 
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=True,
-                                   packing=micro.packing)
+            lp = microbatch_logprobs(output, micro, with_entropy=True)
             chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
             weight = micro.extras["weight"]
@@ -441,7 +440,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
     def _sft_loss(self, averaged_over: int):
         def compute(output, micro):
 
-            lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing)
+            lp = microbatch_logprobs(output, micro)
             weight = micro.extras["weight"]
             nll = -lp.summed
             loss = (nll * weight).sum() * averaged_over

@@ -139,7 +139,8 @@ class TrainableWorker(MegatronWorker):
             micros = [make_micro(p) for p in part.chunk(len(part) // self.role.micro_batch_size)]
             engine.zero_grad()
             for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
-                                        forward_only=False, pack=self.role.pack_sequences):
+                                        forward_only=False, pack=self.role.pack_sequences,
+                                        logits_at_responses=not self.reward_model):
                 stats.add(out)
             if not self._minibatch_has_rows(minibatch):
                 continue  # its rows were all dropped after the forward (late pairing): nothing to apply

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dpo_rl.workers.megatron import head_positions
 from dpo_rl.workers.megatron.packing import PackPlan, plan_packing
 
 ComputeFn = Callable[[torch.Tensor, "Microbatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -59,6 +60,10 @@ class Microbatch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     packing: Optional[PackPlan] = None
     """Set by :func:`run_microbatches` when the forward runs on packed rows (:mod:`.packing`)."""
+    head_positions: Optional[torch.Tensor] = None
+    """[T] flat positions (``row * s + column``) of the padded layout where the last stage computes the LM head
+    (:mod:`.head_positions`): set by :func:`run_microbatches` with ``logits_at_responses``; the last stage's output
+    is then [T, V/TP], those positions' logits in order."""
 
     def padded(self, output: torch.Tensor) -> torch.Tensor:
         """The last stage's ``output`` (:func:`model_forward`'s) in the padded [b, s, ...] layout (zeros on padding)."""
@@ -74,18 +79,24 @@ class Microbatch:
 
 
 def model_forward(model, micro: Microbatch) -> torch.Tensor:
-    """One stage's forward. Returns [b, s, V/TP] logits (or values) on the last stage, hidden
-    states [s, b, h] elsewhere. A packed micro-batch (one stage only) runs on its packed rows and
-    returns the packed rows' output [R, W, ...]: read it with :meth:`Microbatch.padded` or
-    ``sequence_logprobs(..., packing=micro.packing)``."""
+    """One stage's forward. Returns [b, s, V/TP] logits (or values) on the last stage, hidden states [s, b, h]
+    elsewhere. A packed micro-batch (one stage only) runs on its packed rows and returns the packed rows' output
+    [R, W, ...]: read it with :meth:`Microbatch.padded` or ``sequence_logprobs(..., packing=micro.packing)``. With
+    ``micro.head_positions`` the last stage returns [T, V/TP], the logits at those positions only."""
     plan = micro.packing
     if plan is not None:
-        return model(plan.pack(micro.input_ids), plan.positions, attention_mask=plan.blocked_attention())
-    return model(
-        micro.input_ids,
-        position_ids_for(micro.input_ids),
-        attention_mask=blocked_attention(micro.attention_mask),
-    )
+        tokens, positions, blocked = plan.pack(micro.input_ids), plan.positions, plan.blocked_attention()
+    else:
+        tokens, positions = micro.input_ids, position_ids_for(micro.input_ids)
+        blocked = blocked_attention(micro.attention_mask)
+    if micro.head_positions is None:
+        return model(tokens, positions, attention_mask=blocked)
+    rows, width = tokens.shape
+    flat = plan.packed_positions(micro.head_positions) if plan is not None else micro.head_positions
+    hidden_index = (flat % width) * rows + flat // width  # [row, column] -> megatron's position-major [s, b]
+    with head_positions.selected(model, hidden_index) as has_head:
+        output = model(tokens, positions, attention_mask=blocked)
+    return output[0] if has_head else output  # [1, T, V/TP] -> [T, V/TP]; hidden states before the last stage
 
 
 def run_microbatches(
@@ -95,6 +106,7 @@ def run_microbatches(
     *,
     forward_only: bool,
     pack: bool = False,
+    logits_at_responses: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward unless ``forward_only``) over ``microbatches`` with megatron's
     pipeline schedule. All micro-batches must share one shape (pad them first).
@@ -120,6 +132,13 @@ def run_microbatches(
         if mpu.get_pipeline_model_parallel_world_size() == 1:
             for micro in microbatches:
                 micro.packing = plan_packing(micro.attention_mask)
+    if logits_at_responses and head_positions.can_select(model):
+        from dpo_rl.workers.megatron.logprobs import response_target_positions
+
+        for micro in microbatches:
+            if "response_mask" not in micro.extras:
+                raise ValueError("logits_at_responses needs each micro-batch's extras['response_mask']")
+            micro.head_positions = response_target_positions(micro.extras["response_mask"])
 
     def forward_step(data_iterator, stage_model):
         micro = next(data_iterator)

@@ -14,11 +14,14 @@ so it lines up with ``input_ids[:, 1:]`` and with ``response_mask[:, 1:]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from dpo_rl.workers.megatron.packing import PackPlan
+
+if TYPE_CHECKING:
+    from dpo_rl.workers.megatron.forward import Microbatch
 
 
 def _tp_group():
@@ -95,6 +98,13 @@ class SequenceLogprobs:
         return (self.entropy * self.mask).sum(-1) / self.num_tokens.clamp(min=1)
 
 
+def response_target_positions(response_mask: torch.Tensor) -> torch.Tensor:
+    """[T] flat positions (``row * s + column``) of a [b, s] layout whose logits predict a response token
+    (row-major), the rows :func:`sequence_logprobs` reads."""
+    row, column = response_mask[:, 1:].bool().nonzero(as_tuple=True)
+    return row * response_mask.shape[1] + column
+
+
 def sequence_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -102,25 +112,30 @@ def sequence_logprobs(
     *,
     with_entropy: bool = False,
     packing: Optional[PackPlan] = None,
+    at_targets: bool = False,
 ) -> SequenceLogprobs:
-    """Response log-probs (and entropy) from last-stage logits: [b, s, V/TP], or a packed micro-batch's
-    [R, W, V/TP] rows with its ``packing`` plan.
+    """Response log-probs (and entropy) from last-stage logits: [b, s, V/TP], a packed micro-batch's
+    [R, W, V/TP] rows with its ``packing`` plan, or (``at_targets``) [T, V/TP], the logits at
+    :func:`response_target_positions` alone (an LM head computed there, :mod:`.head_positions`).
 
     ``response_mask`` [b, s] marks response tokens in ``input_ids``; the first token of a sequence is never a
     target. Only the positions that predict a response token are read (about a fifth of an online step's
     positions): the log-softmax, the entropy and their backward run over those rows alone.
     """
     batch, length = input_ids.shape
-    if packing is None and tuple(logits.shape[:2]) != (batch, length):
-        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}; packed "
-                         "logits need the micro-batch's plan (packing=micro.packing)")
     targets = response_mask[:, 1:].bool()
     row, column = targets.nonzero(as_tuple=True)
-    flat = row * length + column  # the position whose logits predict each response token
-    if packing is not None:
-        picked = packing.at_positions(logits, flat)
+    if at_targets:
+        if logits.dim() != 2 or logits.shape[0] != len(row):
+            raise ValueError(f"logits {tuple(logits.shape)} are not the {len(row)} response targets' [T, V] rows")
+        picked = logits
+    elif packing is not None:
+        picked = packing.at_positions(logits, row * length + column)
+    elif tuple(logits.shape[:2]) != (batch, length):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}; packed "
+                         "logits need the micro-batch's plan (packing=micro.packing)")
     else:
-        picked = logits.reshape(batch * length, logits.shape[-1])[flat]
+        picked = logits.reshape(batch * length, logits.shape[-1])[row * length + column]
     target_ids = input_ids[row, column + 1]
     if _whole_vocabulary_here():
         log_probs = picked.float().log_softmax(dim=-1)
@@ -138,6 +153,13 @@ def sequence_logprobs(
         mask=targets.float(),
         entropy=spread(picked_entropy.float()) if picked_entropy is not None else None,
     )
+
+
+def microbatch_logprobs(output: torch.Tensor, micro: "Microbatch", *, with_entropy: bool = False) -> SequenceLogprobs:
+    """:func:`sequence_logprobs` of a micro-batch's last-stage ``output`` in whichever layout its forward gave
+    (padded, packed, or the LM head at the response targets)."""
+    return sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=with_entropy,
+                             packing=micro.packing, at_targets=micro.head_positions is not None)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig
 from dpo_rl.errors import ConfigError
+from dpo_rl.workers.megatron import head_positions
 from dpo_rl.workers.megatron.parallel_state import torch_device
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,6 +141,7 @@ def build_gpt_model(
         from dpo_rl.workers.megatron.single_rank_linear import use_direct_output_layer  # deferred: megatron-core
 
         use_direct_output_layer(gpt)
+    head_positions.install(gpt)  # losses read the response positions' logits only
     if parallel.device != "cpu":
         gpt = gpt.to(device=torch_device(parallel.device))
     return gpt

@@ -58,15 +58,20 @@ class PackPlan:
         out = out.index_copy(0, self.source[self.real], values)
         return out.view(*self.shape, *rest)
 
-    def at_positions(self, packed: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Output [R, W, ...] -> [len(flat), ...]: the outputs at the padded layout's flat positions ``flat``
-        (``row * L + column``, each a real token's). Differentiable."""
+    def packed_positions(self, flat: torch.Tensor) -> torch.Tensor:
+        """[len(flat)] indices into the packed rows' flat [R * W] positions of the padded layout's flat positions
+        ``flat`` (``row * L + column``, each a real token's)."""
         packed_index = torch.full((self.shape[0] * self.shape[1],), -1, dtype=torch.long, device=self.source.device)
         packed_index[self.source[self.real]] = self.real.nonzero().flatten()
         index = packed_index[flat]
         if bool((index < 0).any()):
-            raise ValueError("at_positions() reads real tokens only; a position given is padding")
-        return packed.reshape(self.rows * self.width, *packed.shape[2:])[index]
+            raise ValueError("packed positions exist for real tokens only; a position given is padding")
+        return index
+
+    def at_positions(self, packed: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Output [R, W, ...] -> [len(flat), ...]: the outputs at the padded layout's flat positions ``flat``
+        (``row * L + column``, each a real token's). Differentiable."""
+        return packed.reshape(self.rows * self.width, *packed.shape[2:])[self.packed_positions(flat)]
 
     def blocked_attention(self) -> torch.Tensor:
         """Boolean [R, 1, W, W] mask, True = blocked: a token sees the earlier tokens of its own sequence
