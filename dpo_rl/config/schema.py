@@ -60,6 +60,11 @@ class RoleBase:
     long as the micro-batch's longest sequence, attention blocked between them (padding removal: verl's
     ``use_remove_padding``, OpenRLHF's ``packing_samples``, TRL's ``padding_free``). Same results up to float
     rounding, fewer positions computed; PP > 1 keeps the padded layout."""
+    share_prompts: bool = True
+    """With ``pack_sequences``: sequences of a micro-batch with the same tokens before their response (a prompt's
+    samples, a pair's chosen and rejected) share one copy of that prompt in the packed row, each response seeing
+    the prompt and itself only (prefix sharing). Same results up to float rounding; the prompt is computed once
+    per micro-batch instead of once per sequence."""
 
 
 @dataclass

@@ -126,7 +126,7 @@ class MegatronWorker:
         self.model.eval()
         with torch.no_grad():
             return run_microbatches(self.model, micros, compute, forward_only=True, pack=self.role.pack_sequences,
-                                    logits_at_responses=not self.reward_model)
+                                    share_prompts=self.role.share_prompts, logits_at_responses=not self.reward_model)
 
     def to_device(self, batch: Batch) -> Batch:
         return Batch({k: v.to(self.device) for k, v in batch.tensors.items()}, dict(batch.meta))

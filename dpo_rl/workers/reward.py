@@ -76,8 +76,12 @@ class RewardWorker(MegatronWorker):
     def score(self, samples: Batch) -> Batch:
         """``scores`` [S]: the reward model's value at each sample's last real token."""
         with Stopwatch() as watch:
-            inputs = self._retokenized(samples) if self.retokenize else samples.select(["sequences", "attention_mask"])
-            outputs = self.forward_only(self.to_device(inputs), sequence_microbatch, _score_compute)
+            # the response mask lets packed rows share each prompt among its samples (the re-encoded rows have none)
+            keys = ["sequences", "attention_mask", *(["response_mask"] if "response_mask" in samples else [])]
+            inputs = self._retokenized(samples) if self.retokenize else samples.select(keys)
+            extras = {"response_mask": "response_mask"} if "response_mask" in inputs else None
+            outputs = self.forward_only(self.to_device(inputs), lambda part: sequence_microbatch(part, extras=extras),
+                                        _score_compute)
             scores = (torch.cat([o["scores"] for o in outputs])[: len(samples)].cpu()
                       if outputs else torch.zeros(len(samples)))
         result = Batch({"scores": scores})

@@ -140,6 +140,7 @@ class TrainableWorker(MegatronWorker):
             engine.zero_grad()
             for out in run_microbatches(engine.ddp, micros, loss_fn(len(micros) * self.ranks.dp_size),
                                         forward_only=False, pack=self.role.pack_sequences,
+                                        share_prompts=self.role.share_prompts,
                                         logits_at_responses=not self.reward_model):
                 stats.add(out)
             if not self._minibatch_has_rows(minibatch):

@@ -12,12 +12,13 @@ stage's output into ``(loss, outputs)``; outputs are collected on the last stage
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from dpo_rl.workers.megatron import head_positions
+from dpo_rl.workers.megatron import head_positions, rope_positions
 from dpo_rl.workers.megatron.packing import PackPlan, plan_packing
 
 ComputeFn = Callable[[torch.Tensor, "Microbatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -89,12 +90,15 @@ def model_forward(model, micro: Microbatch) -> torch.Tensor:
     else:
         tokens, positions = micro.input_ids, position_ids_for(micro.input_ids)
         blocked = blocked_attention(micro.attention_mask)
-    if micro.head_positions is None:
-        return model(tokens, positions, attention_mask=blocked)
-    rows, width = tokens.shape
-    flat = plan.packed_positions(micro.head_positions) if plan is not None else micro.head_positions
-    hidden_index = (flat % width) * rows + flat // width  # [row, column] -> megatron's position-major [s, b]
-    with head_positions.selected(model, hidden_index) as has_head:
+    with ExitStack() as scope:
+        if plan is not None and plan.shares_prompts:
+            scope.enter_context(rope_positions.at_positions(model, positions))
+        if micro.head_positions is None:
+            return model(tokens, positions, attention_mask=blocked)
+        rows, width = tokens.shape
+        flat = plan.packed_positions(micro.head_positions) if plan is not None else micro.head_positions
+        hidden_index = (flat % width) * rows + flat // width  # [row, column] -> megatron's position-major [s, b]
+        has_head = scope.enter_context(head_positions.selected(model, hidden_index))
         output = model(tokens, positions, attention_mask=blocked)
     return output[0] if has_head else output  # [1, T, V/TP] -> [T, V/TP]; hidden states before the last stage
 
@@ -106,13 +110,15 @@ def run_microbatches(
     *,
     forward_only: bool,
     pack: bool = False,
+    share_prompts: bool = False,
     logits_at_responses: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward unless ``forward_only``) over ``microbatches`` with megatron's
     pipeline schedule. All micro-batches must share one shape (pad them first).
 
-    With ``pack`` and one pipeline stage, each micro-batch runs on packed rows where that saves rows
-    (:mod:`.packing`); pipeline stages exchange fixed [s, b, h] shapes, so PP > 1 keeps the padded layout.
+    With ``pack`` and one pipeline stage, each micro-batch runs on packed rows where that saves positions
+    (:mod:`.packing`; with ``share_prompts`` sequences with the same tokens before their ``extras["response_mask"]``
+    share one copy of them); pipeline stages exchange fixed [s, b, h] shapes, so PP > 1 keeps the padded layout.
 
     ``compute(last_stage_output, microbatch) -> (loss, outputs)``. Gradients of ``loss``
     accumulate in ``.grad`` (megatron divides each micro-batch's loss by their number).
@@ -131,7 +137,9 @@ def run_microbatches(
 
         if mpu.get_pipeline_model_parallel_world_size() == 1:
             for micro in microbatches:
-                micro.packing = plan_packing(micro.attention_mask)
+                shared = share_prompts and "response_mask" in micro.extras
+                micro.packing = plan_packing(micro.attention_mask, input_ids=micro.input_ids if shared else None,
+                                             response_mask=micro.extras["response_mask"] if shared else None)
     if logits_at_responses and head_positions.can_select(model):
         from dpo_rl.workers.megatron.logprobs import response_target_positions
 

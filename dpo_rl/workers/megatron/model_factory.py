@@ -16,7 +16,7 @@ from torch import nn
 
 from dpo_rl.config.model import ModelConfig, ParallelConfig
 from dpo_rl.errors import ConfigError
-from dpo_rl.workers.megatron import head_positions
+from dpo_rl.workers.megatron import head_positions, rope_positions
 from dpo_rl.workers.megatron.parallel_state import torch_device
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,6 +142,7 @@ def build_gpt_model(
 
         use_direct_output_layer(gpt)
     head_positions.install(gpt)  # losses read the response positions' logits only
+    rope_positions.install(gpt)  # packed continuations of a shared prompt rotate by their own positions
     if parallel.device != "cpu":
         gpt = gpt.to(device=torch_device(parallel.device))
     return gpt

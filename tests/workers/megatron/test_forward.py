@@ -47,3 +47,21 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(megatron_single_ra
     # Negative control: a non-causal mask must change the result.
     no_future_block = padding[:, None, None, :] == 0
     assert_differs(ours(q, k, v, no_future_block)[real], out_theirs[real], rtol=1e-5, what="non-causal mask")
+
+
+def test_rope_angles_at_given_positions_are_megatrons_own(megatron_single_rank):
+    """rope_positions.angles of 0..s-1 in every row is megatron's RotaryEmbedding output, bit for bit, per row;
+    a row's shifted positions give the angles of those positions."""
+    from dpo_rl.config.model import ParallelConfig
+    from dpo_rl.workers.megatron import rope_positions
+    from dpo_rl.workers.megatron.model_factory import build_gpt_model
+    from tests.workers.megatron.common import tiny_config
+
+    rope = build_gpt_model(tiny_config("llama", rope_scaling_type="llama3"), ParallelConfig()).rotary_pos_emb
+    own = rope(12)  # [s, 1, 1, d]
+    positions = torch.arange(12).expand(3, 12).clone()
+    positions[2] += 5
+    ours = rope_positions.angles(rope, positions)  # [s, b, 1, d]
+    assert ours.shape == (12, 3, 1, own.shape[-1])
+    assert torch.equal(ours[:, 0], own[:, 0]) and torch.equal(ours[:, 1], own[:, 0])
+    assert torch.equal(ours[:7, 2], own[5:, 0])

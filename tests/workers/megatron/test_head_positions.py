@@ -13,7 +13,7 @@ from dpo_rl.workers.megatron.logprobs import microbatch_logprobs, response_targe
 from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
 from tests.tolerance import assert_close
 from tests.workers.megatron.common import VOCAB, tiny_config, tiny_hf_model
-from tests.workers.megatron.test_packing import varied_batch
+from tests.workers.megatron.test_packing import shared_prompt_batch, varied_batch
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_head_computes_only_the_selected_rows_and_gives_their_full_head_logits(m
     assert_close(picked, full.reshape(-1, VOCAB)[positions], rtol=1e-5, what="logits at the response targets")
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_training_step_with_the_head_at_the_targets_gives_the_full_head_loss_and_gradients(model, pack):
-    ids, attention, response = varied_batch()
+@pytest.mark.parametrize("pack,batch", [(False, varied_batch), (True, varied_batch), (True, shared_prompt_batch)])
+def test_training_step_with_the_head_at_the_targets_gives_the_full_head_loss_and_gradients(model, pack, batch):
+    ids, attention, response = batch()
 
     def compute(output, micro):
         lp = microbatch_logprobs(output, micro, with_entropy=True)
@@ -58,7 +58,7 @@ def test_training_step_with_the_head_at_the_targets_gives_the_full_head_loss_and
     for at_responses in (False, True):
         model.zero_grad(set_to_none=True)
         micro = Microbatch(ids, attention, {"response_mask": response})
-        out = run_microbatches(model, [micro], compute, forward_only=False, pack=pack,
+        out = run_microbatches(model, [micro], compute, forward_only=False, pack=pack, share_prompts=True,
                                logits_at_responses=at_responses)
         assert (micro.head_positions is not None) == at_responses
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

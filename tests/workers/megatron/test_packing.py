@@ -133,3 +133,68 @@ def test_packed_training_step_gives_the_padded_loss_and_gradients(model):
     assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
     for name, grad in padded_grads.items():
         assert_close(packed_grads[name], grad, rtol=1e-4, what=f"gradient of {name}")
+
+
+def shared_prompt_batch(seed: int = 3):
+    """Rows [left padding | prompt | response | right padding] where rows 0, 3 and 5 share one prompt, rows 1
+    and 4 another (different responses), row 2 has its own, and row 6 has no response tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (9, 6, 11)]
+    layout = [(0, 5), (1, 7), (2, 4), (0, 12), (1, 2), (0, 1), (2, 0)]  # (prompt, response length)
+    width = 24
+    ids = torch.zeros(len(layout), width, dtype=torch.long)
+    attention, response = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (prompt, n) in enumerate(layout):
+        tokens = torch.cat([prompts[prompt], torch.randint(3, VOCAB, (n,), generator=g)])
+        left = row % 3
+        ids[row, left:left + len(tokens)] = tokens
+        attention[row, left:left + len(tokens)] = 1
+        response[row, left + len(prompts[prompt]):left + len(tokens)] = 1
+    return ids, attention, response
+
+
+def test_sequences_with_one_prompt_share_one_copy_of_it():
+    ids, attention, response = shared_prompt_batch()
+    plan = plan_packing(attention, input_ids=ids, response_mask=response)
+    prompts_once = 9 + 6 + 11  # row 6 (no response: its prompt is all of it) shares row 2's prompt
+    assert int(plan.real.sum()) == prompts_once + int(response.sum())
+    # every real padded position reads the packed position holding its token
+    assert torch.equal(plan.unpack(plan.pack(ids)[..., None])[..., 0], ids * attention)
+    # a continuation sees its prompt and itself, never another continuation of the same prompt
+    blocked = plan.blocked_attention()[:, 0]
+    visible = ~blocked & (plan.segments > 0)[:, :, None]
+    branch = plan.branches
+    assert not (visible & (branch[:, :, None] != branch[:, None, :]) & (branch[:, None, :] != 0)).any()
+    # each token sees as many keys as it has tokens up to itself in its own sequence
+    seen = visible.sum(-1)
+    assert torch.equal(seen[plan.segments > 0], plan.positions[plan.segments > 0] + 1)
+
+
+def test_shared_prompt_forward_gives_the_padded_logits_and_gradients(model):
+    ids, attention, response = shared_prompt_batch()
+
+    def compute(output, micro):
+        lp = sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], packing=micro.packing,
+                               with_entropy=True)
+        values = micro.padded(output) * micro.attention_mask[..., None]  # every real token's logits, shared or not
+        return lp.summed.sum() + values[..., :7].sum() * 1e-3, {"summed": lp.summed.detach(),
+                                                                "entropy": lp.mean_entropy().detach(),
+                                                                "logits": values.detach()}
+
+    results = {}
+    for pack in (False, True):
+        model.zero_grad(set_to_none=True)
+        micro = Microbatch(ids, attention, {"response_mask": response})
+        out = run_microbatches(model, [micro], compute, forward_only=False, pack=pack, share_prompts=True)
+        if pack:
+            assert micro.packing.shares_prompts
+            assert micro.packing.rows * micro.packing.width < int(attention.sum())  # fewer positions than tokens
+        results[pack] = (out[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    (padded, padded_grads), (shared, shared_grads) = results[False], results[True]
+    real = attention.bool()
+    assert_close(shared["logits"][real], padded["logits"][real], rtol=1e-5, what="logits of every real token")
+    assert_close(shared["summed"], padded["summed"], rtol=1e-5, what="summed response log-probs")
+    assert_close(shared["entropy"], padded["entropy"], rtol=1e-5, what="mean entropy")
+    for name, grad in padded_grads.items():
+        assert_close(shared_grads[name], grad, rtol=1e-4, what=f"gradient of {name}")
