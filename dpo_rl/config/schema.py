@@ -57,7 +57,8 @@ class RoleBase:
     first while they score beside it. 0-19 (0 = Ray's priority; raising it needs root)."""
     pack_sequences: bool = True
     """Forward and train on packed rows: the real tokens of several sequences side by side in one row as
-    long as the micro-batch's longest sequence, attention blocked between them (padding removal: verl's
+    long as the micro-batch's longest sequence (or shared-prompt span, ``share_prompts``), attention blocked
+    between them (padding removal: verl's
     ``use_remove_padding``, OpenRLHF's ``packing_samples``, TRL's ``padding_free``). Same results up to float
     rounding, fewer positions computed; PP > 1 keeps the padded layout."""
     share_prompts: bool = True

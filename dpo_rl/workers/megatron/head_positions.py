@@ -1,7 +1,7 @@
 """The LM head at chosen positions only.
 
-A DPO or SFT loss reads the logits that predict response tokens (about a fifth of an online step's positions on
-the tiny world; the prompt is most of a sequence in most recipes). ``GPTModel`` computes its output layer at every
+A DPO or SFT loss reads the logits that predict response tokens (on the tiny world's online step about a third
+of the real tokens, fewer where prompts are long). ``GPTModel`` computes its output layer at every
 position, an ``[s, b, V/TP]`` product and activation, and the loss then picks the rows it reads. Here a forward
 pre-hook on the output layer (installed once, :func:`install`) picks those positions' hidden states first, so the
 head's GEMM, its activation and their backward cover the picked positions only: the model returns ``[1, T, V/TP]``
