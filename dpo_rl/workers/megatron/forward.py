@@ -141,12 +141,10 @@ def run_microbatches(
                 micro.packing = plan_packing(micro.attention_mask, input_ids=micro.input_ids if shared else None,
                                              response_mask=micro.extras["response_mask"] if shared else None)
     if logits_at_responses and head_positions.can_select(model):
-        from dpo_rl.workers.megatron.logprobs import response_target_positions
-
         for micro in microbatches:
             if "response_mask" not in micro.extras:
                 raise ValueError("logits_at_responses needs each micro-batch's extras['response_mask']")
-            micro.head_positions = response_target_positions(micro.extras["response_mask"])
+            micro.head_positions = head_positions.response_target_positions(micro.extras["response_mask"])
 
     def forward_step(data_iterator, stage_model):
         micro = next(data_iterator)

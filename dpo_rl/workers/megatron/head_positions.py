@@ -42,6 +42,13 @@ def install(gpt) -> None:
     head.register_forward_pre_hook(_pick, with_kwargs=True)
 
 
+def response_target_positions(response_mask: torch.Tensor) -> torch.Tensor:
+    """[T] flat positions (``row * s + column``) of a [b, s] layout whose logits predict a response token
+    (row-major), the rows :func:`.logprobs.sequence_logprobs` reads."""
+    row, column = response_mask[:, 1:].bool().nonzero(as_tuple=True)
+    return row * response_mask.shape[1] + column
+
+
 def _heads(model) -> list:
     return [m for m in model.modules() if hasattr(m, _ATTRIBUTE)]
 

@@ -98,13 +98,6 @@ class SequenceLogprobs:
         return (self.entropy * self.mask).sum(-1) / self.num_tokens.clamp(min=1)
 
 
-def response_target_positions(response_mask: torch.Tensor) -> torch.Tensor:
-    """[T] flat positions (``row * s + column``) of a [b, s] layout whose logits predict a response token
-    (row-major), the rows :func:`sequence_logprobs` reads."""
-    row, column = response_mask[:, 1:].bool().nonzero(as_tuple=True)
-    return row * response_mask.shape[1] + column
-
-
 def sequence_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -116,7 +109,7 @@ def sequence_logprobs(
 ) -> SequenceLogprobs:
     """Response log-probs (and entropy) from last-stage logits: [b, s, V/TP], a packed micro-batch's
     [R, W, V/TP] rows with its ``packing`` plan, or (``at_targets``) [T, V/TP], the logits at
-    :func:`response_target_positions` alone (an LM head computed there, :mod:`.head_positions`).
+    :func:`.head_positions.response_target_positions` alone (an LM head computed there, :mod:`.head_positions`).
 
     ``response_mask`` [b, s] marks response tokens in ``input_ids``; the first token of a sequence is never a
     target. Only the positions that predict a response token are read (about a fifth of an online step's

@@ -7,21 +7,14 @@ import pytest
 import torch
 
 from dpo_rl.config.model import ParallelConfig
-from dpo_rl.workers.megatron import head_positions, hf_interop
+from dpo_rl.workers.megatron import head_positions
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward, run_microbatches
-from dpo_rl.workers.megatron.logprobs import microbatch_logprobs, response_target_positions, sequence_logprobs
-from dpo_rl.workers.megatron.model_factory import build_gpt_model, build_reward_model
+from dpo_rl.workers.megatron.head_positions import response_target_positions
+from dpo_rl.workers.megatron.logprobs import microbatch_logprobs, sequence_logprobs
+from dpo_rl.workers.megatron.model_factory import build_reward_model
 from tests.tolerance import assert_close
-from tests.workers.megatron.common import VOCAB, tiny_config, tiny_hf_model
+from tests.workers.megatron.common import VOCAB, tiny_config
 from tests.workers.megatron.test_packing import shared_prompt_batch, varied_batch
-
-
-@pytest.fixture(scope="module")
-def model(megatron_single_rank):
-    config = tiny_config("llama")
-    built = build_gpt_model(config, ParallelConfig())
-    hf_interop.load_into_current_rank(built, tiny_hf_model(config, seed=5).state_dict(), config)
-    return built
 
 
 def test_response_target_positions_are_the_positions_before_each_response_token():

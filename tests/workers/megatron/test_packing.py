@@ -1,18 +1,16 @@
-"""Packed rows (padding removal): the plan, and a model forward/backward on packed rows equal to the padded one."""
+"""Packed rows (padding removal, prefix sharing): the plan, and a model forward/backward on packed rows equal to the
+padded one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dpo_rl.config.model import ParallelConfig
-from dpo_rl.workers.megatron import hf_interop
 from dpo_rl.workers.megatron.forward import Microbatch, model_forward, run_microbatches
 from dpo_rl.workers.megatron.logprobs import sequence_logprobs
-from dpo_rl.workers.megatron.model_factory import build_gpt_model
 from dpo_rl.workers.megatron.packing import plan_packing
 from tests.tolerance import assert_close
-from tests.workers.megatron.common import VOCAB, tiny_config, tiny_hf_model
+from tests.workers.megatron.common import VOCAB
 
 #: (left padding, prompt + response tokens) per row, in a width of 44: lengths from 5 to 40.
 ROWS = [(0, 40), (6, 12), (3, 25), (10, 8), (1, 30), (0, 15), (20, 10), (2, 5)]
@@ -87,14 +85,6 @@ def test_no_plan_when_packing_saves_no_row_and_an_error_for_padding_inside_a_row
     holes[1, 3] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] have padding between real tokens"):
         plan_packing(holes)
-
-
-@pytest.fixture(scope="module")
-def model(megatron_single_rank):
-    config = tiny_config("llama")
-    built = build_gpt_model(config, ParallelConfig())
-    hf_interop.load_into_current_rank(built, tiny_hf_model(config, seed=5).state_dict(), config)
-    return built
 
 
 def test_packed_forward_gives_the_padded_logits_on_every_real_token(model):
