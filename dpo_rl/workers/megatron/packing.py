@@ -108,17 +108,23 @@ class PackPlan:
         return blocked[:, None]
 
 
-def _shared_prompts(input_ids: torch.Tensor, starts: list[int], prompt_lengths: list[int],
-                    lengths: list[int]) -> list[list[int]]:
-    """Groups of rows (in row order, groups by first row) whose tokens before the first response token are equal;
-    rows without tokens are left out."""
-    groups: dict[tuple, list[int]] = {}
+def _shared_prompts(input_ids: torch.Tensor, starts: list[int], prompt_lengths: list[int], lengths: list[int],
+                    max_span: int) -> list[list[int]]:
+    """Groups of rows (in row order, groups by first row) whose non-empty tokens before the first response token are
+    equal, each cut so that its span (the prompt once, then every member's rest) stays within ``max_span``; a row
+    with no prompt tokens is its own group, rows without tokens are left out."""
+    by_prompt: dict[tuple, list[list[int]]] = {}
     ids = input_ids.detach().to("cpu")
     for i, (start, prompt, n) in enumerate(zip(starts, prompt_lengths, lengths)):
-        if n:
-            key = (prompt, *ids[i, start:start + prompt].tolist())
-            groups.setdefault(key, []).append(i)
-    return list(groups.values())
+        if not n:
+            continue
+        key = (prompt, *ids[i, start:start + prompt].tolist()) if prompt else ("row", i)
+        chunks = by_prompt.setdefault(key, [[]])
+        span = prompt + sum(lengths[j] - prompt for j in chunks[-1])
+        if chunks[-1] and span + n - prompt > max_span:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [chunk for chunks in by_prompt.values() for chunk in chunks]
 
 
 def plan_packing(attention_mask: torch.Tensor, *, input_ids: Optional[torch.Tensor] = None,
@@ -131,7 +137,9 @@ def plan_packing(attention_mask: torch.Tensor, *, input_ids: Optional[torch.Tens
     same (the samples of one prompt, a pair's chosen and rejected) share one copy of that prompt: their span is
     ``[prompt | continuation 1 | continuation 2 | ...]``, each continuation at the positions it has in its own
     sequence and seeing the prompt and itself only, so each token's output is the padded layout's up to float
-    rounding, for ``prompt + sum(continuations)`` positions instead of ``n * prompt + sum(continuations)``."""
+    rounding, for ``prompt + sum(continuations)`` positions instead of ``n * prompt + sum(continuations)``. A span
+    is at most ``2 * L`` wide (further sequences of that prompt start another span) and sequences with no tokens
+    before their response share nothing."""
     mask = attention_mask.detach().to("cpu").bool()
     count, length = mask.shape
     lengths_t = mask.sum(dim=1)
@@ -149,7 +157,9 @@ def plan_packing(attention_mask: torch.Tensor, *, input_ids: Optional[torch.Tens
         has_response = response.any(dim=1)
         first_response = torch.where(has_response, response.int().argmax(dim=1), ends + 1)
         prompt_lengths = (first_response - starts_t).tolist()
-        groups = _shared_prompts(input_ids, starts, prompt_lengths, lengths)
+        # spans at most twice the padded width: the packed attention mask ([R, W, W]) then stays within twice the
+        # padded layout's however many samples share a prompt
+        groups = _shared_prompts(input_ids, starts, prompt_lengths, lengths, max_span=2 * length)
     else:
         prompt_lengths = lengths
         groups = [[i] for i in range(count) if lengths[i]]

@@ -188,3 +188,19 @@ def test_shared_prompt_forward_gives_the_padded_logits_and_gradients(model):
     assert_close(shared["entropy"], padded["entropy"], rtol=1e-5, what="mean entropy")
     for name, grad in padded_grads.items():
         assert_close(shared_grads[name], grad, rtol=1e-4, what=f"gradient of {name}")
+
+
+def test_shared_spans_stay_within_twice_the_padded_width_and_empty_prompts_are_not_shared():
+    width, prompt = 12, torch.arange(3, 9)  # six prompt tokens, then six response tokens in every row
+    ids = torch.cat([prompt.expand(5, 6), torch.arange(20, 50).view(5, 6)], dim=1)
+    attention, response = torch.ones(5, width, dtype=torch.long), torch.zeros(5, width, dtype=torch.long)
+    response[:, 6:] = 1
+    plan = plan_packing(attention, input_ids=ids, response_mask=response)
+    assert plan.width <= 2 * width  # a span holds the prompt and three responses (24), not all five (36)
+    assert int(plan.real.sum()) == 2 * 6 + 5 * 6  # two prompt copies
+    # every token a response token (no prompt): nothing is shared, each sequence is its own span
+    lengths = [10, 4, 3, 2]
+    attention = torch.tensor([[1] * n + [0] * (10 - n) for n in lengths])
+    plan = plan_packing(attention, input_ids=torch.arange(40).view(4, 10), response_mask=attention)
+    assert plan.rows == 2 and not plan.shares_prompts
+    assert sorted(plan.segments.unique().tolist()) == [0, 1, 2, 3, 4]
