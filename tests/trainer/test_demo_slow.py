@@ -63,6 +63,14 @@ def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora):
     assert max(r["rollout/logprob_diff_mean"] for r in rows) < 1e-4  # every step sampled on-policy
 
 
+#: Offline DPO's held-out pair accuracy climbs to a plateau near 0.85 and leaves it at a step that depends on the
+#: SFT model, and the tiny world's SFT model differs from machine to machine (400 steps amplify float-order noise:
+#: CI's build reached 0.83 at 80 full steps where this machine's reached 0.86). Measured on three SFT builds (the
+#: ones before and after prefix sharing, and one without it): full fine-tuning 0.92 / 0.94 / 0.98 at 120 steps,
+#: LoRA 0.97-1.0 at 200 (it leaves the plateau between steps 120 and 200).
+OFFLINE_STEPS = {False: 120, True: 200}
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path, lora):
     from examples.tiny_world.build import ARTIFACTS, build
@@ -70,7 +78,7 @@ def test_offline_dpo_on_the_demo_raises_held_out_pair_accuracy(tmp_path, lora):
     build()
     data = ARTIFACTS / "data"
     summary = run(compose("dpo_trainer_tiny", [
-        "training.train_iters=80", "training.eval_interval=0", "training.log_interval=20",
+        f"training.train_iters={OFFLINE_STEPS[lora]}", "training.eval_interval=0", "training.log_interval=20",
         f"training.output_dir={tmp_path}", f"training.tokenizer_name_or_path={ARTIFACTS / 'tokenizer'}",
         f"actor_rollout_ref.actor_rollout.load={ARTIFACTS / 'sft'}", f"data.train_path={data / 'pairs_train'}",
         f"data.eval_path={data / 'pairs_eval'}", *(LORA if lora else ()),
