@@ -6,7 +6,8 @@ Samples come in groups of ``n`` per prompt (``prompt_index``). Strategies:
 * ``best_vs_worst`` — one pair per prompt: the highest score against the lowest.
 * ``all_pairs`` — every pair of distinct samples, higher score chosen.
 
-A pair whose score gap is below ``min_score_margin`` is dropped; an exact tie is dropped
+Scores are first lowered by the missing-EOS penalty and the length penalty (:class:`PairingRule`). A
+pair whose score gap is below ``min_score_margin`` is dropped; an exact tie is dropped
 (``tie_policy: skip``) or kept with a seeded random orientation (``random``). Every drop
 is counted in :class:`Pairs`.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -95,9 +97,14 @@ def build_pairs(
     )
 
 
+def length_penalty(response_lengths: torch.Tensor, per_token: float, target: int) -> torch.Tensor:
+    """[S] ``per_token`` x the response tokens beyond ``target`` of each sample (0 at or below it)."""
+    return per_token * (response_lengths.float() - target).clamp(min=0)
+
+
 @dataclass(frozen=True)
 class PairingRule:
-    """How a step's scored samples become pairs: the missing-EOS penalty on the scores, then
+    """How a step's scored samples become pairs: the missing-EOS and length penalties on the scores, then
     :func:`build_pairs`. The driver and, when the update starts before the scores are in, the actor
     apply the same rule to the same scores, so both see the same pairs."""
 
@@ -106,13 +113,24 @@ class PairingRule:
     tie_policy: str
     missing_eos_penalty: float
     seed: int
+    length_penalty: float = 0.0
+    """Subtracted per response token beyond ``length_penalty_target``."""
+    length_penalty_target: int = 0
 
-    def penalized(self, scores: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
-        return scores - self.missing_eos_penalty * (~ended_with_eos.bool()).float()
+    def penalized(self, scores: torch.Tensor, ended_with_eos: torch.Tensor,
+                  response_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        penalized = scores - self.missing_eos_penalty * (~ended_with_eos.bool()).float()
+        if self.length_penalty:
+            if response_lengths is None:
+                raise ValueError("a length penalty needs the samples' response lengths")
+            penalized = penalized - length_penalty(response_lengths, self.length_penalty, self.length_penalty_target)
+        return penalized
 
-    def pairs(self, scores: torch.Tensor, ended_with_eos: torch.Tensor, prompt_index: torch.Tensor) -> Pairs:
-        return build_pairs(self.penalized(scores, ended_with_eos), prompt_index, strategy=self.strategy,
-                           min_score_margin=self.min_score_margin, tie_policy=self.tie_policy, seed=self.seed)
+    def pairs(self, scores: torch.Tensor, ended_with_eos: torch.Tensor, prompt_index: torch.Tensor,
+              response_lengths: Optional[torch.Tensor] = None) -> Pairs:
+        return build_pairs(self.penalized(scores, ended_with_eos, response_lengths), prompt_index,
+                           strategy=self.strategy, min_score_margin=self.min_score_margin, tie_policy=self.tie_policy,
+                           seed=self.seed)
 
 
 def prompt_pairs(prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +182,8 @@ class LatePairing:
     """[R] the rows' mini-batch."""
     laid_out: torch.Tensor
     """[R] bool: a real row of the layout (not padding added for an even split)."""
+    response_lengths: Optional[torch.Tensor] = None
+    """[S] every sample's response tokens (the length penalty; needed when the rule has one)."""
 
     def __post_init__(self) -> None:
         self._resolved: tuple | None = None
@@ -173,7 +193,7 @@ class LatePairing:
         mini-batch id); waits for the scores the first time."""
         if self._resolved is None:
             scores = self.scores.resolve()["scores"].detach().to("cpu")
-            pairs = self.rule.pairs(scores, self.ended_with_eos, self.prompt_index)
+            pairs = self.rule.pairs(scores, self.ended_with_eos, self.prompt_index, self.response_lengths)
             kept, swapped = orient(self.first, self.second, pairs)
             per_minibatch = torch.bincount(self.minibatch[kept & self.laid_out],
                                            minlength=int(self.minibatch.max()) + 1)

@@ -106,3 +106,43 @@ def test_prompt_pairs_needs_two_samples_per_prompt():
 
     with pytest.raises(ValueError, match="exactly two samples"):
         prompt_pairs(torch.tensor([0, 0, 0, 1, 1, 1]))
+
+
+def test_length_penalty_lowers_scores_beyond_the_target_and_can_change_the_pair():
+    from dpo_rl.pairing import PairingRule, length_penalty
+
+    lengths = torch.tensor([3, 8, 12, 5])
+    assert length_penalty(lengths, 0.5, 5).tolist() == [0.0, 1.5, 3.5, 0.0]
+    scores, eos, prompt_index = torch.tensor([1.0, 2.0, 3.0, 1.5]), torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long)
+    plain = PairingRule(strategy="best_vs_worst", min_score_margin=0.0, tie_policy="skip", missing_eos_penalty=1.0,
+                        seed=0)
+    assert as_pairs(plain.pairs(scores, eos, prompt_index, lengths)) == [(2, 0)]  # the longest scores highest
+    rule = PairingRule(strategy="best_vs_worst", min_score_margin=0.0, tie_policy="skip", missing_eos_penalty=1.0,
+                       seed=0, length_penalty=0.5, length_penalty_target=5)
+    assert rule.penalized(scores, eos, lengths).tolist() == [1.0, 0.5, -0.5, 1.5]
+    assert as_pairs(rule.pairs(scores, eos, prompt_index, lengths)) == [(3, 2)]  # now it is the worst
+    with pytest.raises(ValueError, match="response lengths"):
+        rule.pairs(scores, eos, prompt_index)
+
+
+def test_paired_samples_keeps_only_paired_samples_and_points_each_pair_at_its_rows():
+    from dpo_rl.batch import Batch
+    from dpo_rl.trainer.online_dpo import gather_pairs, paired_samples
+
+    # three prompts x four samples, interleaved as DP shards come back; best-vs-worst pairs two of each four
+    prompt_index = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.4, 0.3, 0.8, 0.6, 0.5, 0.1, 0.45])
+    pairs = build_pairs(scores, prompt_index)
+    assert as_pairs(pairs) == [(3, 0), (1, 10), (8, 5)]
+    sequences = torch.arange(12)[:, None] * 10 + torch.arange(4)  # each sample's row is recognisable
+    samples = Batch({"sequences": sequences, "prompt_index": prompt_index, "attention_mask": torch.ones(12, 4),
+                     "response_mask": torch.ones(12, 4), "rollout_logprobs": torch.zeros(12, 3)})
+    paired, chosen, rejected = paired_samples(samples, pairs)
+    assert len(paired) == 6 and paired["sequences"][:, 0].tolist() == [0, 10, 30, 50, 80, 100]
+    rows = gather_pairs(paired, chosen, rejected)
+    assert rows["chosen_ids"][:, 0].tolist() == [30, 10, 80] and rows["rejected_ids"][:, 0].tolist() == [0, 100, 50]
+    assert (paired["prompt_index"][chosen] == paired["prompt_index"][rejected]).all()
+    bad = build_pairs(scores, prompt_index)
+    bad.rejected = torch.tensor([1, 0, 5])  # a pair across prompts 0 and 1
+    with pytest.raises(RuntimeError, match="different prompts"):
+        paired_samples(samples, bad)

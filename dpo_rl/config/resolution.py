@@ -450,6 +450,10 @@ def check_online_data(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"algorithm.tie_policy={a.tie_policy!r} is unknown; use one of {TIE_POLICIES}")
     if a.num_responses_per_prompt < 2:
         p.append(f"algorithm.num_responses_per_prompt={a.num_responses_per_prompt} must be >= 2 to form pairs")
+    if a.length_penalty < 0:
+        p.append(f"algorithm.length_penalty={a.length_penalty} must be >= 0 (a score cut per token; 0 disables it)")
+    if a.length_penalty_target < 0:
+        p.append(f"algorithm.length_penalty_target={a.length_penalty_target} must be >= 0 (tokens free of the penalty)")
     if check_paths:
         for key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
             if value is not None and not is_preprocessed(value):

@@ -319,6 +319,12 @@ class AlgorithmConfig:
     """Online DPO: drop pairs whose score difference is below this."""
     tie_policy: str = "skip"
     """Online DPO: when scores tie, ``skip`` the pair, or keep it ``random``-ly oriented (seeded)."""
+    length_penalty: float = 0.0
+    """Online DPO: subtracted from a sample's reward score per response token beyond ``length_penalty_target``,
+    before pairing and in the evaluation's win rate (like the missing-EOS penalty); logged as
+    ``objective/length_penalty`` (mean per sample) beside ``objective/rm_scores`` (the reward model's own)."""
+    length_penalty_target: int = 0
+    """Online DPO: response tokens free of ``length_penalty``."""
 
     def loss_spec(self):
         """The :class:`dpo_rl.losses.LossSpec` this section describes."""

@@ -41,7 +41,7 @@ from dpo_rl.data.prompts import (
     prompt_batch,
 )
 from dpo_rl.errors import ConfigError
-from dpo_rl.pairing import LatePairing, PairingRule, prompt_pairs
+from dpo_rl.pairing import LatePairing, PairingRule, length_penalty, prompt_pairs
 from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
@@ -111,6 +111,14 @@ def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -
     return Batch(out)
 
 
+def paired_samples(samples: Batch, pairs) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """The samples in at least one of ``pairs`` (ascending) and each pair's (chosen, rejected) row in them."""
+    if bool((samples["prompt_index"][pairs.chosen] != samples["prompt_index"][pairs.rejected]).any()):
+        raise RuntimeError("a pair's chosen and rejected samples answer different prompts")  # pairing bug
+    kept = torch.unique(torch.cat([pairs.chosen, pairs.rejected]), sorted=True)
+    return samples.rows(kept), torch.searchsorted(kept, pairs.chosen), torch.searchsorted(kept, pairs.rejected)
+
+
 class OnlineDPOTrainer(TrainingLoop):
     """Drives the worker groups through ``train_iters`` online-DPO steps."""
 
@@ -178,30 +186,37 @@ class OnlineDPOTrainer(TrainingLoop):
         else:
             samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
         samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
-        # The reference scores every sample while the reward model does. The update starts on its forward
-        # before the scores are in when each prompt has two samples (their pair is known but for its
-        # orientation, LatePairing), else once the scores have paired the samples; it reads the reference's
-        # log-probs when its loss needs them, so the actor's forward runs beside both.
-        pending_reference = self.reference_async(samples)
+        # With two samples per prompt every sample is half of its prompt's only candidate pair: the reference
+        # scores them all while the reward model does, and the update starts on its forward before the scores
+        # are in (the pair is known but for its orientation, LatePairing). With more, the reference scores only
+        # the samples the scores pair (best-vs-worst at n = 8: a quarter of them), beside the update's forward.
+        # The update reads the reference's log-probs when its first loss needs them.
+        two_per_prompt = self.c.algorithm.num_responses_per_prompt == 2
+        pending_reference = self.reference_async(samples) if two_per_prompt else None
         pending_scores = self.groups.reward.call_async("score", samples)
-        rule = self.pairing_rule(step)
+        rule, lengths = self.pairing_rule(step), samples["response_mask"].sum(-1)
         pending_update = None
-        if self.c.algorithm.num_responses_per_prompt == 2:
+        if two_per_prompt:
             first, second = prompt_pairs(samples["prompt_index"])
             rows = self.layout(gather_pairs(samples, first, second), step)
             late = LatePairing(Deferred(pending_scores), rule, samples["prompt_index"], samples["ended_with_eos"],
                                first=rows["chosen_sample"], second=rows["rejected_sample"],
-                               minibatch=rows["minibatch"], laid_out=rows["weight"] > 0)
+                               minibatch=rows["minibatch"], laid_out=rows["weight"] > 0,
+                               response_lengths=lengths)
             pending_update = self.start_update(rows, Deferred(pending_reference), late, step)
         # with the update started, the reward model scores beside its forward (the actor waits for the scores
         # inside the update if they are slower): off the critical path
         scores = timer.collect("reward", [pending_scores], critical=pending_update is None)["scores"]
-        penalized = rule.penalized(scores, samples["ended_with_eos"])
-        pairs = rule.pairs(scores, samples["ended_with_eos"], samples["prompt_index"])
-        metrics = self.sample_metrics(samples, penalized, pairs)
+        penalized = rule.penalized(scores, samples["ended_with_eos"], lengths)
+        pairs = rule.pairs(scores, samples["ended_with_eos"], samples["prompt_index"], lengths)
+        metrics = self.sample_metrics(samples, scores, penalized, pairs)
+        referenced = len(samples) if two_per_prompt else 0
         if pending_update is None and len(pairs):
-            rows = self.layout(gather_pairs(samples, pairs.chosen, pairs.rejected), step)
+            paired, chosen, rejected = paired_samples(samples, pairs)
+            pending_reference, referenced = self.reference_async(paired), len(paired)
+            rows = self.layout(gather_pairs(paired, chosen, rejected), step)
             pending_update = self.start_update(rows, Deferred(pending_reference), None, step)
+        metrics["reference/sequences"] = float(referenced)
         if pending_update is not None:
             update = timer.collect("update", [pending_update])
             if len(pairs):  # the actor applied the update exactly when the scores gave a pair
@@ -209,11 +224,12 @@ class OnlineDPOTrainer(TrainingLoop):
                 metrics.update({k: v for k, v in update.items() if k != "compute_s"})
                 if self.groups.rollout is not None:
                     timer.run("sync", self.sync_weights)
-        timer.collect("reference", [pending_reference], critical=False)  # the update waited for it if it had pairs
+        if pending_reference is not None:  # the update waited for it if it had pairs
+            timer.collect("reference", [pending_reference], critical=False)
         self._last_step_end = time.perf_counter()
         step_s = self._last_step_end - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
-        metrics.update({f"timing/{k}": timer.compute[k] for k in ("reward", "reference")})  # the workers' own
+        metrics.update({f"timing/{k}": timer.compute.get(k, 0.0) for k in ("reward", "reference")})  # the workers' own
         metrics.update({f"timing/compute/{k}": v for k, v in timer.compute.items()})
         metrics["timing/step"] = step_s
         metrics["timing/orchestration"] = step_s - timer.critical
@@ -231,10 +247,11 @@ class OnlineDPOTrainer(TrainingLoop):
         a = self.c.algorithm
         return PairingRule(strategy=a.pairing_strategy, min_score_margin=a.min_score_margin, tie_policy=a.tie_policy,
                            missing_eos_penalty=self.actor_cfg.missing_eos_penalty,
-                           seed=seeds.pairing(self.c.training.seed, step))
+                           seed=seeds.pairing(self.c.training.seed, step), length_penalty=a.length_penalty,
+                           length_penalty_target=a.length_penalty_target)
 
     def reference_async(self, samples: Batch):
-        """Start the reference's summed response log-probs of every sample (``sequence_logps`` [S])."""
+        """Start the reference's summed response log-probs of ``samples`` (``sequence_logps`` [S])."""
         group, method = self.groups.reference
         return group.call_async(method, samples)
 
@@ -304,11 +321,17 @@ class OnlineDPOTrainer(TrainingLoop):
         return {"compute_s": time.perf_counter() - start}
 
     # -- metrics and evaluation ----------------------------------------------------------
-    def sample_metrics(self, samples: Batch, scores: torch.Tensor, pairs) -> dict[str, float]:
+    def sample_metrics(self, samples: Batch, raw_scores: torch.Tensor, scores: torch.Tensor, pairs) -> dict[str, float]:
+        """The step's sample and pair metrics; ``scores`` are ``raw_scores`` (the reward model's) after the
+        missing-EOS and length penalties."""
         response_lengths = samples["response_mask"].sum(-1).float()
         responses = [tuple(row[m.bool()].tolist()) for row, m in zip(samples["sequences"], samples["response_mask"])]
+        a = self.c.algorithm
         metrics = {
             "objective/scores": float(scores.mean()),
+            "objective/rm_scores": float(raw_scores.mean()),
+            "objective/length_penalty": float(length_penalty(response_lengths, a.length_penalty,
+                                                             a.length_penalty_target).mean()),
             "val/contain_eos_token": float(samples["ended_with_eos"].float().mean()),
             "response_length/mean": float(response_lengths.mean()),
             "response/distinct_fraction": len(set(responses)) / len(responses),
@@ -328,7 +351,8 @@ class OnlineDPOTrainer(TrainingLoop):
         prompts = prompt_batch(self.eval_prompts, list(range(count)), 1, self.pad_token_id)
         samples = StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING))
         scores = self.groups.reward.score(samples)["scores"]
-        scores = scores - self.actor_cfg.missing_eos_penalty * (~samples["ended_with_eos"]).float()
+        # judged by the objective the pairs are built on: the RM score less the missing-EOS and length penalties
+        scores = self.pairing_rule(0).penalized(scores, samples["ended_with_eos"], samples["response_mask"].sum(-1))
         return {"samples": samples, "scores": scores}
 
     def compare_with_baseline(self) -> tuple[dict[str, float], dict[str, Any]]:

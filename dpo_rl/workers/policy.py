@@ -418,6 +418,10 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                 "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
                 "logps/chosen": chosen.detach(),
                 "logps/rejected": rejected.detach(),
+                # length bias (SimPO, RLHFlow): the pairs' response lengths, and how often the longer one is chosen
+                "pairs/chosen_length": chosen_tokens.float(),
+                "pairs/rejected_length": rejected_tokens.float(),
+                "pairs/length_win_rate": length_win(chosen_tokens, rejected_tokens),
                 "objective/kl": kl.detach(),
                 "objective/entropy": 0.5 * (entropy_c + entropy_r).detach(),
                 **gap,
@@ -451,6 +455,11 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         return compute
 
 
+def length_win(chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """[N] 1 where the chosen response is the longer, 0.5 on equal lengths, else 0."""
+    return (chosen_tokens > rejected_tokens).float() + 0.5 * (chosen_tokens == rejected_tokens).float()
+
+
 def _swap(swapped: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) from a row's (first, second) values: ``second`` is chosen where ``swapped``."""
     return torch.where(swapped, second, first), torch.where(swapped, first, second)
@@ -480,6 +489,7 @@ def probe_mismatch(expected: torch.Tensor, actual: torch.Tensor, params_dtype: s
 STAT_KEYS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "objective/kl", "objective/entropy",
+    "pairs/chosen_length", "pairs/rejected_length", "pairs/length_win_rate",
 )
 SFT_STAT_KEYS = ("loss", "tokens")
 #: Per-pair sums behind the rollout-vs-trainer log-prob gap (turned into metrics by :func:`gap_metrics`).

@@ -153,3 +153,26 @@ def test_win_rate_is_against_the_actors_initial_weights_whatever_the_reference(r
     assert separate["eval/baseline"] == same["eval/baseline"] == f"the actor's initial weights ({world_dir}/sft)"
     # ...while training did use the other reference: the implicit rewards start away from 0
     assert rows(separate_dir / "metrics.jsonl")[0]["rewards/margins"] != rows(same_dir / "metrics.jsonl")[0]["rewards/margins"]
+
+
+def test_four_samples_per_prompt_pair_best_with_worst_and_the_reference_scores_only_those(runs):
+    """n = 4, best-vs-worst, several prompts per micro-batch: the reference scores exactly the paired samples
+    (two per kept pair, not all four per prompt), and its log-probs reach the right rows (step 1's KL is 0).
+    A length penalty is logged and the pairs' length metrics are there."""
+    out, _ = runs("four_samples", "algorithm.num_responses_per_prompt=4", "algorithm.length_penalty=0.01",
+                  "algorithm.length_penalty_target=2", "actor_rollout_ref.actor_rollout.micro_batch_size=2",
+                  use_ray=False)
+    metrics = rows(out / "metrics.jsonl")
+    prompts = 4  # training.global_batch_size
+    missing_eos = compose("online_dpo_trainer_tiny", []).actor_rollout_ref.actor_rollout.missing_eos_penalty
+    for m in metrics:
+        assert m["pairs/count"] + m["pairs/dropped"] == prompts, m
+        assert m["reference/sequences"] == 2 * m["pairs/count"] < 4 * prompts, m
+        assert 0.0 <= m["pairs/length_win_rate"] <= 1.0 and m["pairs/chosen_length"] >= 1, m
+        assert m["objective/length_penalty"] > 0.0  # responses run past 2 tokens
+        eos_penalty = missing_eos * (1 - m["val/contain_eos_token"])
+        assert m["objective/scores"] == pytest.approx(m["objective/rm_scores"] - m["objective/length_penalty"]
+                                                      - eos_penalty, rel=1e-5, abs=1e-5)
+    first = metrics[0]
+    assert_close(first["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(first),
+                 what="KL of the policy against itself, reference rows picked from the paired samples")
