@@ -79,6 +79,8 @@ class LossOptions:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]
@@ -93,6 +95,55 @@ class LossInfo:
     uses_label_smoothing: bool = False
     batch_coupled: bool = False
     source: str = "TRL"
+    f_divergence: bool = False
+    """Reads the log-ratios only through :func:`f_divergence_scores` (so takes any ``f_divergence_type``)."""
+
+
+#: f-DPO's divergences (Wang et al. 2023, arXiv:2309.16240), TRL's ``f_divergence_type`` values.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(lp: "PairLogps", o: "LossOptions") -> tuple[torch.Tensor, torch.Tensor]:
+    """f'(u) at the chosen and the rejected response, u = pi / pi_ref (f-DPO, arXiv:2309.16240, Theorem 1; as
+    TRL 1.16 computes it): the scores whose difference the DPO-style losses compare instead of dc - dr.
+
+    reverse_kl: log u (DPO); forward_kl: 1 - 1/u; js_divergence: log(2u / (1 + u)); alpha_divergence with
+    a = ``f_alpha_divergence_coef``: (u^(a-1) - 1) / (a-1), log u at a = 1 (its exponent capped at 80, as TRL).
+    """
+    dc, dr = lp.chosen_logratios, lp.rejected_logratios
+    kind = o.f_divergence_type
+    if kind == "reverse_kl":
+        return dc, dr
+    if kind == "forward_kl":
+        return 1 - torch.exp(-dc), 1 - torch.exp(-dr)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(dc), math.log(2) + F.logsigmoid(dr)
+    if kind == "alpha_divergence":
+        a = o.f_alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:
+            return dc, dr
+        return tuple(torch.expm1(((a - 1.0) * d).clamp(max=80.0)) / (a - 1.0) for d in (dc, dr))
+    raise ValueError(f"unknown algorithm.f_divergence_type {kind!r}; use one of {F_DIVERGENCES}")
+
+
+def f_divergence_problem(kind: str, loss_names: Sequence[str]) -> str:
+    """Why ``algorithm.f_divergence_type`` = ``kind`` cannot go with ``loss_names`` (``""`` when it can)."""
+    if kind not in F_DIVERGENCES:
+        return f"algorithm.f_divergence_type={kind!r} is unknown; use one of {F_DIVERGENCES}"
+    unsupported = [name for name in loss_names if name in LOSSES and not LOSSES[name].f_divergence]
+    if kind != "reverse_kl" and unsupported:
+        supported = sorted(n for n, info in LOSSES.items() if info.f_divergence)
+        return (f"algorithm.f_divergence_type={kind!r} does not apply to algorithm.loss_type {unsupported} (no "
+                f"f-divergence form); use it with {supported}, or keep reverse_kl")
+    return ""
+
+
+def _score_margin(lp: "PairLogps", o: "LossOptions") -> torch.Tensor:
+    """The chosen-minus-rejected score under ``o.f_divergence_type`` (``lp.margin`` for DPO's reverse KL)."""
+    if o.f_divergence_type == "reverse_kl":
+        return lp.margin
+    chosen, rejected = f_divergence_scores(lp, o)
+    return chosen - rejected
 
 
 def _smoothed_sigmoid(logits: torch.Tensor, e: float) -> torch.Tensor:
@@ -104,17 +155,18 @@ def sigmoid(lp: PairLogps, o: LossOptions) -> torch.Tensor:
 
     With e > 0, conservative DPO (Mitchell 2023): -(1-e) log sigma(b h) - e log sigma(-b h).
     """
-    return _smoothed_sigmoid(o.beta * lp.margin, o.label_smoothing)
+    return _smoothed_sigmoid(o.beta * _score_margin(lp, o), o.label_smoothing)
 
 
 def hinge(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     """SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425): max(0, 1 - b h)."""
-    return torch.relu(1 - o.beta * lp.margin)
+    return torch.relu(1 - o.beta * _score_margin(lp, o))
 
 
 def ipo(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     """IPO, Azar et al. 2023 (arXiv:2310.12036) eq. 17: (h' - 1/(2b))^2, h' on length-averaged log-ratios."""
-    h = lp.chosen_logratios / lp.chosen_tokens - lp.rejected_logratios / lp.rejected_tokens
+    chosen, rejected = f_divergence_scores(lp, o)
+    h = chosen / lp.chosen_tokens - rejected / lp.rejected_tokens
     return (h - 1 / (2 * o.beta)) ** 2
 
 
@@ -122,7 +174,7 @@ def exo_pair(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     """EXO, Ji et al. 2024 (arXiv:2402.00856) eq. 16: KL(softmax(b [dc, dr]) || [1-e, e]); needs e > 0."""
     if o.label_smoothing <= 0:
         raise ValueError("exo_pair needs algorithm.label_smoothing > 0 (the paper suggests 1e-3)")
-    logits = o.beta * lp.margin
+    logits = o.beta * _score_margin(lp, o)
     e = torch.tensor(o.label_smoothing, dtype=logits.dtype, device=logits.device)
     return (torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-e))
             + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(e)))
@@ -139,7 +191,7 @@ def robust(lp: PairLogps, o: LossOptions) -> torch.Tensor:
 
     ((1-e)(-log sigma(b h)) - e(-log sigma(-b h))) / (1 - 2e).
     """
-    logits, e = o.beta * lp.margin, o.label_smoothing
+    logits, e = o.beta * _score_margin(lp, o), o.label_smoothing
     return (-(1 - e) * F.logsigmoid(logits) + e * F.logsigmoid(-logits)) / (1 - 2 * e)
 
 
@@ -184,7 +236,7 @@ def discopop(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     ``exp(-x) m`` is evaluated as ``exp(-x + log sigma(x / tau))`` so a very negative x gives a
     large finite value instead of inf x 0.
     """
-    x = o.beta * lp.margin
+    x = o.beta * _score_margin(lp, o)
     modulation = torch.sigmoid(x / o.discopop_tau)
     return -F.logsigmoid(x) * (1 - modulation) + torch.exp(-x + F.logsigmoid(x / o.discopop_tau))
 
@@ -198,7 +250,8 @@ def sft(lp: PairLogps, o: LossOptions) -> torch.Tensor:  # noqa: ARG001
 
 def sigmoid_norm(lp: PairLogps, o: LossOptions) -> torch.Tensor:
     """Length-normalised DPO (as TRL's ``sigmoid_norm``): -log sigma(b (dc/|y_c| - dr/|y_r|))."""
-    h = lp.chosen_logratios / lp.chosen_tokens - lp.rejected_logratios / lp.rejected_tokens
+    chosen, rejected = f_divergence_scores(lp, o)
+    h = chosen / lp.chosen_tokens - rejected / lp.rejected_tokens
     return -F.logsigmoid(o.beta * h)
 
 
@@ -231,21 +284,21 @@ def simpo(lp: PairLogps, o: LossOptions) -> torch.Tensor:
 
 
 LOSSES: dict[str, LossInfo] = {
-    "sigmoid": LossInfo(sigmoid, uses_label_smoothing=True),
-    "hinge": LossInfo(hinge),
-    "ipo": LossInfo(ipo),
-    "exo_pair": LossInfo(exo_pair, uses_label_smoothing=True),
+    "sigmoid": LossInfo(sigmoid, uses_label_smoothing=True, f_divergence=True),
+    "hinge": LossInfo(hinge, f_divergence=True),
+    "ipo": LossInfo(ipo, f_divergence=True),
+    "exo_pair": LossInfo(exo_pair, uses_label_smoothing=True, f_divergence=True),
     "nca_pair": LossInfo(nca_pair),
-    "robust": LossInfo(robust, uses_label_smoothing=True),
+    "robust": LossInfo(robust, uses_label_smoothing=True, f_divergence=True),
     "bco_pair": LossInfo(bco_pair),
     "sppo_hard": LossInfo(sppo_hard),
     "aot": LossInfo(aot, uses_label_smoothing=True, batch_coupled=True),
     "aot_unpaired": LossInfo(aot_unpaired, uses_label_smoothing=True, batch_coupled=True),
     "apo_zero": LossInfo(apo_zero),
     "apo_down": LossInfo(apo_down),
-    "discopop": LossInfo(discopop),
-    "sft": LossInfo(sft, needs_reference=False, batch_coupled=True),
-    "sigmoid_norm": LossInfo(sigmoid_norm),
+    "discopop": LossInfo(discopop, f_divergence=True),
+    "sft": LossInfo(sft, needs_reference=False, batch_coupled=True, f_divergence=True),
+    "sigmoid_norm": LossInfo(sigmoid_norm, f_divergence=True),
     "kto_pair": LossInfo(kto_pair, batch_coupled=True, source="LLaMA-Factory"),
     "orpo": LossInfo(orpo, needs_reference=False, source="LLaMA-Factory"),
     "simpo": LossInfo(simpo, needs_reference=False, source="LLaMA-Factory"),
@@ -292,6 +345,9 @@ class LossSpec:
             raise ValueError(f"algorithm.loss_weights has {len(weights)} entries for {len(names)} loss types")
         for name in names:
             loss_info(name)
+        problem = f_divergence_problem(options.get("f_divergence_type", "reverse_kl"), names)
+        if problem:
+            raise ValueError(problem)
         return cls(tuple(zip(names, map(float, weights))), float(pref_ftx), LossOptions(**options))
 
     @property

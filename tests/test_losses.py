@@ -163,3 +163,32 @@ def test_bad_inputs_are_clear_errors():
         compute_preference_loss(logps([-1.0], [-2.0]), LossSpec.create(["simpo", "ipo"]))
     with pytest.raises(ValueError, match="label_smoothing > 0"):
         preference_losses("exo_pair", logps(**ONE), LossOptions())
+
+
+@pytest.mark.parametrize("divergence, coef, margin", [
+    ("reverse_kl", 0.5, 2 * math.log(2)),  # log u: log 2 - log(1/2)
+    ("forward_kl", 0.5, 1.5),  # 1 - 1/u: (1 - 1/2) - (1 - 2)
+    ("js_divergence", 0.5, math.log(2)),  # log(2u / (1 + u)): log(4/3) - log(2/3)
+    ("alpha_divergence", 0.5, math.sqrt(2)),  # (u^-1/2 - 1) / -1/2: (2 - sqrt 2) - (2 - 2 sqrt 2)
+    ("alpha_divergence", 1.0, 2 * math.log(2)),  # the limit a -> 1 is log u
+])
+def test_f_divergences_replace_the_log_ratios_by_their_f_prime(divergence, coef, margin):
+    """u = pi / pi_ref = 2 for the chosen and 1/2 for the rejected response; with beta 1, sigmoid = -log sigma(margin)
+    and sigmoid_norm divides each side by its length first."""
+    from dpo_rl.losses import f_divergence_scores
+
+    lp = logps([math.log(2) - 5], [-math.log(2) - 7], [-5.0], [-7.0], nc=[2.0], nr=[4.0])
+    options = LossOptions(beta=1.0, f_divergence_type=divergence, f_alpha_divergence_coef=coef)
+    chosen, rejected = f_divergence_scores(lp, options)
+    assert float(chosen - rejected) == pytest.approx(margin, rel=1e-12)
+    assert preference_losses("sigmoid", lp, options).tolist() == pytest.approx([-ls(margin)], rel=1e-12)
+    assert preference_losses("sigmoid_norm", lp, options).tolist() == pytest.approx(
+        [-ls(float(chosen) / 2 - float(rejected) / 4)], rel=1e-12)
+
+
+def test_an_f_divergence_needs_a_loss_with_an_f_divergence_form():
+    with pytest.raises(ValueError, match="f_divergence_type='chi2' is unknown"):
+        LossSpec.create("sigmoid", f_divergence_type="chi2")
+    with pytest.raises(ValueError, match=r"does not apply to algorithm.loss_type \['nca_pair'\]"):
+        LossSpec.create(["sigmoid", "nca_pair"], f_divergence_type="forward_kl")
+    assert LossSpec.create(["sigmoid", "sft"], f_divergence_type="forward_kl").options.f_divergence_type == "forward_kl"

@@ -154,3 +154,45 @@ def test_every_shared_loss_equals_trl(parity, name):
                         ref_rejected=policy.ref_chosen)
     assert_differs(float(compute_preference_loss(swapped, spec).losses.mean()), float(trl_loss), rtol=RTOL_LOSS,
                    derived=derived, factor=10.0, what=f"{name} with chosen and rejected swapped")
+
+
+#: The DPO-style losses TRL 1.16 lets an f-divergence replace the log-ratios in (sft reads none), with options.
+F_DIVERGENCE_LOSSES = {"sigmoid": {}, "hinge": {}, "ipo": {}, "exo_pair": {"label_smoothing": 1e-3},
+                       "robust": {"label_smoothing": 0.1}, "discopop": {}, "sigmoid_norm": {}}
+
+
+def trl_per_example_losses(trainer, examples) -> torch.Tensor:
+    """TRL's loss of each example on its own (a batch of one), with the trainer's current options."""
+    trainer.model.eval()
+    with torch.no_grad():
+        return torch.stack([trainer.compute_loss(trainer.model, dict(trainer.data_collator([e]))).detach()
+                            for e in examples])
+
+
+@pytest.mark.parametrize("name", sorted(F_DIVERGENCE_LOSSES))
+@pytest.mark.parametrize("divergence, coef", [("forward_kl", 0.5), ("js_divergence", 0.5),
+                                              ("alpha_divergence", 0.5), ("alpha_divergence", 2.0)])
+def test_f_divergence_losses_equal_trl_per_example(parity, name, divergence, coef):
+    """f-DPO (arXiv:2309.16240): TRL's ``f_divergence_type`` / ``f_alpha_divergence_coef``, example by example."""
+    trainer, options = parity["trainer"], F_DIVERGENCE_LOSSES[name]
+    trainer.loss_types, trainer.loss_weights = [name], [1.0]
+    trainer.label_smoothing = options.get("label_smoothing", 0.0)
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = divergence, coef
+    try:
+        trl = trl_per_example_losses(trainer, parity["examples"])
+    finally:
+        trainer.f_divergence_type, trainer.f_alpha_divergence_coef = "reverse_kl", 0.5
+    policy = our_logps(parity["policy"], parity["config"], parity["examples"])
+    reference = our_logps(parity["reference"], parity["config"], parity["examples"])
+    policy.ref_chosen, policy.ref_rejected = reference.chosen, reference.rejected
+    spec = LossSpec.create(name, beta=BETA, discopop_tau=trainer.args.discopop_tau, f_divergence_type=divergence,
+                           f_alpha_divergence_coef=coef, **options)
+    ours = compute_preference_loss(policy, spec).losses
+    dpo = compute_preference_loss(policy, LossSpec.create(name, beta=BETA, discopop_tau=trainer.args.discopop_tau,
+                                                          **options)).losses
+    for i in range(len(ours)):
+        derived = loss_tolerance(policy.select(torch.tensor([i])), spec)
+        assert_close(float(ours[i]), float(trl[i]), rtol=RTOL_LOSS, derived=derived,
+                     what=f"{name} under {divergence} (coef {coef}), example {i}")
+    # a negative control: the divergence changes the loss (else the option would be ignored on both sides)
+    assert float((ours - dpo).abs().max()) > 100 * RTOL_LOSS * float(ours.abs().max())

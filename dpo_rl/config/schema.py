@@ -306,6 +306,12 @@ class AlgorithmConfig:
     """DiscoPOP's temperature."""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin."""
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO (arXiv:2309.16240, TRL's name): the divergence to the reference whose f'(pi/pi_ref) replaces the
+    log-ratio in the DPO-style losses (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft):
+    ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``."""
+    f_alpha_divergence_coef: float = 0.5
+    """``alpha_divergence``'s alpha (TRL's ``f_alpha_divergence_coef``; 1 gives reverse_kl)."""
     reference: str = "model"
     """Where reference log-probs come from: ``model`` (the ref role, live; its ``load`` defaults to the actor's
     initial weights), ``precomputed`` (offline DPO: the ref role scores the dataset once, the result is cached
@@ -330,7 +336,8 @@ class AlgorithmConfig:
         """The :class:`dpo_rl.losses.LossSpec` this section describes."""
         return LossSpec.create(self.loss_type, self.loss_weights, self.pref_ftx, beta=self.beta,
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
-                               simpo_gamma=self.simpo_gamma)
+                               simpo_gamma=self.simpo_gamma, f_divergence_type=self.f_divergence_type,
+                               f_alpha_divergence_coef=self.f_alpha_divergence_coef)
 
 
 @dataclass
