@@ -40,6 +40,9 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     ref_chosen: Optional[torch.Tensor] = None
     ref_rejected: Optional[torch.Tensor] = None
+    chosen_wpo: Optional[torch.Tensor] = None
+    """[N] WPO's aligned log-prob of the chosen response under the policy (``use_weighting``; detached)."""
+    rejected_wpo: Optional[torch.Tensor] = None
 
     def select(self, index: torch.Tensor) -> "PairLogps":
         """The pairs at ``index``."""
@@ -81,6 +84,7 @@ class LossOptions:
     simpo_gamma: float = 0.5
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]
@@ -348,6 +352,9 @@ class LossSpec:
         problem = f_divergence_problem(options.get("f_divergence_type", "reverse_kl"), names)
         if problem:
             raise ValueError(problem)
+        problem = weighting_problem(bool(options.get("use_weighting")), names)
+        if problem:
+            raise ValueError(problem)
         return cls(tuple(zip(names, map(float, weights))), float(pref_ftx), LossOptions(**options))
 
     @property
@@ -359,10 +366,29 @@ class LossSpec:
         return any(LOSSES[name].batch_coupled for name, _ in self.terms)
 
 
+def weighting_problem(use_weighting: bool, loss_names: Sequence[str]) -> str:
+    """Why WPO cannot weigh ``loss_names`` (``""`` when it can): losses that couple a batch's pairs (aot,
+    aot_unpaired, kto_pair; TRL refuses aot's too) have no per-pair loss to weigh. sft's batch mean can be."""
+    coupled = [n for n in loss_names if n in LOSSES and LOSSES[n].batch_coupled and n != "sft"]
+    if use_weighting and coupled:
+        return (f"algorithm.use_weighting (WPO) weighs each pair's loss, but algorithm.loss_type {coupled} couples "
+                "the pairs of a batch; use another loss or set algorithm.use_weighting: false")
+    return ""
+
+
+def wpo_weights(lp: PairLogps) -> torch.Tensor:
+    """[N] WPO's pair weight (Zhou et al. 2024, arXiv:2406.11827, eq. 2, as TRL 1.16): exp of the chosen and the
+    rejected response's aligned log-probs (the policy's per-token log-prob minus log sum_v p_v^2, averaged over
+    the response), so pairs the policy itself would likely sample weigh more; detached."""
+    if lp.chosen_wpo is None or lp.rejected_wpo is None:
+        raise ValueError("algorithm.use_weighting needs the pairs' WPO log-probs (chosen_wpo, rejected_wpo)")
+    return torch.exp(lp.chosen_wpo + lp.rejected_wpo).detach()
+
+
 @dataclass
 class PreferenceLossOutput:
     losses: torch.Tensor
-    """[N] per-pair loss (weighted sum of the terms plus pref_ftx x SFT)."""
+    """[N] per-pair loss (weighted sum of the terms plus pref_ftx x SFT; times the WPO weight with use_weighting)."""
     chosen_rewards: torch.Tensor
     """[N] implicit reward of the chosen response (detached): b (chosen - ref_chosen), or b ac without a reference."""
     rejected_rewards: torch.Tensor
@@ -377,6 +403,8 @@ def compute_preference_loss(lp: PairLogps, spec: LossSpec) -> PreferenceLossOutp
         losses = losses + weight * LOSSES[name].fn(lp, spec.options)
     if spec.pref_ftx:
         losses = losses + spec.pref_ftx * (-lp.chosen_mean)
+    if spec.options.use_weighting:
+        losses = losses * wpo_weights(lp)
     beta = spec.options.beta
     if lp.has_reference:
         chosen_rewards, rejected_rewards = beta * lp.chosen_logratios, beta * lp.rejected_logratios

@@ -192,3 +192,15 @@ def test_an_f_divergence_needs_a_loss_with_an_f_divergence_form():
     with pytest.raises(ValueError, match=r"does not apply to algorithm.loss_type \['nca_pair'\]"):
         LossSpec.create(["sigmoid", "nca_pair"], f_divergence_type="forward_kl")
     assert LossSpec.create(["sigmoid", "sft"], f_divergence_type="forward_kl").options.f_divergence_type == "forward_kl"
+
+
+def test_wpo_multiplies_each_pairs_loss_by_its_weight_and_needs_the_wpo_logps():
+    lp = logps([-3.0, -5.0], [-8.0, -4.0], [-4.0, -5.0], [-6.0, -4.5], nc=[2.0, 3.0], nr=[4.0, 2.0])
+    plain = compute_preference_loss(lp, LossSpec.create("sigmoid", beta=B)).losses
+    with pytest.raises(ValueError, match="WPO log-probs"):
+        compute_preference_loss(lp, LossSpec.create("sigmoid", beta=B, use_weighting=True))
+    lp.chosen_wpo, lp.rejected_wpo = t([-0.5, -2.0]), t([-1.0, -0.25])
+    weighted = compute_preference_loss(lp, LossSpec.create("sigmoid", beta=B, use_weighting=True)).losses
+    assert weighted.tolist() == pytest.approx((plain * t([math.exp(-1.5), math.exp(-2.25)])).tolist(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"loss_type \['kto_pair'\] couples"):
+        LossSpec.create(["sigmoid", "kto_pair"], use_weighting=True)

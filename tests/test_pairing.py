@@ -113,7 +113,8 @@ def test_length_penalty_lowers_scores_beyond_the_target_and_can_change_the_pair(
 
     lengths = torch.tensor([3, 8, 12, 5])
     assert length_penalty(lengths, 0.5, 5).tolist() == [0.0, 1.5, 3.5, 0.0]
-    scores, eos, prompt_index = torch.tensor([1.0, 2.0, 3.0, 1.5]), torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long)
+    scores, eos = torch.tensor([1.0, 2.0, 3.0, 1.5]), torch.ones(4, dtype=torch.bool)
+    prompt_index = torch.zeros(4, dtype=torch.long)
     plain = PairingRule(strategy="best_vs_worst", min_score_margin=0.0, tie_policy="skip", missing_eos_penalty=1.0,
                         seed=0)
     assert as_pairs(plain.pairs(scores, eos, prompt_index, lengths)) == [(2, 0)]  # the longest scores highest

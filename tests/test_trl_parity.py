@@ -49,16 +49,22 @@ def parity(megatron_single_rank, tmp_path_factory):
         chosen, rejected = world.preference_pair(p, rng)
         rows.append({"prompt": p + "\n", "chosen": chosen, "rejected": rejected})
     config = tiny_config("llama")
-    policy, reference = tiny_hf_model(config, seed=11), tiny_hf_model(config, seed=12)
-    args = DPOConfig(output_dir=str(tmp / "out"), use_cpu=True, per_device_train_batch_size=len(rows),
-                     max_length=None, report_to=[], beta=BETA, bf16=False, fp16=False, dataset_num_proc=None,
-                     logging_steps=1, disable_tqdm=True)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer)
+
+    def trainer_for(**options):
+        """A DPOTrainer over fresh copies of the policy (seed 11) and the reference (seed 12): TRL patches the
+        models' forward for the outputs its options need."""
+        args = DPOConfig(output_dir=str(tmp / "out"), use_cpu=True, per_device_train_batch_size=len(rows),
+                         max_length=None, report_to=[], beta=BETA, bf16=False, fp16=False, dataset_num_proc=None,
+                         logging_steps=1, disable_tqdm=True, **options)
+        return DPOTrainer(model=tiny_hf_model(config, seed=11), ref_model=tiny_hf_model(config, seed=12), args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+    trainer = trainer_for()
     examples = [trainer.train_dataset[i] for i in range(len(rows))]
     batch = trainer.data_collator(examples)
-    return {"trainer": trainer, "batch": batch, "examples": examples, "config": config, "policy": policy,
-            "reference": reference}
+    return {"trainer": trainer, "batch": batch, "examples": examples, "config": config,
+            "policy": tiny_hf_model(config, seed=11), "reference": tiny_hf_model(config, seed=12),
+            "trainer_for": trainer_for}
 
 
 def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,15 +78,16 @@ def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logps.chunk(2)
 
 
-def our_logps(hf_model, config, examples) -> PairLogps:
-    """The same token ids through our Megatron-core model path (as the workers' rollout_logprobs)."""
+def our_logps(hf_model, config, examples, wpo: bool = False) -> PairLogps:
+    """The same token ids through our Megatron-core model path (as the workers' sequence_logprobs); with ``wpo``
+    also WPO's aligned log-probs."""
     import numpy as np
 
     from dpo_rl.workers.base import pair_microbatch
     from dpo_rl.workers.megatron.forward import run_microbatches
     from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
     from dpo_rl.workers.megatron.model_factory import build_gpt_model
-    from dpo_rl.workers.policy import _logprobs_compute
+    from dpo_rl.workers.policy import _logprobs_and_wpo_compute, _logprobs_compute
 
     model = build_gpt_model(config, ParallelConfig())
     load_into_current_rank(model, hf_model.state_dict(), config)
@@ -91,11 +98,15 @@ def our_logps(hf_model, config, examples) -> PairLogps:
     from dpo_rl.batch import Batch
 
     with torch.no_grad():
-        out = run_microbatches(model, [pair_microbatch(Batch(pairs))], _logprobs_compute, forward_only=True)
+        out = run_microbatches(model, [pair_microbatch(Batch(pairs))],
+                               _logprobs_and_wpo_compute if wpo else _logprobs_compute, forward_only=True)
     logps = out[0]["logps"]
     n = len(items)
     tokens = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])[:, 1:].sum(-1).float()
-    return PairLogps(chosen=logps[:n], rejected=logps[n:], chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
+    lp = PairLogps(chosen=logps[:n], rejected=logps[n:], chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])
+    if wpo:
+        lp.chosen_wpo, lp.rejected_wpo = out[0]["wpo"][:n], out[0]["wpo"][n:]
+    return lp
 
 
 def test_per_example_logps_equal_trl(parity):
@@ -125,8 +136,9 @@ def loss_tolerance(logps: PairLogps, spec: LossSpec) -> float:
     inputs = [getattr(logps, n) for n in names]
 
     def batch_loss(*values):
+        wpo = {k: getattr(logps, k).double() for k in ("chosen_wpo", "rejected_wpo") if getattr(logps, k) is not None}
         moved = PairLogps(**dict(zip(names, values)), chosen_tokens=logps.chosen_tokens.double(),
-                          rejected_tokens=logps.rejected_tokens.double())
+                          rejected_tokens=logps.rejected_tokens.double(), **wpo)
         return compute_preference_loss(moved, spec).losses.mean()
 
     return first_order_bound(batch_loss, inputs, [RTOL_LOGPS * x.abs() for x in inputs])
@@ -196,3 +208,26 @@ def test_f_divergence_losses_equal_trl_per_example(parity, name, divergence, coe
                      what=f"{name} under {divergence} (coef {coef}), example {i}")
     # a negative control: the divergence changes the loss (else the option would be ignored on both sides)
     assert float((ours - dpo).abs().max()) > 100 * RTOL_LOSS * float(ours.abs().max())
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "sft"])
+def test_wpo_weighted_losses_equal_trl_per_example(parity, name):
+    """WPO (arXiv:2406.11827): TRL's ``use_weighting``, example by example."""
+    trainer = parity["trainer_for"](use_weighting=True, loss_type=[name])
+    trl = trl_per_example_losses(trainer, parity["examples"])
+    policy = our_logps(parity["policy"], parity["config"], parity["examples"], wpo=True)
+    reference = our_logps(parity["reference"], parity["config"], parity["examples"])
+    policy.ref_chosen, policy.ref_rejected = reference.chosen, reference.rejected
+    spec = LossSpec.create(name, beta=BETA, use_weighting=True)
+    # each example as TRL sees it, a batch of one (sft's token mean is over the batch)
+    ours = torch.cat([compute_preference_loss(policy.select(torch.tensor([i])), spec).losses
+                      for i in range(len(trl))])
+    unweighted = torch.cat([compute_preference_loss(policy.select(torch.tensor([i])),
+                                                    LossSpec.create(name, beta=BETA)).losses for i in range(len(trl))])
+    weights = torch.exp(policy.chosen_wpo + policy.rejected_wpo)
+    for i in range(len(ours)):
+        # the weight's exponent sums two length-averaged log-probs: its error is their rounding, not the sums'
+        derived = loss_tolerance(policy.select(torch.tensor([i])), spec) + float(ours[i].abs()) * 1e-5
+        assert_close(float(ours[i]), float(trl[i]), rtol=RTOL_LOSS, derived=derived, what=f"WPO {name}, example {i}")
+    assert bool(((weights < 0.99) & (weights > 0)).all())  # a real down-weighting (tiny random models: p << 1)
+    assert_close(ours, unweighted * weights, rtol=1e-6, scale=0.0, what="the weighted loss")

@@ -39,7 +39,7 @@ from dpo_rl.config.schema import (
 from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
 from dpo_rl.data.tokenizers import tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
-from dpo_rl.losses import LOSSES, f_divergence_problem
+from dpo_rl.losses import LOSSES, f_divergence_problem, weighting_problem
 from dpo_rl.tracking import PACKAGED_TRACKERS, REPORT_TO
 
 #: Role name -> where its section lives in the config.
@@ -417,7 +417,8 @@ def check_loss(c: ResolvedConfig) -> list[str]:
         p.append("algorithm.loss_type exo_pair needs algorithm.label_smoothing > 0 (the EXO paper suggests 1e-3)")
     if a.discopop_tau <= 0:
         p.append(f"algorithm.discopop_tau={a.discopop_tau} must be > 0")
-    p.extend(filter(None, [f_divergence_problem(a.f_divergence_type, names)]))
+    p.extend(filter(None, [f_divergence_problem(a.f_divergence_type, names),
+                           weighting_problem(a.use_weighting, names)]))
     if a.reference not in REFERENCES:
         p.append(f"algorithm.reference={a.reference!r} is unknown; use one of {REFERENCES}")
     needs = [n for n in names if LOSSES[n].needs_reference]

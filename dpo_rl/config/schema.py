@@ -312,6 +312,10 @@ class AlgorithmConfig:
     ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``."""
     f_alpha_divergence_coef: float = 0.5
     """``alpha_divergence``'s alpha (TRL's ``f_alpha_divergence_coef``; 1 gives reverse_kl)."""
+    use_weighting: bool = False
+    """WPO (arXiv:2406.11827, TRL's name): weigh each pair's loss by exp of its two responses' length-averaged
+    log-probs under the policy, each token's taken relative to log sum_v p_v^2 of its distribution (detached),
+    so pairs close to what the policy samples count more (offline data); not with aot, aot_unpaired, kto_pair."""
     reference: str = "model"
     """Where reference log-probs come from: ``model`` (the ref role, live; its ``load`` defaults to the actor's
     initial weights), ``precomputed`` (offline DPO: the ref role scores the dataset once, the result is cached
@@ -337,7 +341,8 @@ class AlgorithmConfig:
         return LossSpec.create(self.loss_type, self.loss_weights, self.pref_ftx, beta=self.beta,
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
                                simpo_gamma=self.simpo_gamma, f_divergence_type=self.f_divergence_type,
-                               f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                               f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                               use_weighting=self.use_weighting)
 
 
 @dataclass

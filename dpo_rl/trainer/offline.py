@@ -87,16 +87,24 @@ def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
     return response_mask[:, 1:].sum(-1).to(torch.float32)
 
 
-def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen [N], rejected [N]) values of ``group.method`` (a DP-dispatched per-sequence RPC returning ``key``)
-    on ``pairs``, in calls of ``chunk`` pairs."""
-    chosen, rejected = [], []
+def score_pair_values(group, method: str, keys: tuple[str, ...], pairs: Batch, chunk: int,
+                      **options: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """key -> (chosen [N], rejected [N]) values of ``group.method(samples, **options)`` (a DP-dispatched
+    per-sequence RPC returning ``keys``) on ``pairs``, in calls of ``chunk`` pairs."""
+    chosen: dict[str, list] = {k: [] for k in keys}
+    rejected: dict[str, list] = {k: [] for k in keys}
     for start in range(0, len(pairs), chunk):
         part = pairs.rows(slice(start, start + chunk))
-        values = getattr(group, method)(pairs_as_samples(part))[key]
-        chosen.append(values[: len(part)])
-        rejected.append(values[len(part):])
-    return torch.cat(chosen), torch.cat(rejected)
+        result = getattr(group, method)(pairs_as_samples(part), **options)
+        for key in keys:
+            chosen[key].append(result[key][: len(part)])
+            rejected[key].append(result[key][len(part):])
+    return {k: (torch.cat(chosen[k]), torch.cat(rejected[k])) for k in keys}
+
+
+def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [N], rejected [N]) values of ``group.method`` (returning ``key``) on ``pairs``, in calls of ``chunk``."""
+    return score_pair_values(group, method, (key,), pairs, chunk)[key]
 
 
 def pair_logps(group, pairs: Batch, chunk: int, method: str = "sequence_logprobs") -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +135,16 @@ class PreferenceObjective(OfflineObjective):
         self.spec = spec
 
     def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:
-        chosen, rejected = pair_logps(loop.trained, rows, loop.chunk)
+        if self.spec.options.use_weighting:  # WPO: the policy's aligned log-probs weigh the held-out loss too
+            values = score_pair_values(loop.trained, "sequence_logprobs", ("sequence_logps", "wpo_logps"), rows,
+                                       loop.chunk, wpo=True)
+            (chosen, rejected), (chosen_wpo, rejected_wpo) = values["sequence_logps"], values["wpo_logps"]
+        else:
+            (chosen, rejected), chosen_wpo, rejected_wpo = pair_logps(loop.trained, rows, loop.chunk), None, None
         ref_c, ref_r = loop.eval_reference(split, rows) if loop.uses_reference else (None, None)
         lp = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=response_tokens(rows["chosen_response"]),
                        rejected_tokens=response_tokens(rows["rejected_response"]), ref_chosen=ref_c,
-                       ref_rejected=ref_r)
+                       ref_rejected=ref_r, chosen_wpo=chosen_wpo, rejected_wpo=rejected_wpo)
         out = compute_preference_loss(lp, self.spec)
         return {
             "eval/loss": float(out.losses.mean()),

@@ -58,6 +58,12 @@ def _logprobs_compute(output, micro):
     return output.sum() * 0, {"logps": lp.summed}
 
 
+def _logprobs_and_wpo_compute(output, micro):
+    """:func:`_logprobs_compute` and each sequence's WPO aligned log-prob (``wpo``)."""
+    lp = microbatch_logprobs(output, micro, with_sum_sq=True)
+    return output.sum() * 0, {"logps": lp.summed, "wpo": lp.wpo_logps()}
+
+
 class PolicyWorker(MegatronWorker):
     """Samples and scores log-probs with a causal LM (no optimizer).
 
@@ -153,8 +159,10 @@ class PolicyWorker(MegatronWorker):
         return result
 
     @register(Dispatch.DP)
-    def sequence_logprobs(self, samples: Batch) -> Batch:
-        """Summed response log-probs of each sequence under this worker's model: ``sequence_logps`` [S].
+    def sequence_logprobs(self, samples: Batch, wpo: bool = False) -> Batch:
+        """Summed response log-probs of each sequence under this worker's model: ``sequence_logps`` [S]; with
+        ``wpo`` also WPO's aligned log-prob (``wpo_logps`` [S],
+        :meth:`~dpo_rl.workers.megatron.logprobs.SequenceLogprobs.wpo_logps`).
 
         Computed once per sample (pairs index into it), so the reference can run while the
         reward model scores the same samples.
@@ -162,12 +170,14 @@ class PolicyWorker(MegatronWorker):
         def make_micro(part: Batch):
             return sequence_microbatch(part, extras={"response_mask": "response_mask"})
 
+        def gathered(outputs, key):  # non-output ranks have none: their zeros are ignored by the dispatcher
+            return torch.cat([o[key] for o in outputs])[: len(samples)].cpu() if outputs else torch.zeros(len(samples))
+
         with Stopwatch() as watch:
             inputs = self.to_device(samples.select(["sequences", "attention_mask", "response_mask"]))
-            outputs = self.forward_only(inputs, make_micro, _logprobs_compute)
-            logps = (torch.cat([o["logps"] for o in outputs])[: len(samples)].cpu()
-                     if outputs else torch.zeros(len(samples)))  # non-output ranks: ignored by the dispatcher
-        result = Batch({"sequence_logps": logps})
+            outputs = self.forward_only(inputs, make_micro, _logprobs_and_wpo_compute if wpo else _logprobs_compute)
+        result = Batch({"sequence_logps": gathered(outputs, "logps"),
+                        **({"wpo_logps": gathered(outputs, "wpo")} if wpo else {})})
         result.meta["compute_s"] = watch.seconds
         return result
 
@@ -378,9 +388,11 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         def compute(output, micro):
 
-            lp = microbatch_logprobs(output, micro, with_entropy=True)
+            weighting = spec.options.use_weighting
+            lp = microbatch_logprobs(output, micro, with_entropy=True, with_sum_sq=weighting)
             chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
+            chosen_wpo, rejected_wpo = split_pair_halves(lp.wpo_logps()) if weighting else (None, None)
             weight = micro.extras["weight"]
             ref_chosen, ref_rejected = self._reference_logps(micro)
             if self._late_pairing is not None:  # the rows are (first, second) samples: the scores orient them
@@ -390,9 +402,12 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                 chosen_tokens, rejected_tokens = _swap(swapped, chosen_tokens, rejected_tokens)
                 if ref_chosen is not None:
                     ref_chosen, ref_rejected = _swap(swapped, ref_chosen, ref_rejected)
+                if weighting:
+                    chosen_wpo, rejected_wpo = _swap(swapped, chosen_wpo, rejected_wpo)
             real = weight > 0
             logps = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens,
-                              rejected_tokens=rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+                              rejected_tokens=rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                              chosen_wpo=chosen_wpo, rejected_wpo=rejected_wpo)
             out = real_rows_loss(logps, spec, real)
             gap = {}
             if "rollout_logps" in micro.extras:

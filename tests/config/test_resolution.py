@@ -98,6 +98,8 @@ RULE_CASES = [
     (["+algorithm.length_penalty=-0.1"], "algorithm.length_penalty=-0.1 must be >= 0"),
     (["+algorithm.length_penalty_target=-1"], "algorithm.length_penalty_target=-1 must be >= 0"),
     (["+algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type='kl' is unknown"),
+    (["+algorithm.use_weighting=true", "algorithm.loss_type=aot"],
+     "algorithm.use_weighting (WPO) weighs each pair's loss, but algorithm.loss_type ['aot'] couples"),
     (["+algorithm.f_divergence_type=js_divergence", "algorithm.loss_type=bco_pair"],
      "algorithm.f_divergence_type='js_divergence' does not apply to algorithm.loss_type ['bco_pair']"),
     (["actor_rollout_ref.actor_rollout.do_sample=false"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -52,7 +54,7 @@ def test_offline_dpo_learns_the_preference_and_changes_every_parameter(world_dir
     history = rows(out / "metrics.jsonl")
     assert [h["step"] for h in history] == list(range(1, 7))
     assert {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "objective/kl", "actor/grad_norm",
-            "epoch"} <= set(history[0])
+            "epoch", "pairs/chosen_length", "pairs/rejected_length", "pairs/length_win_rate"} <= set(history[0])
     assert history[-1]["loss"] < history[0]["loss"]
     # held-out pairs: the policy's implicit reward now ranks chosen above rejected
     assert_close(summary["eval/rewards/margins_initial"], 0.0, rtol=RTOL_LOGPS, scale=margin_scale(summary, "_initial"),
@@ -64,6 +66,19 @@ def test_offline_dpo_learns_the_preference_and_changes_every_parameter(world_dir
     assert set(before) == set(after)
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, f"parameters that did not train: {unchanged}"
+
+
+def test_wpo_weighs_the_training_and_the_held_out_loss(world_dir, offline_data, tmp_path, dpo_run):
+    """use_weighting (WPO) with an f-divergence: at step 1 (policy == reference) js_divergence's scores are
+    log 2 + log sigma(0) = 0 for both sides, so each pair's sigmoid loss is log 2 times its WPO weight (< 1
+    here): the training and the held-out loss fall below log 2 by the mean weight."""
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "training.train_iters=2",
+                                 "+algorithm.use_weighting=true", "+algorithm.f_divergence_type=js_divergence"),
+                  use_ray=False)
+    history = rows(tmp_path / "metrics.jsonl")
+    assert 0.0 < history[0]["loss"] < 0.95 * math.log(2)
+    assert 0.0 < summary["eval/loss_initial"] < 0.95 * math.log(2)
+    assert dpo_run[1]["eval/loss_initial"] == pytest.approx(math.log(2), rel=1e-5)  # unweighted: log 2
 
 
 def test_reward_stage_learns_and_exports_a_loadable_reward_model(world_dir, offline_data, tmp_path):

@@ -1,4 +1,4 @@
-"""Per-token log-probs and entropy from vocab-parallel logits, never gathering the vocabulary.
+"""Per-token log-probs, entropy and WPO's log sum p^2 from vocab-parallel logits, never gathering the vocabulary.
 
 Under tensor parallelism each rank holds logits for a slice of the vocabulary
 ([b, s, V/TP]). Log-probs use megatron-core's ``vocab_parallel_cross_entropy`` (which
@@ -56,6 +56,21 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sum_exp.log() - weighted / sum_exp
 
 
+def vocab_parallel_log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 [..] of softmax(logits) (no gradient), ``logits`` [.., V/TP] this rank's vocab slice.
+
+    With m the global max: log sum_v exp(2 (z_v - m)) - 2 log sum_v exp(z_v - m).
+    """
+    with torch.no_grad():
+        logits = logits.float()
+        local_max = logits.amax(dim=-1, keepdim=True)
+        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=_tp_group())
+        shifted = logits - local_max
+        sums = torch.stack([shifted.exp().sum(dim=-1), (2 * shifted).exp().sum(dim=-1)])
+        torch.distributed.all_reduce(sums, group=_tp_group())
+        return sums[1].log() - 2 * sums[0].log()
+
+
 def vocab_parallel_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) [b, t] from this rank's vocab slice of ``logits`` [b, t, V/TP].
 
@@ -80,6 +95,9 @@ class SequenceLogprobs:
     entropy: torch.Tensor | None = None
     """[b, s-1] entropy of the next-token distribution where the target is a response token (0 elsewhere),
     when asked for."""
+    log_sum_sq_probs: torch.Tensor | None = None
+    """[b, s-1] log sum_v p_v^2 of the next-token distribution where the target is a response token (0
+    elsewhere; no gradient), when asked for: WPO's weights."""
 
     @property
     def summed(self) -> torch.Tensor:
@@ -90,6 +108,14 @@ class SequenceLogprobs:
     def num_tokens(self) -> torch.Tensor:
         """[b] number of response tokens."""
         return self.mask.sum(dim=-1)
+
+    def wpo_logps(self) -> torch.Tensor:
+        """[b] WPO's aligned log-prob (Zhou et al. 2024, arXiv:2406.11827, eq. 2, as TRL 1.16): the mean over
+        response tokens of log p(token) - log sum_v p_v^2, detached; exp of a pair's two is its weight."""
+        if self.log_sum_sq_probs is None:
+            raise ValueError("log_sum_sq_probs was not computed; pass with_sum_sq=True")
+        aligned = ((self.token_logprobs - self.log_sum_sq_probs) * self.mask).sum(-1) / self.num_tokens.clamp(min=1)
+        return aligned.detach()
 
     def mean_entropy(self) -> torch.Tensor:
         """[b] mean entropy over response positions (0 where a row has none)."""
@@ -106,6 +132,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     packing: Optional[PackPlan] = None,
     at_targets: bool = False,
+    with_sum_sq: bool = False,
 ) -> SequenceLogprobs:
     """Response log-probs (and entropy) from last-stage logits: [b, s, V/TP], a packed micro-batch's
     [R, W, V/TP] rows with its ``packing`` plan, or (``at_targets``) [T, V/TP], the logits at
@@ -134,9 +161,11 @@ def sequence_logprobs(
         log_probs = picked.float().log_softmax(dim=-1)
         picked_logprobs = log_probs.gather(-1, target_ids[:, None])[:, 0]
         picked_entropy = -(log_probs.exp() * log_probs).sum(dim=-1) if with_entropy else None
+        picked_sum_sq = torch.logsumexp(2 * log_probs.detach(), dim=-1) if with_sum_sq else None
     else:
         picked_logprobs = vocab_parallel_token_logprobs(picked[None], target_ids[None])[0]
         picked_entropy = vocab_parallel_entropy(picked) if with_entropy else None
+        picked_sum_sq = vocab_parallel_log_sum_sq_probs(picked) if with_sum_sq else None
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # [T] at the response targets -> [b, s-1], 0 elsewhere
         return values.new_zeros(batch, length - 1).index_put((row, column), values)
@@ -145,14 +174,17 @@ def sequence_logprobs(
         token_logprobs=spread(picked_logprobs.float()),
         mask=targets.float(),
         entropy=spread(picked_entropy.float()) if picked_entropy is not None else None,
+        log_sum_sq_probs=spread(picked_sum_sq.float()) if picked_sum_sq is not None else None,
     )
 
 
-def microbatch_logprobs(output: torch.Tensor, micro: "Microbatch", *, with_entropy: bool = False) -> SequenceLogprobs:
+def microbatch_logprobs(output: torch.Tensor, micro: "Microbatch", *, with_entropy: bool = False,
+                        with_sum_sq: bool = False) -> SequenceLogprobs:
     """:func:`sequence_logprobs` of a micro-batch's last-stage ``output`` in whichever layout its forward gave
     (padded, packed, or the LM head at the response targets)."""
     return sequence_logprobs(output, micro.input_ids, micro.extras["response_mask"], with_entropy=with_entropy,
-                             packing=micro.packing, at_targets=micro.head_positions is not None)
+                             packing=micro.packing, at_targets=micro.head_positions is not None,
+                             with_sum_sq=with_sum_sq)
 
 
 @dataclass

@@ -95,3 +95,22 @@ def test_vocab_parallel_path_equals_the_one_rank_path(megatron_single_rank):
     assert not one_rank.entropy[~response_positions].any()
     assert_close(one_rank.mean_entropy(), (vocab_parallel_entropy(shifted) * one_rank.mask).sum(-1)
                  / one_rank.num_tokens.clamp(min=1), rtol=RTOL, what="mean response entropy")
+
+
+def test_wpo_log_sum_sq_probs_match_hf_and_the_vocab_parallel_path(megatron_single_rank):
+    """WPO's log sum_v p_v^2 (one-rank log_softmax and vocab-parallel reductions) equals the textbook
+    log(sum(softmax^2)) from HF's logits, and wpo_logps averages log p - log sum p^2 over each response."""
+    from dpo_rl.workers.megatron.logprobs import vocab_parallel_log_sum_sq_probs
+
+    ids, response, ours_logits, hf_logits = setup()
+    ours = sequence_logprobs(ours_logits, ids, response, with_sum_sq=True)
+    probs = torch.softmax(hf_logits[:, :-1].float(), dim=-1)
+    expected = (probs ** 2).sum(-1).log()
+    mask = response[:, 1:].bool()
+    assert_close(ours.log_sum_sq_probs[mask], expected[mask], rtol=RTOL, what="log sum p^2")
+    assert_close(vocab_parallel_log_sum_sq_probs(ours_logits[:, :-1])[mask], expected[mask], rtol=RTOL,
+                 what="vocab-parallel log sum p^2")
+    token, _, _ = reference_from_hf_logits(hf_logits, ids, response)
+    aligned = ((token - expected) * mask).sum(-1) / mask.sum(-1)
+    assert_close(ours.wpo_logps(), aligned, rtol=RTOL, scale=0.0, what="WPO aligned log-probs")
+    assert not ours.wpo_logps().requires_grad and ours.log_sum_sq_probs[~mask].eq(0).all()
