@@ -85,6 +85,9 @@ class LossOptions:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     use_weighting: bool = False
+    ld_alpha: Optional[float] = None
+    """LD-DPO: weight of the response tokens beyond the pair's shared length in every summed log-prob (policy
+    and reference; ``None`` = plain sums). Applied where the log-probs are summed (the workers), not here."""
 
 
 LossFn = Callable[[PairLogps, LossOptions], torch.Tensor]
@@ -355,6 +358,9 @@ class LossSpec:
         problem = weighting_problem(bool(options.get("use_weighting")), names)
         if problem:
             raise ValueError(problem)
+        ld_alpha = options.get("ld_alpha")
+        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"algorithm.ld_alpha={ld_alpha} must be in [0, 1] (1 = plain DPO) or null")
         return cls(tuple(zip(names, map(float, weights))), float(pref_ftx), LossOptions(**options))
 
     @property

@@ -143,6 +143,19 @@ def prompt_pairs(prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return order[0::2], order[1::2]
 
 
+def shared_response_tokens(response_mask: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[S] for LD-DPO: each paired sample's pair's shorter response length (response tokens that are log-prob
+    targets, ``response_mask[:, 1:]``), for pairs (``first[i]``, ``second[i]``); 0 for unpaired samples. A
+    sample may be in one pair only (its log-prob is summed once)."""
+    index = torch.cat([first, second])
+    if len(torch.unique(index)) != len(index):
+        raise ValueError("LD-DPO sums each sample's log-probs once, for its one pair; a sample is in several pairs "
+                         "(algorithm.pairing_strategy: all_pairs); use best_vs_worst or set algorithm.ld_alpha: null")
+    lengths = response_mask[:, 1:].sum(-1)
+    shared = torch.minimum(lengths[first], lengths[second])
+    return torch.zeros_like(lengths).index_put_((index,), torch.cat([shared, shared]))
+
+
 def orient(first: torch.Tensor, second: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
     """For candidate pairs (``first[i]``, ``second[i]``) and the pairs the scores gave: ``kept`` [C] (the
     candidate is a pair) and ``swapped`` [C] (its chosen side is ``second``)."""

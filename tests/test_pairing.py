@@ -147,3 +147,15 @@ def test_paired_samples_keeps_only_paired_samples_and_points_each_pair_at_its_ro
     bad.rejected = torch.tensor([1, 0, 5])  # a pair across prompts 0 and 1
     with pytest.raises(RuntimeError, match="different prompts"):
         paired_samples(samples, bad)
+
+
+def test_shared_response_tokens_are_each_pairs_shorter_response_and_a_sample_has_one_pair():
+    from dpo_rl.pairing import shared_response_tokens
+
+    # response targets (response_mask[:, 1:]) per sample: 3, 5, 2, 4, 1
+    response = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1],
+                             [0, 0, 0, 0, 0, 1]])
+    shared = shared_response_tokens(response, torch.tensor([1, 3]), torch.tensor([0, 2]))
+    assert shared.tolist() == [3, 3, 2, 2, 0]  # sample 4 is in no pair
+    with pytest.raises(ValueError, match="several pairs"):
+        shared_response_tokens(response, torch.tensor([1, 1]), torch.tensor([0, 2]))

@@ -78,16 +78,17 @@ def trl_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logps.chunk(2)
 
 
-def our_logps(hf_model, config, examples, wpo: bool = False) -> PairLogps:
+def our_logps(hf_model, config, examples, wpo: bool = False, ld_alpha=None) -> PairLogps:
     """The same token ids through our Megatron-core model path (as the workers' sequence_logprobs); with ``wpo``
-    also WPO's aligned log-probs."""
+    also WPO's aligned log-probs; with ``ld_alpha`` LD-DPO's sums."""
     import numpy as np
 
-    from dpo_rl.workers.base import pair_microbatch
     from dpo_rl.workers.megatron.forward import run_microbatches
     from dpo_rl.workers.megatron.hf_interop import load_into_current_rank
     from dpo_rl.workers.megatron.model_factory import build_gpt_model
-    from dpo_rl.workers.policy import _logprobs_and_wpo_compute, _logprobs_compute
+    from dpo_rl.trainer.offline import pairs_as_samples
+    from dpo_rl.workers.base import sequence_microbatch
+    from dpo_rl.workers.policy import logprobs_compute
 
     model = build_gpt_model(config, ParallelConfig())
     load_into_current_rank(model, hf_model.state_dict(), config)
@@ -98,8 +99,10 @@ def our_logps(hf_model, config, examples, wpo: bool = False) -> PairLogps:
     from dpo_rl.batch import Batch
 
     with torch.no_grad():
-        out = run_microbatches(model, [pair_microbatch(Batch(pairs))],
-                               _logprobs_and_wpo_compute if wpo else _logprobs_compute, forward_only=True)
+        samples = pairs_as_samples(Batch(pairs))  # as the workers' sequence_logprobs sees a pair batch
+        micro = sequence_microbatch(samples, extras={"response_mask": "response_mask",
+                                                     "shared_response_tokens": "shared_response_tokens"})
+        out = run_microbatches(model, [micro], logprobs_compute(wpo, ld_alpha), forward_only=True)
     logps = out[0]["logps"]
     n = len(items)
     tokens = torch.cat([pairs["chosen_response"], pairs["rejected_response"]])[:, 1:].sum(-1).float()
@@ -231,3 +234,27 @@ def test_wpo_weighted_losses_equal_trl_per_example(parity, name):
         assert_close(float(ours[i]), float(trl[i]), rtol=RTOL_LOSS, derived=derived, what=f"WPO {name}, example {i}")
     assert bool(((weights < 0.99) & (weights > 0)).all())  # a real down-weighting (tiny random models: p << 1)
     assert_close(ours, unweighted * weights, rtol=1e-6, scale=0.0, what="the weighted loss")
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+def test_ld_dpo_losses_equal_trl_per_example(parity, name, ld_alpha):
+    """LD-DPO (arXiv:2409.06411): TRL's ``ld_alpha``, example by example: policy and reference sums both count
+    the tokens beyond the pair's shorter response at ``ld_alpha``."""
+    trainer = parity["trainer_for"](ld_alpha=ld_alpha, loss_type=[name])
+    trl = trl_per_example_losses(trainer, parity["examples"])
+    policy = our_logps(parity["policy"], parity["config"], parity["examples"], ld_alpha=ld_alpha)
+    reference = our_logps(parity["reference"], parity["config"], parity["examples"], ld_alpha=ld_alpha)
+    policy.ref_chosen, policy.ref_rejected = reference.chosen, reference.rejected
+    spec = LossSpec.create(name, beta=BETA, ld_alpha=ld_alpha)
+    ours = compute_preference_loss(policy, spec).losses
+    for i in range(len(ours)):
+        derived = loss_tolerance(policy.select(torch.tensor([i])), spec)
+        assert_close(float(ours[i]), float(trl[i]), rtol=RTOL_LOSS, derived=derived,
+                     what=f"LD-DPO {name} (ld_alpha {ld_alpha}), example {i}")
+    plain = our_logps(parity["policy"], parity["config"], parity["examples"])
+    unequal = policy.chosen_tokens != policy.rejected_tokens
+    assert bool(unequal.any())  # the examples have pairs of different lengths: LD-DPO changes their sums
+    longer = torch.where(policy.chosen_tokens > policy.rejected_tokens, policy.chosen - plain.chosen,
+                         policy.rejected - plain.rejected)
+    assert bool((longer[unequal] > 0).all())  # the longer side's tail (negative log-probs) is down-weighted

@@ -417,6 +417,8 @@ def check_loss(c: ResolvedConfig) -> list[str]:
         p.append("algorithm.loss_type exo_pair needs algorithm.label_smoothing > 0 (the EXO paper suggests 1e-3)")
     if a.discopop_tau <= 0:
         p.append(f"algorithm.discopop_tau={a.discopop_tau} must be > 0")
+    if a.ld_alpha is not None and not 0.0 <= a.ld_alpha <= 1.0:
+        p.append(f"algorithm.ld_alpha={a.ld_alpha} must be in [0, 1] (1 = plain DPO) or null")
     p.extend(filter(None, [f_divergence_problem(a.f_divergence_type, names),
                            weighting_problem(a.use_weighting, names)]))
     if a.reference not in REFERENCES:
@@ -452,6 +454,9 @@ def check_online_data(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"algorithm.tie_policy={a.tie_policy!r} is unknown; use one of {TIE_POLICIES}")
     if a.num_responses_per_prompt < 2:
         p.append(f"algorithm.num_responses_per_prompt={a.num_responses_per_prompt} must be >= 2 to form pairs")
+    if a.ld_alpha is not None and a.pairing_strategy == "all_pairs":
+        p.append("algorithm.ld_alpha sums each sample's log-probs for its one pair, but algorithm.pairing_strategy="
+                 "all_pairs puts a sample in several; use best_vs_worst or set algorithm.ld_alpha: null")
     if a.length_penalty < 0:
         p.append(f"algorithm.length_penalty={a.length_penalty} must be >= 0 (a score cut per token; 0 disables it)")
     if a.length_penalty_target < 0:

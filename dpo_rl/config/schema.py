@@ -312,6 +312,10 @@ class AlgorithmConfig:
     ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``."""
     f_alpha_divergence_coef: float = 0.5
     """``alpha_divergence``'s alpha (TRL's ``f_alpha_divergence_coef``; 1 gives reverse_kl)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO (arXiv:2409.06411, TRL's name): in every summed log-prob of a pair (policy and reference), the
+    response tokens beyond the pair's shorter response weigh ``ld_alpha`` in [0, 1] (``null`` = plain sums, 1
+    the same). Online with ``best_vs_worst`` only (a sample is in one pair)."""
     use_weighting: bool = False
     """WPO (arXiv:2406.11827, TRL's name): weigh each pair's loss by exp of its two responses' length-averaged
     log-probs under the policy, each token's taken relative to log sum_v p_v^2 of its distribution (detached),
@@ -342,7 +346,7 @@ class AlgorithmConfig:
                                label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
                                simpo_gamma=self.simpo_gamma, f_divergence_type=self.f_divergence_type,
                                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                               use_weighting=self.use_weighting)
+                               use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
 
 
 @dataclass

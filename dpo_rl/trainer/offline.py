@@ -24,6 +24,7 @@ from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
 from dpo_rl.data.prompts import PromptSampler
 from dpo_rl.losses import PairLogps, compute_preference_loss
+from dpo_rl.pairing import shared_response_tokens
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 from dpo_rl.workers.reward import bradley_terry_loss
 
@@ -74,12 +75,17 @@ def sequences_batch(items: list[dict], pad_id: int) -> Batch:
 
 
 def pairs_as_samples(pairs: Batch) -> Batch:
-    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sequence_logprobs``/``score`` read.
+    """2N sequence rows (chosen 1..N, then rejected 1..N), the layout ``sequence_logprobs``/``score`` read, with
+    each row's pair's shorter response length (``shared_response_tokens``, LD-DPO's split).
 
     Pairs share one width (:func:`~dpo_rl.data.indexed.collate_pairs`), so the sides stack as they are."""
-    return Batch({key: torch.cat([pairs[f"chosen_{side}"], pairs[f"rejected_{side}"]])
-                  for key, side in (("sequences", "ids"), ("attention_mask", "attention"),
-                                    ("response_mask", "response"))})
+    samples = Batch({key: torch.cat([pairs[f"chosen_{side}"], pairs[f"rejected_{side}"]])
+                     for key, side in (("sequences", "ids"), ("attention_mask", "attention"),
+                                       ("response_mask", "response"))})
+    n = len(pairs)
+    index = torch.arange(n)
+    return samples.update({"shared_response_tokens": shared_response_tokens(samples["response_mask"], index,
+                                                                            index + n)})
 
 
 def response_tokens(response_mask: torch.Tensor) -> torch.Tensor:
@@ -107,10 +113,16 @@ def score_pairs(group, method: str, key: str, pairs: Batch, chunk: int) -> tuple
     return score_pair_values(group, method, (key,), pairs, chunk)[key]
 
 
-def pair_logps(group, pairs: Batch, chunk: int, method: str = "sequence_logprobs") -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(group, pairs: Batch, chunk: int, method: str = "sequence_logprobs",
+               **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen [N], rejected [N]) of ``pairs`` under ``group``'s model (``method``:
-    ``reference_logprobs`` for a LoRA actor's base)."""
-    return score_pairs(group, method, "sequence_logps", pairs, chunk)
+    ``reference_logprobs`` for a LoRA actor's base; ``options``: :func:`logprob_options`)."""
+    return score_pair_values(group, method, ("sequence_logps",), pairs, chunk, **options)["sequence_logps"]
+
+
+def logprob_options(ld_alpha: Optional[float]) -> dict[str, Any]:
+    """What a ``sequence_logprobs`` call needs for the objective's summed log-probs: LD-DPO's ``ld_alpha``."""
+    return {} if ld_alpha is None else {"ld_alpha": ld_alpha}
 
 
 class OfflineObjective:
@@ -135,12 +147,14 @@ class PreferenceObjective(OfflineObjective):
         self.spec = spec
 
     def evaluate(self, loop: "OfflineTrainer", split: Split, rows: Batch) -> dict[str, float]:
+        options = logprob_options(self.spec.options.ld_alpha)
         if self.spec.options.use_weighting:  # WPO: the policy's aligned log-probs weigh the held-out loss too
             values = score_pair_values(loop.trained, "sequence_logprobs", ("sequence_logps", "wpo_logps"), rows,
-                                       loop.chunk, wpo=True)
+                                       loop.chunk, wpo=True, **options)
             (chosen, rejected), (chosen_wpo, rejected_wpo) = values["sequence_logps"], values["wpo_logps"]
         else:
-            (chosen, rejected), chosen_wpo, rejected_wpo = pair_logps(loop.trained, rows, loop.chunk), None, None
+            chosen, rejected = pair_logps(loop.trained, rows, loop.chunk, **options)
+            chosen_wpo = rejected_wpo = None
         ref_c, ref_r = loop.eval_reference(split, rows) if loop.uses_reference else (None, None)
         lp = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=response_tokens(rows["chosen_response"]),
                        rejected_tokens=response_tokens(rows["rejected_response"]), ref_chosen=ref_c,
@@ -193,6 +207,7 @@ class OfflineTrainer(TrainingLoop):
         self.role = config.roles[config.trained_role]
         self.uses_reference = "ref" in config.roles or base  # placed only when the loss reads a reference
         self.chunk = max(config.training.global_batch_size, 1)
+        self.logprob_options = logprob_options(config.algorithm.ld_alpha)  # the reference's sums: LD-DPO
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._prefetched: Optional[tuple] = None
 
@@ -246,7 +261,7 @@ class OfflineTrainer(TrainingLoop):
         rows = self.collate(self.train, positions)
         pending = None
         if self.uses_reference and self.ref_cache is None:
-            pending = self.ref.call_async(self.ref_method, pairs_as_samples(rows))
+            pending = self.ref.call_async(self.ref_method, pairs_as_samples(rows), **self.logprob_options)
         return positions, rows, pending
 
     def collate(self, split: Split, positions: Sequence[int]) -> Batch:
@@ -257,7 +272,7 @@ class OfflineTrainer(TrainingLoop):
             chosen, rejected = self.ref_cache[split.dataset.prefix]
             index = torch.tensor([split.rows[i] for i in positions], dtype=torch.long)
             return chosen[index], rejected[index]
-        return pair_logps(self.ref, rows, self.chunk, self.ref_method)
+        return pair_logps(self.ref, rows, self.chunk, self.ref_method, **self.logprob_options)
 
     def layout(self, rows: Batch, step: int) -> Batch:
         """One mini-batch of the whole step, dealt to DP ranks, weighted by the objective."""

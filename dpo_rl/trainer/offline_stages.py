@@ -181,10 +181,11 @@ def reference_cache(c: ResolvedConfig, datasets, out: Path, pad_id: int, chunk: 
     wanted = {}
     for dataset in datasets:
         if dataset is not None:
-            key = ref_cache.cache_key(dataset, c.roles[role], c.models[role], c.training.seed)
+            key = ref_cache.cache_key(dataset, c.roles[role], c.models[role], c.training.seed, c.algorithm.ld_alpha)
             wanted[dataset.prefix] = (dataset, ref_cache.cache_path(cache_dir, dataset, key))
     scorer, method = group() if not all(path.is_file() for _, path in wanted.values()) else (None, "")
-    return {prefix: ref_cache.load_or_compute(scorer, dataset, path, pad_token_id=pad_id, chunk=chunk, method=method)
+    return {prefix: ref_cache.load_or_compute(scorer, dataset, path, pad_token_id=pad_id, chunk=chunk, method=method,
+                                              ld_alpha=c.algorithm.ld_alpha)
             for prefix, (dataset, path) in wanted.items()}
 
 

@@ -41,7 +41,7 @@ from dpo_rl.data.prompts import (
     prompt_batch,
 )
 from dpo_rl.errors import ConfigError
-from dpo_rl.pairing import LatePairing, PairingRule, length_penalty, prompt_pairs
+from dpo_rl.pairing import LatePairing, PairingRule, length_penalty, prompt_pairs, shared_response_tokens
 from dpo_rl.run_report import write_report
 from dpo_rl.runtime.groups import GroupFactory
 from dpo_rl.runtime.resource_pool import RolePool
@@ -192,12 +192,14 @@ class OnlineDPOTrainer(TrainingLoop):
         # the samples the scores pair (best-vs-worst at n = 8: a quarter of them), beside the update's forward.
         # The update reads the reference's log-probs when its first loss needs them.
         two_per_prompt = self.c.algorithm.num_responses_per_prompt == 2
-        pending_reference = self.reference_async(samples) if two_per_prompt else None
-        pending_scores = self.groups.reward.call_async("score", samples)
-        rule, lengths = self.pairing_rule(step), samples["response_mask"].sum(-1)
-        pending_update = None
+        pending_reference = pending_update = None
         if two_per_prompt:
             first, second = prompt_pairs(samples["prompt_index"])
+            samples = self.with_shared_lengths(samples, first, second)
+            pending_reference = self.reference_async(samples)
+        pending_scores = self.groups.reward.call_async("score", samples)
+        rule, lengths = self.pairing_rule(step), samples["response_mask"].sum(-1)
+        if two_per_prompt:
             rows = self.layout(gather_pairs(samples, first, second), step)
             late = LatePairing(Deferred(pending_scores), rule, samples["prompt_index"], samples["ended_with_eos"],
                                first=rows["chosen_sample"], second=rows["rejected_sample"],
@@ -213,6 +215,7 @@ class OnlineDPOTrainer(TrainingLoop):
         referenced = len(samples) if two_per_prompt else 0
         if pending_update is None and len(pairs):
             paired, chosen, rejected = paired_samples(samples, pairs)
+            paired = self.with_shared_lengths(paired, chosen, rejected)
             pending_reference, referenced = self.reference_async(paired), len(paired)
             rows = self.layout(gather_pairs(paired, chosen, rejected), step)
             pending_update = self.start_update(rows, Deferred(pending_reference), None, step)
@@ -251,9 +254,18 @@ class OnlineDPOTrainer(TrainingLoop):
                            length_penalty_target=a.length_penalty_target)
 
     def reference_async(self, samples: Batch):
-        """Start the reference's summed response log-probs of ``samples`` (``sequence_logps`` [S])."""
+        """Start the reference's summed response log-probs of ``samples`` (``sequence_logps`` [S]; LD-DPO's with
+        ``algorithm.ld_alpha``)."""
         group, method = self.groups.reference
-        return group.call_async(method, samples)
+        ld_alpha = self.c.algorithm.ld_alpha
+        return group.call_async(method, samples, **({} if ld_alpha is None else {"ld_alpha": ld_alpha}))
+
+    def with_shared_lengths(self, samples: Batch, first: torch.Tensor, second: torch.Tensor) -> Batch:
+        """With ``algorithm.ld_alpha``, ``samples`` with each one's pair's shorter response length (LD-DPO)."""
+        if self.c.algorithm.ld_alpha is None:
+            return samples
+        shared = shared_response_tokens(samples["response_mask"], first, second)
+        return samples.update({"shared_response_tokens": shared})
 
     def sample_seed(self, step: int) -> int:
         return seeds.rollout(self.c.training.seed, step)

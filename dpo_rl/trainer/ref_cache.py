@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,7 +23,7 @@ from dpo_rl.config.model import ModelConfig
 from dpo_rl.config.schema import RoleConfig
 from dpo_rl.data.formats import META_SUFFIX
 from dpo_rl.data.indexed import TokenizedDataset
-from dpo_rl.trainer.offline import pair_logps, pairs_batch
+from dpo_rl.trainer.offline import logprob_options, pair_logps, pairs_batch
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def _files_fingerprint(paths: list[Path]) -> str:
     return "|".join(parts)
 
 
-def cache_key(dataset: TokenizedDataset, ref: RoleConfig, ref_model: ModelConfig, seed: int) -> str:
+def cache_key(dataset: TokenizedDataset, ref: RoleConfig, ref_model: ModelConfig, seed: int,
+              ld_alpha: Optional[float] = None) -> str:
     digest = hashlib.sha256()
     prefix = Path(dataset.prefix)
     digest.update(Path(dataset.prefix + META_SUFFIX).read_bytes())
@@ -43,6 +45,8 @@ def cache_key(dataset: TokenizedDataset, ref: RoleConfig, ref_model: ModelConfig
                                       if p.suffix in (".bin", ".idx")]).encode())
     digest.update(json.dumps(asdict(ref_model), sort_keys=True).encode())
     digest.update(f"{ref.params_dtype}|{seed}".encode())
+    if ld_alpha is not None:  # LD-DPO's sums differ from the plain ones
+        digest.update(f"ld_alpha={ld_alpha}".encode())
     if ref.load:
         load = Path(ref.load).resolve()
         digest.update(str(load).encode())
@@ -55,9 +59,10 @@ def cache_path(cache_dir: str | Path, dataset: TokenizedDataset, key: str) -> Pa
 
 
 def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_id: int, chunk: int,
-                    method: str = "sequence_logprobs") -> tuple[torch.Tensor, torch.Tensor]:
+                    method: str = "sequence_logprobs", ld_alpha: Optional[float] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [N], rejected [N]) reference log-probs of every row of ``dataset`` (``group.method`` computes
-    missing ones)."""
+    missing ones; LD-DPO's sums with ``ld_alpha``)."""
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         logger.info("reference log-probs of %s: reusing %s", dataset.prefix, path)
@@ -65,7 +70,7 @@ def load_or_compute(group, dataset: TokenizedDataset, path: Path, *, pad_token_i
     chosen, rejected = [], []
     for start in range(0, len(dataset), chunk):
         rows = pairs_batch([dataset[i] for i in range(start, min(start + chunk, len(dataset)))], pad_token_id)
-        c, r = pair_logps(group, rows, chunk, method)
+        c, r = pair_logps(group, rows, chunk, method, **logprob_options(ld_alpha))
         chosen.append(c)
         rejected.append(r)
     result = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected), "rows": len(dataset)}

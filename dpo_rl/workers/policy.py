@@ -52,16 +52,16 @@ from dpo_rl.workers.megatron.weight_sync import (
 from dpo_rl.workers.trainable import TrainableWorker
 
 
-def _logprobs_compute(output, micro):
+def logprobs_compute(wpo: bool = False, ld_alpha: Optional[float] = None):
+    """A forward-only compute: each sequence's summed response log-prob (``logps``; with ``ld_alpha`` LD-DPO's,
+    its first ``extras["shared_response_tokens"]`` tokens in full and the rest weighted ``ld_alpha``) and, with
+    ``wpo``, its WPO aligned log-prob (``wpo``)."""
+    def compute(output, micro):
+        lp = microbatch_logprobs(output, micro, with_sum_sq=wpo)
+        summed = lp.summed if ld_alpha is None else lp.ld_summed(micro.extras["shared_response_tokens"], ld_alpha)
+        return output.sum() * 0, {"logps": summed, **({"wpo": lp.wpo_logps()} if wpo else {})}
 
-    lp = microbatch_logprobs(output, micro)
-    return output.sum() * 0, {"logps": lp.summed}
-
-
-def _logprobs_and_wpo_compute(output, micro):
-    """:func:`_logprobs_compute` and each sequence's WPO aligned log-prob (``wpo``)."""
-    lp = microbatch_logprobs(output, micro, with_sum_sq=True)
-    return output.sum() * 0, {"logps": lp.summed, "wpo": lp.wpo_logps()}
+    return compute
 
 
 class PolicyWorker(MegatronWorker):
@@ -159,23 +159,31 @@ class PolicyWorker(MegatronWorker):
         return result
 
     @register(Dispatch.DP)
-    def sequence_logprobs(self, samples: Batch, wpo: bool = False) -> Batch:
+    def sequence_logprobs(self, samples: Batch, wpo: bool = False, ld_alpha: Optional[float] = None) -> Batch:
         """Summed response log-probs of each sequence under this worker's model: ``sequence_logps`` [S]; with
         ``wpo`` also WPO's aligned log-prob (``wpo_logps`` [S],
-        :meth:`~dpo_rl.workers.megatron.logprobs.SequenceLogprobs.wpo_logps`).
+        :meth:`~dpo_rl.workers.megatron.logprobs.SequenceLogprobs.wpo_logps`); with ``ld_alpha`` the sums are
+        LD-DPO's, each sequence's first ``samples["shared_response_tokens"]`` response tokens in full.
 
         Computed once per sample (pairs index into it), so the reference can run while the
         reward model scores the same samples.
         """
+        extras = {"response_mask": "response_mask"}
+        if ld_alpha is not None:
+            if "shared_response_tokens" not in samples:
+                raise ValueError("LD-DPO log-probs need each sample's shared_response_tokens (its pair's shorter "
+                                 "response length)")
+            extras["shared_response_tokens"] = "shared_response_tokens"
+
         def make_micro(part: Batch):
-            return sequence_microbatch(part, extras={"response_mask": "response_mask"})
+            return sequence_microbatch(part, extras=extras)
 
         def gathered(outputs, key):  # non-output ranks have none: their zeros are ignored by the dispatcher
             return torch.cat([o[key] for o in outputs])[: len(samples)].cpu() if outputs else torch.zeros(len(samples))
 
         with Stopwatch() as watch:
-            inputs = self.to_device(samples.select(["sequences", "attention_mask", "response_mask"]))
-            outputs = self.forward_only(inputs, make_micro, _logprobs_and_wpo_compute if wpo else _logprobs_compute)
+            inputs = self.to_device(samples.select(["sequences", "attention_mask", *extras.values()]))
+            outputs = self.forward_only(inputs, make_micro, logprobs_compute(wpo, ld_alpha))
         result = Batch({"sequence_logps": gathered(outputs, "logps"),
                         **({"wpo_logps": gathered(outputs, "wpo")} if wpo else {})})
         result.meta["compute_s"] = watch.seconds
@@ -311,13 +319,14 @@ class ActorWorker(PolicyWorker, TrainableWorker):
         return self._late_pairing is None or self._late_pairing.pairs_in(minibatch) > 0
 
     @register(Dispatch.DP)
-    def reference_logprobs(self, samples: Batch) -> Batch:
-        """:meth:`sequence_logprobs` under the base model, every LoRA adapter off: the reference when it is the
-        actor's initial weights (no reference model is placed; ``algorithm.reference`` docs)."""
+    def reference_logprobs(self, samples: Batch, **options: Any) -> Batch:
+        """:meth:`sequence_logprobs` (with its ``options``) under the base model, every LoRA adapter off: the
+        reference when it is the actor's initial weights (no reference model is placed; ``algorithm.reference``
+        docs)."""
         if not self.uses_lora:
             raise RuntimeError("reference_logprobs needs a LoRA-trained actor (its base is the reference)")
         with self.base_model():
-            return self.sequence_logprobs(samples)
+            return self.sequence_logprobs(samples, **options)
 
     def _verify_engine_weights(self) -> None:
         sequences = probe_sequences(self.model_config.vocab_size)
@@ -388,10 +397,14 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         def compute(output, micro):
 
-            weighting = spec.options.use_weighting
+            weighting, ld_alpha = spec.options.use_weighting, spec.options.ld_alpha
             lp = microbatch_logprobs(output, micro, with_entropy=True, with_sum_sq=weighting)
-            chosen, rejected = split_pair_halves(lp.summed)
             chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
+            if ld_alpha is None:
+                chosen, rejected = split_pair_halves(lp.summed)
+            else:  # LD-DPO: each pair's tokens beyond its shorter response weigh ld_alpha
+                chosen, rejected = split_pair_halves(lp.ld_summed(torch.minimum(chosen_tokens, rejected_tokens)
+                                                                  .repeat(2), ld_alpha))
             chosen_wpo, rejected_wpo = split_pair_halves(lp.wpo_logps()) if weighting else (None, None)
             weight = micro.extras["weight"]
             ref_chosen, ref_rejected = self._reference_logps(micro)

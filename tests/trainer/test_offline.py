@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 
 import pytest
 import torch
@@ -79,6 +78,25 @@ def test_wpo_weighs_the_training_and_the_held_out_loss(world_dir, offline_data, 
     assert 0.0 < history[0]["loss"] < 0.95 * math.log(2)
     assert 0.0 < summary["eval/loss_initial"] < 0.95 * math.log(2)
     assert dpo_run[1]["eval/loss_initial"] == pytest.approx(math.log(2), rel=1e-5)  # unweighted: log 2
+
+
+def test_ld_dpo_sums_policy_and_reference_alike_live_and_precomputed(world_dir, offline_data, tmp_path, dpo_run):
+    """ld_alpha (LD-DPO): at step 1 (policy == reference) the policy's LD sums in the update and the reference's
+    (live, then precomputed and cached under its own key) cancel, so the loss is log 2 as without it; the held-out
+    log-probs are LD's (the longer side's tail down-weighted: higher than the plain sums)."""
+    extra = ("training.train_iters=2", "+algorithm.ld_alpha=0.5")
+    live = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "live", *extra), use_ray=False)
+    history = rows(tmp_path / "live" / "metrics.jsonl")
+    assert history[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert live["eval/loss_initial"] == pytest.approx(math.log(2), rel=1e-5)
+    plain = dpo_run[1]
+    assert live["eval/logps/chosen_initial"] + live["eval/logps/rejected_initial"] > (
+        plain["eval/logps/chosen_initial"] + plain["eval/logps/rejected_initial"] + 0.5)
+    cached = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path / "cached", *extra,
+                                "algorithm.reference=precomputed",
+                                f"data.ref_logps_cache_dir={tmp_path / 'cache'}"), use_ray=False)
+    assert cached["eval/loss_initial"] == pytest.approx(math.log(2), rel=1e-5)
+    assert rows(tmp_path / "cached" / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_reward_stage_learns_and_exports_a_loadable_reward_model(world_dir, offline_data, tmp_path):

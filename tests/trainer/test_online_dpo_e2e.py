@@ -157,11 +157,11 @@ def test_win_rate_is_against_the_actors_initial_weights_whatever_the_reference(r
 
 def test_four_samples_per_prompt_pair_best_with_worst_and_the_reference_scores_only_those(runs):
     """n = 4, best-vs-worst, several prompts per micro-batch: the reference scores exactly the paired samples
-    (two per kept pair, not all four per prompt), and its log-probs reach the right rows (step 1's KL is 0).
-    A length penalty is logged and the pairs' length metrics are there."""
+    (two per kept pair, not all four per prompt), and its log-probs reach the right rows (step 1's KL is 0, with
+    LD-DPO's sums on both sides). A length penalty is logged and the pairs' length metrics are there."""
     out, _ = runs("four_samples", "algorithm.num_responses_per_prompt=4", "algorithm.length_penalty=0.01",
                   "algorithm.length_penalty_target=2", "actor_rollout_ref.actor_rollout.micro_batch_size=2",
-                  use_ray=False)
+                  "+algorithm.ld_alpha=0.5", use_ray=False)
     metrics = rows(out / "metrics.jsonl")
     prompts = 4  # training.global_batch_size
     missing_eos = compose("online_dpo_trainer_tiny", []).actor_rollout_ref.actor_rollout.missing_eos_penalty
@@ -174,5 +174,19 @@ def test_four_samples_per_prompt_pair_best_with_worst_and_the_reference_scores_o
         assert m["objective/scores"] == pytest.approx(m["objective/rm_scores"] - m["objective/length_penalty"]
                                                       - eos_penalty, rel=1e-5, abs=1e-5)
     first = metrics[0]
+    assert first["pairs/chosen_length"] != first["pairs/rejected_length"], first  # LD's split matters at step 1
     assert_close(first["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(first),
                  what="KL of the policy against itself, reference rows picked from the paired samples")
+
+
+def test_ld_dpo_with_two_samples_sums_the_reference_like_the_policy(runs):
+    """ld_alpha with n = 2 (the reference scores every sample before the scores; each one's pair is its prompt's
+    other sample): step 1's KL is 0 and its loss log 2, as the policy's LD sums equal the reference's, with
+    responses long enough that some pair's lengths differ (EOS sampled), so the shared-length split matters."""
+    out, _ = runs("ld_dpo", "+algorithm.ld_alpha=0.3", "actor_rollout_ref.actor_rollout.max_new_tokens=40",
+                  use_ray=False)
+    first, beta = rows(out / "metrics.jsonl")[0], compose("online_dpo_trainer_tiny", []).algorithm.beta
+    assert first["pairs/chosen_length"] != first["pairs/rejected_length"], first  # a pair of unequal lengths
+    assert_close(first["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(first), what="KL, LD-DPO sums")
+    assert_close(first["loss"], math.log(2), rtol=RTOL_LOGPS, scale=logps_scale(first, beta=beta),
+                 what="DPO loss at margin 0, LD-DPO sums")

@@ -109,6 +109,13 @@ class SequenceLogprobs:
         """[b] number of response tokens."""
         return self.mask.sum(dim=-1)
 
+    def ld_summed(self, shared_tokens: torch.Tensor, alpha: float) -> torch.Tensor:
+        """[b] LD-DPO's summed log-prob (Liu et al. 2024, arXiv:2409.06411, as TRL 1.16's ``ld_alpha``): the
+        first ``shared_tokens`` [b] response tokens (the pair's shorter length) count fully, the rest ``alpha``."""
+        rank = self.mask.cumsum(dim=-1)
+        shared = self.mask * (rank <= shared_tokens[:, None].to(rank.dtype)).float()
+        return (self.token_logprobs * shared).sum(-1) + alpha * (self.token_logprobs * (self.mask - shared)).sum(-1)
+
     def wpo_logps(self) -> torch.Tensor:
         """[b] WPO's aligned log-prob (Zhou et al. 2024, arXiv:2406.11827, eq. 2, as TRL 1.16): the mean over
         response tokens of log p(token) - log sum_v p_v^2, detached; exp of a pair's two is its weight."""

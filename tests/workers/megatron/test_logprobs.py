@@ -114,3 +114,15 @@ def test_wpo_log_sum_sq_probs_match_hf_and_the_vocab_parallel_path(megatron_sing
     aligned = ((token - expected) * mask).sum(-1) / mask.sum(-1)
     assert_close(ours.wpo_logps(), aligned, rtol=RTOL, scale=0.0, what="WPO aligned log-probs")
     assert not ours.wpo_logps().requires_grad and ours.log_sum_sq_probs[~mask].eq(0).all()
+
+
+def test_ld_summed_counts_the_shared_tokens_fully_and_the_rest_at_alpha():
+    from dpo_rl.workers.megatron.logprobs import SequenceLogprobs
+
+    token = torch.tensor([[0.0, -1.0, -2.0, -3.0, -4.0], [-5.0, -6.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0]])  # 4 and 2 response targets
+    lp = SequenceLogprobs(token_logprobs=token, mask=mask)
+    shared = torch.tensor([2, 2])  # the pair's shorter response
+    assert lp.ld_summed(shared, 0.5).tolist() == [-1.0 - 2.0 + 0.5 * (-3.0 - 4.0), -11.0]
+    assert lp.ld_summed(shared, 1.0).tolist() == lp.summed.tolist()
+    assert lp.ld_summed(shared, 0.0).tolist() == [-3.0, -11.0]
