@@ -55,6 +55,7 @@ REFERENCES = ("model", "precomputed", "none")
 REF_INHERITS = ("model", "load", "tokenizer_name_or_path")
 PAIRING_STRATEGIES = ("best_vs_worst", "all_pairs")
 TIE_POLICIES = ("skip", "random")
+REF_UPDATE_MODES = ("none", "hard", "soft")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 DEVICE_RESOURCE = {"cpu": "CPU", "cuda": "GPU", "npu": "NPU"}
 
@@ -423,10 +424,34 @@ def check_loss(c: ResolvedConfig) -> list[str]:
                            weighting_problem(a.use_weighting, names)]))
     if a.reference not in REFERENCES:
         p.append(f"algorithm.reference={a.reference!r} is unknown; use one of {REFERENCES}")
+    p.extend(check_ref_update(c))
     needs = [n for n in names if LOSSES[n].needs_reference]
     if a.reference == "none" and needs:
         p.append(f"algorithm.loss_type {needs} needs a reference model but algorithm.reference=none; use a "
                  "reference-free loss (orpo, simpo, sft) or set algorithm.reference: model")
+    return p
+
+
+def check_ref_update(c: ResolvedConfig) -> list[str]:
+    """TR-DPO's ``algorithm.ref_update``: its settings, and a reference model the actor's weights can go into."""
+    u, p = c.algorithm.ref_update, []
+    if u.mode not in REF_UPDATE_MODES:
+        return [f"algorithm.ref_update.mode={u.mode!r} is unknown; use one of {REF_UPDATE_MODES}"]
+    if u.mode == "none":
+        return p
+    if u.interval < 1:
+        p.append(f"algorithm.ref_update.interval={u.interval} must be >= 1 (steps between refreshes)")
+    if u.mode == "soft" and not 0.0 < u.alpha <= 1.0:
+        p.append(f"algorithm.ref_update.alpha={u.alpha} must be in (0, 1] (the actor's share of each weight)")
+    if c.algorithm.reference != "model":
+        p.append(f"algorithm.ref_update.mode={u.mode!r} refreshes a live reference model, but algorithm.reference="
+                 f"{c.algorithm.reference!r}; set algorithm.reference: model or algorithm.ref_update.mode: none")
+    elif c.reference_is_actor_base:
+        p.append(f"algorithm.ref_update.mode={u.mode!r}: with LoRA the reference is the actor's own base (no "
+                 "reference model to refresh); set algorithm.ref_update.mode: none")
+    elif "ref" in c.models and c.models["ref"] != c.models["actor_rollout"]:
+        p.append(f"algorithm.ref_update.mode={u.mode!r} puts the actor's weights into the reference, but "
+                 f"{ROLE_SECTIONS['ref']}.model is another architecture; use the actor's model for the reference")
     return p
 
 

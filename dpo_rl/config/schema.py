@@ -160,8 +160,8 @@ class OnlineActorSettings:
     """Split actor only: after each sync, compare the checksum of the weights the training ranks sent with
     the one the infer ranks received and the one of the weights their model then holds."""
     weight_sync_bucket_mb: float = 256.0
-    """Split actor only: the training ranks stream the weights to the infer ranks in buckets of about this
-    many MB (each side holds about one bucket more than its model; one tensor larger than a bucket is
+    """Split actor (and a reference refresh, ``algorithm.ref_update``): the training ranks stream the weights to
+    the infer ranks (the reference's ranks) in buckets of about this many MB (each side holds about one bucket more than its model; one tensor larger than a bucket is
     sent alone)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of a response that ends without EOS."""
@@ -288,6 +288,19 @@ MOVED_KEYS = {
 
 
 @dataclass
+class RefUpdateConfig:
+    """TR-DPO (arXiv:2404.09656): the reference takes the actor's weights during training (online and offline)."""
+
+    mode: str = "none"
+    """``none`` (a fixed reference), ``hard`` (the actor's weights replace the reference's every ``interval``
+    steps) or ``soft`` (ref <- alpha x actor + (1 - alpha) x ref). TRL's ``sync_ref_model``."""
+    interval: int = 512
+    """Steps between refreshes, after a step's update (TRL's ``ref_model_sync_steps``)."""
+    alpha: float = 0.6
+    """``soft``: the actor's share of each refreshed weight (TRL's ``ref_model_mixup_alpha``)."""
+
+
+@dataclass
 class AlgorithmConfig:
     """The preference objective (online and offline DPO) and how online pairs are built from samples."""
 
@@ -339,6 +352,10 @@ class AlgorithmConfig:
     ``objective/length_penalty`` (mean per sample) beside ``objective/rm_scores`` (the reward model's own)."""
     length_penalty_target: int = 0
     """Online DPO: response tokens free of ``length_penalty``."""
+
+    ref_update: RefUpdateConfig = field(default_factory=RefUpdateConfig)
+    """TR-DPO's reference refresh (``mode``, ``interval``, ``alpha``); needs a reference model of the actor's
+    architecture (``algorithm.reference: model``, not a LoRA actor's base)."""
 
     def loss_spec(self):
         """The :class:`dpo_rl.losses.LossSpec` this section describes."""

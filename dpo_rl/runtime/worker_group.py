@@ -45,6 +45,8 @@ class _WorkerGroup:
     """What both group kinds share: ``group.method(...)`` calls a registered worker method."""
 
     worker_cls: type
+    #: whether the workers run in the driver's process (objects pass by reference, no collective across roles)
+    in_process: bool = False
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on the group following its declared dispatch; blocks for the result."""
@@ -208,6 +210,8 @@ class Deferred:
 
 class LocalWorkerGroup(_WorkerGroup):
     """A single in-process worker (world size 1) with the worker-group interface."""
+
+    in_process = True
 
     def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]) -> None:
         self.worker_cls = worker_cls

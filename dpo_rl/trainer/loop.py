@@ -170,6 +170,14 @@ class TrainingLoop:
         return state["step"]
 
 
+def ref_refresh_resume_problem(c) -> str:
+    """Why a run that refreshes its reference (TR-DPO) cannot resume: checkpoints hold the trained role only."""
+    return (f"training.resume: this run refreshes its reference (algorithm.ref_update.mode="
+            f"{c.algorithm.ref_update.mode!r}), and checkpoints do not hold the reference's weights yet, so a resumed "
+            "run would train against the initial reference; start it over (training.resume=none) or set "
+            "algorithm.ref_update.mode: none")
+
+
 def lora_record(role) -> Optional[dict[str, Any]]:
     """What a checkpoint records of a role's LoRA settings (``None``: the role trains every weight)."""
     return asdict(role.lora) if role.lora.enabled else None

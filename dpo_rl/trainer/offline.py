@@ -21,11 +21,14 @@ import torch
 from dpo_rl import seeds
 from dpo_rl.batch import Batch
 from dpo_rl.config.resolution import ResolvedConfig
+from dpo_rl.config.schema import RefUpdateConfig
 from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
 from dpo_rl.data.prompts import PromptSampler
+from dpo_rl.errors import ConfigError
 from dpo_rl.losses import PairLogps, compute_preference_loss
 from dpo_rl.pairing import shared_response_tokens
-from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
+from dpo_rl.trainer.ref_refresh import ReferenceRefresh
 from dpo_rl.workers.reward import bradley_terry_loss
 
 logger = logging.getLogger(__name__)
@@ -208,6 +211,11 @@ class OfflineTrainer(TrainingLoop):
         self.uses_reference = "ref" in config.roles or base  # placed only when the loss reads a reference
         self.chunk = max(config.training.global_batch_size, 1)
         self.logprob_options = logprob_options(config.algorithm.ld_alpha)  # the reference's sums: LD-DPO
+        trained_parallel = config.parallel(config.trained_role)
+        self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update if self.uses_reference and not base
+                                            else RefUpdateConfig(), trained, self.ref,
+                                            bucket_mb=self.role.weight_sync_bucket_mb,
+                                            senders=trained_parallel.pipeline_model_parallel_size)
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._prefetched: Optional[tuple] = None
 
@@ -244,16 +252,29 @@ class OfflineTrainer(TrainingLoop):
             ref_c, ref_r = timer.run("reference", self.reference_logps, self.train, positions, rows)
             rows = rows.update({"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r})
         pending_update = self.trained.call_async("update", self.layout(rows, step))
-        if self.ref_cache is None and self.uses_reference and step < self.c.training.train_iters:
+        refresh = self.ref_refresh.due(step)  # TR-DPO: the next step's reference runs on the refreshed weights
+        if self.ref_cache is None and self.uses_reference and step < self.c.training.train_iters and not refresh:
             self._prefetched = self.fetch()
         metrics = timer.collect("update", [pending_update])
         metrics = {k: v for k, v in metrics.items() if k != "compute_s"}
+        if refresh:
+            timer.run("ref_refresh", self.ref_refresh.refresh, step)
+        metrics.update(self.ref_refresh.metrics())
         metrics["epoch"] = step * self.c.training.global_batch_size / len(self.train)
         step_s = time.perf_counter() - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
         metrics["timing/step"] = step_s
         metrics["timing/orchestration"] = step_s - timer.critical
         return metrics
+
+    def before_training(self) -> None:
+        self.ref_refresh.join()
+
+    def restore(self) -> int:
+        step = super().restore()
+        if step and self.ref_refresh.enabled:
+            raise ConfigError([ref_refresh_resume_problem(self.c)])
+        return step
 
     def fetch(self) -> tuple[list[int], Batch, Any]:
         """The next batch's positions and rows, and the started live-reference call (or None)."""

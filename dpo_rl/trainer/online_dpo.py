@@ -55,7 +55,8 @@ from dpo_rl.trainer.common import (
     special_ids,
     tokenizer_key,
 )
-from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
+from dpo_rl.trainer.ref_refresh import ReferenceRefresh
 from dpo_rl.trainer.stages import Stage, register_stage
 from dpo_rl.workers.policy import ActorWorker, PolicyWorker, probe_mismatch
 from dpo_rl.workers.reward import RewardWorker
@@ -136,6 +137,9 @@ class OnlineDPOTrainer(TrainingLoop):
         self._last_step_end: Optional[float] = None
         #: actor updates applied so far (the version the sampling weights must carry)
         self.policy_version = 0
+        self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update, groups.actor, groups.ref,
+                                            bucket_mb=self.actor_cfg.weight_sync_bucket_mb,
+                                            senders=config.parallel("actor_rollout").pipeline_model_parallel_size)
 
     # -- the loop's hooks (TrainingLoop.fit runs them) --------------------------------------
     @property
@@ -148,6 +152,7 @@ class OnlineDPOTrainer(TrainingLoop):
         if self.groups.rollout is not None:  # infer ranks sample with the actor's weights from the start
             self.join_weight_sync()
             self.sync_weights()
+        self.ref_refresh.join()
         self.initial = self.sample_eval() if self.evaluates else None
 
     def evaluate(self) -> dict[str, float]:
@@ -163,6 +168,8 @@ class OnlineDPOTrainer(TrainingLoop):
 
     def restore(self) -> int:
         step = super().restore()
+        if step and self.ref_refresh.enabled:
+            raise ConfigError([ref_refresh_resume_problem(self.c)])
         if step:
             self.policy_version = step
             if self.groups.rollout is not None:
@@ -229,6 +236,9 @@ class OnlineDPOTrainer(TrainingLoop):
                     timer.run("sync", self.sync_weights)
         if pending_reference is not None:  # the update waited for it if it had pairs
             timer.collect("reference", [pending_reference], critical=False)
+        if self.ref_refresh.due(step):  # TR-DPO: after the update (queued behind any prefetched sampling)
+            timer.run("ref_refresh", self.ref_refresh.refresh, self.policy_version)
+        metrics.update(self.ref_refresh.metrics())
         self._last_step_end = time.perf_counter()
         step_s = self._last_step_end - start
         metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})

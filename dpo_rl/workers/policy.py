@@ -191,11 +191,11 @@ class PolicyWorker(MegatronWorker):
 
     # -- weight sync, receiving side (a split actor's rollout ranks) ------------------------------
     @register(Dispatch.ALL)
-    def join_weight_sync_as_receiver(self, address: str, port: int, senders: int) -> bool:
-        """Join the sync groups of the ``senders`` trainer pipeline stages (rank 1 + this rank in each)."""
+    def join_weight_sync_as_receiver(self, address: str, port: int, senders: int, channel: str = "rollout") -> bool:
+        """Join ``channel``'s sync groups of the ``senders`` trainer pipeline stages (rank 1 + this rank in each)."""
         store = connect_store(address, port)
         self._sync_groups = [sync_group(store, stage, 1 + self.rank, 1 + self.world_size, self.parallel.device,
-                                        node_address()) for stage in range(senders)]
+                                        node_address(), channel=channel) for stage in range(senders)]
         return True
 
     @register(Dispatch.ALL)
@@ -205,26 +205,43 @@ class PolicyWorker(MegatronWorker):
         return True
 
     @register(Dispatch.ALL)
-    def receive_weights(self, verify: bool, version: int) -> str:
+    def receive_weights(self, verify: bool, version: int, mix: float = 1.0) -> str:
         """Load the weights the training ranks stream (every stage's buckets) into this rank's model
         (resharded to its TP shard on arrival) or its vLLM engine (in place, prefix cache reset); with
         ``verify``, returns the checksum of the received tensors, else ``""``. ``version``: the actor updates
-        the weights reflect."""
+        the weights reflect. ``mix`` < 1 (a soft reference refresh) keeps ``1 - mix`` of the weights held before:
+        ``mix`` x received + (1 - mix) x held, per parameter."""
         digest = WeightsDigest()
         stream = itertools.chain.from_iterable(receive_buckets(group, self.device) for group in self._sync_groups)
         if verify:
             stream = _digested(stream, digest)
         if self.vllm is not None:
+            if mix != 1.0:
+                raise ValueError("a vLLM engine takes weights whole (mix 1)")
             self.vllm.load_weights(stream)
         else:
-            r = self.ranks
-            loader = StreamingLoader(self.model, self.model_config, tp_rank=r.tp_rank, tp_size=r.tp_size,
-                                     pp_rank=r.pp_rank, pp_size=r.pp_size)
-            for bucket in stream:
-                loader.add_bucket(bucket)
-            loader.finish()
+            self._load_weight_stream(stream, mix)
         self.policy_version = version
         return digest.hexdigest() if verify else ""
+
+    @register(Dispatch.ALL)
+    def load_weight_stream(self, stream, mix: float = 1.0) -> bool:
+        """:meth:`receive_weights` from a stream in this process (an in-process run's reference refresh)."""
+        self._load_weight_stream(stream, mix)
+        return True
+
+    def _load_weight_stream(self, stream, mix: float) -> None:
+        r = self.ranks
+        params = list(self.model.parameters())
+        held = [p.detach().clone() for p in params] if mix != 1.0 else []
+        loader = StreamingLoader(self.model, self.model_config, tp_rank=r.tp_rank, tp_size=r.tp_size,
+                                 pp_rank=r.pp_rank, pp_size=r.pp_size)
+        for bucket in stream:
+            loader.add_bucket(bucket)
+        loader.finish()
+        with torch.no_grad():
+            for param, before in zip(params, held):  # mixed in fp32, whatever the parameters' dtype
+                param.copy_((mix * param.float() + (1.0 - mix) * before.float()).to(param.dtype))
 
     @register(Dispatch.ALL)
     def checksum(self) -> str:
@@ -274,6 +291,8 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             raise ValueError(f"unknown objective {objective!r}")
         self.loss_spec, self.objective = loss_spec or LossSpec(), objective
         self._reference = None  # the running update's deferred reference log-probs (see update)
+        self._sync_stores: dict[str, Any] = {}  # weight-sync channel -> the store this rank hosts for it
+        self._sync_senders: dict[str, Any] = {}  # weight-sync channel -> this rank's sending group (or None)
         self._late_pairing = None  # the running update's pairing when it started before the scores (see update)
 
     @register(Dispatch.DP)
@@ -345,29 +364,39 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
     # -- weight sync, sending side ------------------------------------------------------------------
     @register(Dispatch.ALL)
-    def weight_sync_endpoint(self) -> tuple[str, int]:
-        """Host the sync groups' store on the output rank of DP replica 0; returns its (address, port)."""
+    def weight_sync_endpoint(self, channel: str = "rollout") -> tuple[str, int]:
+        """Host ``channel``'s sync groups' store on the output rank of DP replica 0; returns its (address, port)."""
         r = self.ranks
         if r.is_output_rank and r.dp_rank == 0:
-            self._sync_store = host_store(node_address())
-            return self._sync_store.address, self._sync_store.port
+            store = self._sync_stores[channel] = host_store(node_address())
+            return store.address, store.port
         return "", 0  # not the owner: dropped by the worker group
 
     @register(Dispatch.ALL)
-    def join_weight_sync_as_sender(self, address: str, port: int, receivers: int) -> bool:
-        """TP rank 0 of each pipeline stage of DP replica 0 joins its stage's group as rank 0."""
+    def join_weight_sync_as_sender(self, address: str, port: int, receivers: int, channel: str = "rollout") -> bool:
+        """TP rank 0 of each pipeline stage of DP replica 0 joins its stage's group on ``channel`` as rank 0."""
         r = self.ranks
-        self._sync_group = None
+        self._sync_senders[channel] = None
         if r.dp_rank == 0 and r.tp_rank == 0:
-            store = getattr(self, "_sync_store", None) or connect_store(address, port)
-            self._sync_group = sync_group(store, r.pp_rank, 0, 1 + receivers, self.parallel.device, node_address())
+            store = self._sync_stores.get(channel) or connect_store(address, port)
+            self._sync_senders[channel] = sync_group(store, r.pp_rank, 0, 1 + receivers, self.parallel.device,
+                                                     node_address(), channel=channel)
         return True
 
     @register(Dispatch.ALL)
-    def send_weights(self, bucket_mb: float, verify: bool) -> str:
-        """Stream the current weights to the rollout ranks, each stage from its TP rank 0, in buckets of
-        about ``bucket_mb`` MB (collective over DP replica 0's TP and PP groups). With ``verify``, returns
-        the checksum of everything sent (every stage's, on the output rank), else ``""``."""
+    def local_weight_stream(self):
+        """This rank's weights as HF buckets, for a reference in the same process (an in-process run, TP = PP = 1):
+        the reference refresh's stream where there is no second process to broadcast to."""
+        if self.ranks.tp_size * self.ranks.pp_size != 1:
+            raise RuntimeError("local_weight_stream is for a one-rank actor in the driver's process")
+        return self._own_weight_stream()
+
+    @register(Dispatch.ALL)
+    def send_weights(self, bucket_mb: float, verify: bool, channel: str = "rollout") -> str:
+        """Stream the current weights to ``channel``'s ranks (the rollout ranks, or the reference's for a refresh),
+        each stage from its TP rank 0, in buckets of about ``bucket_mb`` MB (collective over DP replica 0's TP and
+        PP groups). With ``verify``, returns the checksum of everything sent (every stage's, on the output rank),
+        else ``""``."""
         from megatron.core import (
             parallel_state as mpu,  # deferred: heavy (megatron-core)
         )
@@ -381,7 +410,7 @@ class ActorWorker(PolicyWorker, TrainableWorker):
                                  tensors=self.export_tensors())  # with LoRA: the adapters merged in
         if r.tp_rank == 0:
             stream = buckets(groups, int(bucket_mb * 2**20))
-            send_buckets(self._sync_group, _digested(stream, digest) if verify else stream, self.device)
+            send_buckets(self._sync_senders[channel], _digested(stream, digest) if verify else stream, self.device)
         else:
             for _ in groups:  # take part in the stage's TP gathers
                 pass

@@ -190,3 +190,35 @@ def test_ld_dpo_with_two_samples_sums_the_reference_like_the_policy(runs):
     assert_close(first["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(first), what="KL, LD-DPO sums")
     assert_close(first["loss"], math.log(2), rtol=RTOL_LOGPS, scale=logps_scale(first, beta=beta),
                  what="DPO loss at margin 0, LD-DPO sums")
+
+
+def test_a_hard_reference_refresh_every_step_keeps_the_reference_at_the_sampling_policy(runs):
+    """TR-DPO hard, interval 1 (in-process: the actor's bucket stream into the reference): each step's one
+    mini-batch starts with policy == reference, so every step has KL 0 and loss log 2; soft (alpha 0.5) keeps
+    the reference between its old weights and the actor, so step 2's KL is smaller than a fixed reference's."""
+    out, _ = runs("tr_dpo_hard", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=1",
+                  use_ray=False)
+    beta = compose("online_dpo_trainer_tiny", []).algorithm.beta
+    metrics = rows(out / "metrics.jsonl")
+    for m in metrics:
+        assert_close(m["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(m), what=f"KL, step {m['step']}")
+        assert_close(m["loss"], math.log(2), rtol=RTOL_LOGPS, scale=logps_scale(m, beta=beta), what="loss")
+    assert [m["reference/version"] for m in metrics] == [1.0, 2.0, 3.0]
+    fixed, _ = runs("in_process", use_ray=False)
+    soft, _ = runs("tr_dpo_soft", "+algorithm.ref_update.mode=soft", "+algorithm.ref_update.interval=1",
+                   "+algorithm.ref_update.alpha=0.5", use_ray=False)
+    fixed_kl, soft_kl = rows(fixed / "metrics.jsonl")[1]["objective/kl"], rows(soft / "metrics.jsonl")[1]["objective/kl"]
+    assert 0.0 < abs(soft_kl) < abs(fixed_kl), (soft_kl, fixed_kl)
+
+
+def test_a_reference_refresh_on_ray_streams_over_its_own_sync_channel(runs):
+    """TR-DPO hard every 2 steps on Ray: the actor streams to the reference's ranks over the ``ref`` channel
+    after step 2, so step 3 starts at KL 0 again while step 2 (a fixed reference, one update on) does not."""
+    out, _ = runs("tr_dpo_ray", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=2")
+    metrics = rows(out / "metrics.jsonl")
+    kl = [m["objective/kl"] for m in metrics]
+    assert_close(kl[0], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[0]), what="KL, step 1")
+    assert_differs(kl[1], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[1]), what="KL, step 2")
+    assert_close(kl[2], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[2]), what="KL, step 3 (refreshed)")
+    assert [m["reference/version"] for m in metrics] == [0.0, 2.0, 2.0]
+    assert all("timing/ref_refresh" in t for t in rows(out / "timing.jsonl")[1::2])

@@ -32,9 +32,10 @@ END_OF_STREAM = 0
 
 
 def sync_group(store: Rendezvous, stage: int, rank: int, size: int, device: str, local_address: str,
-               timeout_s: float = 600.0):
-    """The process group of trainer stage ``stage``'s sync (``rank`` 0 = the sender)."""
-    prefixed = dist.PrefixStore(f"weight_sync/stage{stage}", store.store)
+               timeout_s: float = 600.0, channel: str = "rollout"):
+    """The process group of trainer stage ``stage``'s sync (``rank`` 0 = the sender) on ``channel`` (the receiving
+    role: ``rollout`` ranks, or the ``ref`` ranks a reference refresh streams to)."""
+    prefixed = dist.PrefixStore(f"weight_sync/{channel}/stage{stage}", store.store)
     timeout = datetime.timedelta(seconds=timeout_s)
     if device == "cpu":
         options = dist.ProcessGroupGloo._Options()

@@ -82,11 +82,14 @@ def test_streaming_loader_fills_a_model_and_refuses_an_incomplete_stream(megatro
 
 # --------------------------------------------------------------------------- two worlds
 def _sync_process(index: int, trainer: ParallelConfig, rollout: ParallelConfig, n_train: int, n_roll: int,
-                  ports: tuple[int, int], out_dir: str, bucket_mb: float) -> None:
-    """Process ``index``: ranks 0..n_train-1 train, the rest roll out; each side its own gloo world."""
+                  ports: tuple[int, int], out_dir: str, bucket_mb: float, mix: float = 1.0,
+                  channel: str = "rollout") -> None:
+    """Process ``index``: ranks 0..n_train-1 train, the rest roll out (or hold a reference, ``channel`` ref, which
+    keeps ``1 - mix`` of its weights); each side its own gloo world."""
     torch.set_num_threads(1)
     from dpo_rl.config.schema import RoleConfig
     from dpo_rl.workers.megatron import hf_interop
+    from dpo_rl.workers.megatron.hf_interop import export_from_current_rank
     from dpo_rl.workers.megatron.parallel_state import (
         destroy_distributed,
         init_distributed,
@@ -109,23 +112,26 @@ def _sync_process(index: int, trainer: ParallelConfig, rollout: ParallelConfig, 
         # the trainer holds trained-looking weights, the rollout others (its own random init)
         if is_trainer:
             hf_interop.load_into_current_rank(worker.model, tiny_hf_model(config, seed=21).state_dict(), config)
-            address, port = worker.weight_sync_endpoint()
+            address, port = worker.weight_sync_endpoint(channel)
             if port:
                 endpoint.write_text(json.dumps([address, port]))
         while not endpoint.is_file():
             time.sleep(0.05)
         time.sleep(0.1)
         address, port = json.loads(endpoint.read_text())
+        held = None
         if is_trainer:
-            worker.join_weight_sync_as_sender(address, port, n_roll)
+            worker.join_weight_sync_as_sender(address, port, n_roll, channel)
             before = ""
-            digest = worker.send_weights(bucket_mb, True)
+            digest = worker.send_weights(bucket_mb, True, channel)
         else:
             before = worker.checksum()
-            worker.join_weight_sync_as_receiver(address, port, trainer.pipeline_model_parallel_size)
-            digest = worker.receive_weights(True, 1)
+            held = export_from_current_rank(worker.model, config) if mix != 1.0 else None
+            worker.join_weight_sync_as_receiver(address, port, trainer.pipeline_model_parallel_size, channel)
+            digest = worker.receive_weights(True, 1, mix)
         result = {"trainer": is_trainer, "output": worker.ranks.is_output_rank, "digest": digest,
-                  "before": before, "after": worker.checksum()}
+                  "before": before, "after": worker.checksum(), "held": held,
+                  "state": export_from_current_rank(worker.model, config) if mix != 1.0 else None}
         torch.save({"ok": result}, os.path.join(out_dir, f"{index}.pt"))
     except BaseException:
         torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{index}.pt"))
@@ -133,10 +139,11 @@ def _sync_process(index: int, trainer: ParallelConfig, rollout: ParallelConfig, 
         destroy_distributed()
 
 
-def run_sync(trainer: ParallelConfig, n_train: int, rollout: ParallelConfig, n_roll: int, bucket_mb: float) -> list:
+def run_sync(trainer: ParallelConfig, n_train: int, rollout: ParallelConfig, n_roll: int, bucket_mb: float,
+             mix: float = 1.0, channel: str = "rollout") -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_sync_process, args=(trainer, rollout, n_train, n_roll, (free_port(), free_port()),
-                                                out_dir, bucket_mb),
+                                                out_dir, bucket_mb, mix, channel),
                            nprocs=n_train + n_roll, start_method="spawn", join=True)
         results = [torch.load(Path(out_dir) / f"{i}.pt", weights_only=False) for i in range(n_train + n_roll)]
     errors = [r["error"] for r in results if "error" in r]
@@ -162,3 +169,19 @@ def test_rollout_holds_the_trainers_weights_bit_for_bit(trainer, n_train, rollou
     loaded = next(r for r in rollout_results if r["output"])
     assert loaded["before"] != trainer_weights  # it did not hold them before
     assert loaded["after"] == trainer_weights  # re-exported from its own TP shards: bit-identical
+
+
+def test_a_soft_reference_refresh_mixes_the_streamed_weights_into_the_held_ones():
+    """TR-DPO's soft refresh over the ``ref`` channel, TP 2 -> 1: the reference ends with 0.6 x the trainer's
+    weights + 0.4 x its own, every parameter (mixed in fp32 after the resharding load)."""
+    results = run_sync(ParallelConfig(tensor_model_parallel_size=2), 2, ParallelConfig(), 1, bucket_mb=0.05,
+                       mix=0.6, channel="ref")
+    trainer = next(r for r in results if r["trainer"] and r["output"])
+    reference = next(r for r in results if not r["trainer"])
+    assert reference["digest"] == trainer["after"]  # the whole trainer model was streamed
+    held, mixed, sent = reference["held"], reference["state"], trainer["state"]
+    assert set(mixed) == set(sent) == set(held)
+    for name in sent:
+        expected = 0.6 * sent[name].float() + 0.4 * held[name].float()
+        assert torch.allclose(mixed[name].float(), expected, rtol=1e-6, atol=1e-7), name
+    assert any(not torch.equal(held[n], sent[n]) for n in sent)  # the two models differed before

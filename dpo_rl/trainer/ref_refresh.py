@@ -1,0 +1,64 @@
+"""TR-DPO's reference refresh (Gorbatovski et al. 2024, arXiv:2404.09656), online and offline.
+
+Every ``algorithm.ref_update.interval`` steps the actor's weights go into the reference: whole (``hard``) or
+mixed (``soft``: ref <- alpha x actor + (1 - alpha) x ref, per parameter, in fp32). They travel over the
+weight-sync stream: on Ray a sync channel of its own (``ref``) between the actor's sending ranks and every
+reference rank, resharded to the reference's TP/PP layout on arrival, never through the driver; in-process the
+actor's bucket stream is handed to the reference in the same process. TRL's names: ``sync_ref_model`` (mode
+other than ``none``), ``ref_model_mixup_alpha`` (alpha; ``hard`` is alpha 1), ``ref_model_sync_steps``
+(interval).
+"""
+
+from __future__ import annotations
+
+from dpo_rl.config.schema import RefUpdateConfig
+from dpo_rl.runtime.worker_group import wait_for
+
+
+class ReferenceRefresh:
+    """When and how a run's reference takes the actor's weights."""
+
+    def __init__(self, settings: RefUpdateConfig, actor, ref, *, bucket_mb: float, senders: int) -> None:
+        """``actor`` / ``ref``: the worker groups; ``senders``: the actor's pipeline stages (one sync group each)."""
+        self.settings, self.actor, self.ref = settings, actor, ref
+        self.bucket_mb, self.senders = bucket_mb, senders
+        #: the actor updates the reference's weights took in at the last refresh (0: the initial reference)
+        self.version = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.mode != "none"
+
+    @property
+    def mix(self) -> float:
+        """The actor's share of each refreshed weight."""
+        return 1.0 if self.settings.mode == "hard" else self.settings.alpha
+
+    def due(self, step: int) -> bool:
+        """Whether the reference refreshes after step ``step``."""
+        return self.enabled and step % self.settings.interval == 0
+
+    def join(self) -> None:
+        """Build the ``ref`` sync channel between the actor's sending ranks and the reference's ranks (Ray, once)."""
+        if not self.enabled or self.ref.in_process:
+            return
+        address, port = self.actor.weight_sync_endpoint("ref")
+        pending = [self.actor.call_async("join_weight_sync_as_sender", address, port, self.ref.world_size, "ref"),
+                   self.ref.call_async("join_weight_sync_as_receiver", address, port, self.senders, "ref")]
+        for p in pending:
+            wait_for(p)
+
+    def refresh(self, version: int) -> None:
+        """Take the actor's weights (``version``: its updates so far) into the reference now."""
+        if self.ref.in_process:
+            self.ref.load_weight_stream(self.actor.local_weight_stream(), self.mix)
+        else:
+            pending = [self.actor.call_async("send_weights", self.bucket_mb, False, "ref"),
+                       self.ref.call_async("receive_weights", False, version, self.mix)]
+            for p in pending:
+                wait_for(p)
+        self.version = version
+
+    def metrics(self) -> dict[str, float]:
+        """``reference/version``: the actor updates the reference holds (with a refresh configured)."""
+        return {"reference/version": float(self.version)} if self.enabled else {}
