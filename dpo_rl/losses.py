@@ -138,10 +138,20 @@ def f_divergence_problem(kind: str, loss_names: Sequence[str]) -> str:
     if kind not in F_DIVERGENCES:
         return f"algorithm.f_divergence_type={kind!r} is unknown; use one of {F_DIVERGENCES}"
     unsupported = [name for name in loss_names if name in LOSSES and not LOSSES[name].f_divergence]
+    if kind != "reverse_kl" and loss_names and all(name == "sft" for name in loss_names):
+        return (f"algorithm.f_divergence_type={kind!r} has no effect on algorithm.loss_type sft (it reads no "
+                "log-ratio); keep reverse_kl")
     if kind != "reverse_kl" and unsupported:
         supported = sorted(n for n, info in LOSSES.items() if info.f_divergence)
         return (f"algorithm.f_divergence_type={kind!r} does not apply to algorithm.loss_type {unsupported} (no "
                 f"f-divergence form); use it with {supported}, or keep reverse_kl")
+    return ""
+
+
+def ld_alpha_problem(ld_alpha: Optional[float]) -> str:
+    """Why ``algorithm.ld_alpha`` is not a weight (``""`` when it is one, or null)."""
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        return f"algorithm.ld_alpha={ld_alpha} must be in [0, 1] (1 = plain DPO) or null"
     return ""
 
 
@@ -358,9 +368,9 @@ class LossSpec:
         problem = weighting_problem(bool(options.get("use_weighting")), names)
         if problem:
             raise ValueError(problem)
-        ld_alpha = options.get("ld_alpha")
-        if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-            raise ValueError(f"algorithm.ld_alpha={ld_alpha} must be in [0, 1] (1 = plain DPO) or null")
+        problem = ld_alpha_problem(options.get("ld_alpha"))
+        if problem:
+            raise ValueError(problem)
         return cls(tuple(zip(names, map(float, weights))), float(pref_ftx), LossOptions(**options))
 
     @property

@@ -192,6 +192,8 @@ def test_an_f_divergence_needs_a_loss_with_an_f_divergence_form():
     with pytest.raises(ValueError, match=r"does not apply to algorithm.loss_type \['nca_pair'\]"):
         LossSpec.create(["sigmoid", "nca_pair"], f_divergence_type="forward_kl")
     assert LossSpec.create(["sigmoid", "sft"], f_divergence_type="forward_kl").options.f_divergence_type == "forward_kl"
+    with pytest.raises(ValueError, match="has no effect on algorithm.loss_type sft"):
+        LossSpec.create("sft", f_divergence_type="forward_kl")
 
 
 def test_wpo_multiplies_each_pairs_loss_by_its_weight_and_needs_the_wpo_logps():

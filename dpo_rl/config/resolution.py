@@ -39,7 +39,7 @@ from dpo_rl.config.schema import (
 from dpo_rl.data.formats import is_preprocessed, preprocessed_kind
 from dpo_rl.data.tokenizers import tokenizer_dirs_difference
 from dpo_rl.errors import ConfigError
-from dpo_rl.losses import LOSSES, f_divergence_problem, weighting_problem
+from dpo_rl.losses import LOSSES, f_divergence_problem, ld_alpha_problem, weighting_problem
 from dpo_rl.tracking import PACKAGED_TRACKERS, REPORT_TO
 
 #: Role name -> where its section lives in the config.
@@ -418,10 +418,8 @@ def check_loss(c: ResolvedConfig) -> list[str]:
         p.append("algorithm.loss_type exo_pair needs algorithm.label_smoothing > 0 (the EXO paper suggests 1e-3)")
     if a.discopop_tau <= 0:
         p.append(f"algorithm.discopop_tau={a.discopop_tau} must be > 0")
-    if a.ld_alpha is not None and not 0.0 <= a.ld_alpha <= 1.0:
-        p.append(f"algorithm.ld_alpha={a.ld_alpha} must be in [0, 1] (1 = plain DPO) or null")
-    p.extend(filter(None, [f_divergence_problem(a.f_divergence_type, names),
-                           weighting_problem(a.use_weighting, names)]))
+    p.extend(filter(None, [f_divergence_problem(a.f_divergence_type, names), weighting_problem(a.use_weighting, names),
+                           ld_alpha_problem(a.ld_alpha)]))
     if a.reference not in REFERENCES:
         p.append(f"algorithm.reference={a.reference!r} is unknown; use one of {REFERENCES}")
     p.extend(check_ref_update(c))
@@ -446,6 +444,9 @@ def check_ref_update(c: ResolvedConfig) -> list[str]:
     if c.algorithm.reference != "model":
         p.append(f"algorithm.ref_update.mode={u.mode!r} refreshes a live reference model, but algorithm.reference="
                  f"{c.algorithm.reference!r}; set algorithm.reference: model or algorithm.ref_update.mode: none")
+    elif not needs_reference(c.algorithm):
+        p.append(f"algorithm.ref_update.mode={u.mode!r} refreshes the reference, but algorithm.loss_type "
+                 f"{c.algorithm.loss_type!r} reads none; set algorithm.ref_update.mode: none")
     elif c.reference_is_actor_base:
         p.append(f"algorithm.ref_update.mode={u.mode!r}: with LoRA the reference is the actor's own base (no "
                  "reference model to refresh); set algorithm.ref_update.mode: none")

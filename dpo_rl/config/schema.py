@@ -160,8 +160,8 @@ class OnlineActorSettings:
     """Split actor only: after each sync, compare the checksum of the weights the training ranks sent with
     the one the infer ranks received and the one of the weights their model then holds."""
     weight_sync_bucket_mb: float = 256.0
-    """Split actor (and a reference refresh, ``algorithm.ref_update``): the training ranks stream the weights to
-    the infer ranks (the reference's ranks) in buckets of about this many MB (each side holds about one bucket more than its model; one tensor larger than a bucket is
+    """Split actor only: the training ranks stream the weights to the infer ranks in buckets of about this
+    many MB (each side holds about one bucket more than its model; one tensor larger than a bucket is
     sent alone)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of a response that ends without EOS."""
@@ -298,6 +298,8 @@ class RefUpdateConfig:
     """Steps between refreshes, after a step's update (TRL's ``ref_model_sync_steps``)."""
     alpha: float = 0.6
     """``soft``: the actor's share of each refreshed weight (TRL's ``ref_model_mixup_alpha``)."""
+    bucket_mb: float = 256.0
+    """The actor streams its weights to the reference in buckets of about this many MB."""
 
 
 @dataclass
@@ -321,7 +323,8 @@ class AlgorithmConfig:
     """SimPO's target reward margin."""
     f_divergence_type: str = "reverse_kl"
     """f-DPO (arXiv:2309.16240, TRL's name): the divergence to the reference whose f'(pi/pi_ref) replaces the
-    log-ratio in the DPO-style losses (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft):
+    log-ratio in the DPO-style losses (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop; sft may be
+    mixed in):
     ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``."""
     f_alpha_divergence_coef: float = 0.5
     """``alpha_divergence``'s alpha (TRL's ``f_alpha_divergence_coef``; 1 gives reverse_kl)."""

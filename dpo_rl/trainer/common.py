@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,6 +17,11 @@ from dpo_rl.errors import ConfigError
 from dpo_rl.tracking import MetricsTracker
 
 logger = logging.getLogger("dpo_rl")
+
+
+def logprob_options(ld_alpha: Optional[float]) -> dict[str, Any]:
+    """What a ``sequence_logprobs`` call needs for the objective's summed log-probs: LD-DPO's ``ld_alpha``."""
+    return {} if ld_alpha is None else {"ld_alpha": ld_alpha}
 
 
 def load_tokenizer(path: str, key: str = "training.tokenizer_name_or_path"):

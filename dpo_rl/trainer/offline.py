@@ -27,6 +27,7 @@ from dpo_rl.data.prompts import PromptSampler
 from dpo_rl.errors import ConfigError
 from dpo_rl.losses import PairLogps, compute_preference_loss
 from dpo_rl.pairing import shared_response_tokens
+from dpo_rl.trainer.common import logprob_options
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
 from dpo_rl.trainer.ref_refresh import ReferenceRefresh
 from dpo_rl.workers.reward import bradley_terry_loss
@@ -123,11 +124,6 @@ def pair_logps(group, pairs: Batch, chunk: int, method: str = "sequence_logprobs
     return score_pair_values(group, method, ("sequence_logps",), pairs, chunk, **options)["sequence_logps"]
 
 
-def logprob_options(ld_alpha: Optional[float]) -> dict[str, Any]:
-    """What a ``sequence_logprobs`` call needs for the objective's summed log-probs: LD-DPO's ``ld_alpha``."""
-    return {} if ld_alpha is None else {"ld_alpha": ld_alpha}
-
-
 class OfflineObjective:
     """What differs between the offline stages: how examples become a batch, how the rows of a step
     weigh, and how the trained model is judged on held-out data. The default is pairs, weighted
@@ -211,11 +207,10 @@ class OfflineTrainer(TrainingLoop):
         self.uses_reference = "ref" in config.roles or base  # placed only when the loss reads a reference
         self.chunk = max(config.training.global_batch_size, 1)
         self.logprob_options = logprob_options(config.algorithm.ld_alpha)  # the reference's sums: LD-DPO
-        trained_parallel = config.parallel(config.trained_role)
-        self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update if self.uses_reference and not base
-                                            else RefUpdateConfig(), trained, self.ref,
-                                            bucket_mb=self.role.weight_sync_bucket_mb,
-                                            senders=trained_parallel.pipeline_model_parallel_size)
+        # (the resolution refuses a refresh without a reference model: reference-free losses, a LoRA base, a cache)
+        self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update if self.uses_reference else RefUpdateConfig(),
+                                            trained, self.ref,
+                                            senders=config.parallel(config.trained_role).pipeline_model_parallel_size)
         self._eval_ref: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._prefetched: Optional[tuple] = None
 
@@ -259,6 +254,7 @@ class OfflineTrainer(TrainingLoop):
         metrics = {k: v for k, v in metrics.items() if k != "compute_s"}
         if refresh:
             timer.run("ref_refresh", self.ref_refresh.refresh, step)
+            self._eval_ref = None  # the held-out reference log-probs are the refreshed reference's from now on
         metrics.update(self.ref_refresh.metrics())
         metrics["epoch"] = step * self.c.training.global_batch_size / len(self.train)
         step_s = time.perf_counter() - start
@@ -308,7 +304,7 @@ class OfflineTrainer(TrainingLoop):
         return self.objective.evaluate(self, split, self.collate(split, range(len(split))))
 
     def eval_reference(self, split: Split, rows: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's log-probs of the held-out rows, scored once (the reference is frozen)."""
+        """The reference's log-probs of the held-out rows, scored once per reference (a TR-DPO refresh clears them)."""
         if self._eval_ref is None:
             self._eval_ref = self.reference_logps(split, range(len(split)), rows)
         return self._eval_ref

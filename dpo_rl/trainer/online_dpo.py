@@ -48,6 +48,7 @@ from dpo_rl.runtime.resource_pool import RolePool
 from dpo_rl.runtime.worker_group import Deferred, wait_for
 from dpo_rl.tracking import MetricsTracker
 from dpo_rl.trainer.common import (
+    logprob_options,
     export_model,
     load_tokenizer,
     metrics_tracker,
@@ -112,6 +113,16 @@ def gather_pairs(samples: Batch, chosen: torch.Tensor, rejected: torch.Tensor) -
     return Batch(out)
 
 
+def step_timing(timer: StepTimer, step_s: float, response_tokens: float) -> dict[str, float]:
+    """A step's ``timing/*`` (wall and the workers' own compute) and ``throughput/tokens_per_s``."""
+    timing = {f"timing/{k}": v for k, v in timer.wall.items()}
+    timing.update({f"timing/{k}": timer.compute.get(k, 0.0) for k in ("reward", "reference")})  # the workers' own
+    timing.update({f"timing/compute/{k}": v for k, v in timer.compute.items()})
+    timing.update({"timing/step": step_s, "timing/orchestration": step_s - timer.critical,
+                   "throughput/tokens_per_s": response_tokens / step_s})
+    return timing
+
+
 def paired_samples(samples: Batch, pairs) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     """The samples in at least one of ``pairs`` (ascending) and each pair's (chosen, rejected) row in them."""
     if bool((samples["prompt_index"][pairs.chosen] != samples["prompt_index"][pairs.rejected]).any()):
@@ -138,8 +149,8 @@ class OnlineDPOTrainer(TrainingLoop):
         #: actor updates applied so far (the version the sampling weights must carry)
         self.policy_version = 0
         self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update, groups.actor, groups.ref,
-                                            bucket_mb=self.actor_cfg.weight_sync_bucket_mb,
-                                            senders=config.parallel("actor_rollout").pipeline_model_parallel_size)
+                                            senders=config.parallel("actor_rollout").pipeline_model_parallel_size,
+                                            verify=self.actor_cfg.verify_weight_sync)
 
     # -- the loop's hooks (TrainingLoop.fit runs them) --------------------------------------
     @property
@@ -195,14 +206,18 @@ class OnlineDPOTrainer(TrainingLoop):
         samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
         # With two samples per prompt every sample is half of its prompt's only candidate pair: the reference
         # scores them all while the reward model does, and the update starts on its forward before the scores
-        # are in (the pair is known but for its orientation, LatePairing). With more, the reference scores only
-        # the samples the scores pair (best-vs-worst at n = 8: a quarter of them), beside the update's forward.
+        # are in (the pair is known but for its orientation, LatePairing). With more and best-vs-worst, the
+        # reference scores only the samples the scores pair (at n = 8 a quarter of them), beside the update's
+        # forward; all_pairs pairs nearly every sample, so its reference scores them all beside the reward model.
         # The update reads the reference's log-probs when its first loss needs them.
-        two_per_prompt = self.c.algorithm.num_responses_per_prompt == 2
+        a = self.c.algorithm
+        two_per_prompt = a.num_responses_per_prompt == 2
+        paired_only = not two_per_prompt and a.pairing_strategy == "best_vs_worst"
         pending_reference = pending_update = None
         if two_per_prompt:
             first, second = prompt_pairs(samples["prompt_index"])
             samples = self.with_shared_lengths(samples, first, second)
+        if not paired_only:
             pending_reference = self.reference_async(samples)
         pending_scores = self.groups.reward.call_async("score", samples)
         rule, lengths = self.pairing_rule(step), samples["response_mask"].sum(-1)
@@ -210,8 +225,7 @@ class OnlineDPOTrainer(TrainingLoop):
             rows = self.layout(gather_pairs(samples, first, second), step)
             late = LatePairing(Deferred(pending_scores), rule, samples["prompt_index"], samples["ended_with_eos"],
                                first=rows["chosen_sample"], second=rows["rejected_sample"],
-                               minibatch=rows["minibatch"], laid_out=rows["weight"] > 0,
-                               response_lengths=lengths)
+                               minibatch=rows["minibatch"], laid_out=rows["weight"] > 0, response_lengths=lengths)
             pending_update = self.start_update(rows, Deferred(pending_reference), late, step)
         # with the update started, the reward model scores beside its forward (the actor waits for the scores
         # inside the update if they are slower): off the critical path
@@ -219,13 +233,10 @@ class OnlineDPOTrainer(TrainingLoop):
         penalized = rule.penalized(scores, samples["ended_with_eos"], lengths)
         pairs = rule.pairs(scores, samples["ended_with_eos"], samples["prompt_index"], lengths)
         metrics = self.sample_metrics(samples, scores, penalized, pairs)
-        referenced = len(samples) if two_per_prompt else 0
+        referenced = 0 if paired_only else len(samples)
         if pending_update is None and len(pairs):
-            paired, chosen, rejected = paired_samples(samples, pairs)
-            paired = self.with_shared_lengths(paired, chosen, rejected)
-            pending_reference, referenced = self.reference_async(paired), len(paired)
-            rows = self.layout(gather_pairs(paired, chosen, rejected), step)
-            pending_update = self.start_update(rows, Deferred(pending_reference), None, step)
+            pending_update, pending_reference, referenced = self.start_scored_update(samples, pairs,
+                                                                                     pending_reference, step)
         metrics["reference/sequences"] = float(referenced)
         if pending_update is not None:
             update = timer.collect("update", [pending_update])
@@ -236,23 +247,29 @@ class OnlineDPOTrainer(TrainingLoop):
                     timer.run("sync", self.sync_weights)
         if pending_reference is not None:  # the update waited for it if it had pairs
             timer.collect("reference", [pending_reference], critical=False)
-        if self.ref_refresh.due(step):  # TR-DPO: after the update (queued behind any prefetched sampling)
+        if self.ref_refresh.due(step):  # TR-DPO: after the update (this step queued no sampling behind it)
             timer.run("ref_refresh", self.ref_refresh.refresh, self.policy_version)
         metrics.update(self.ref_refresh.metrics())
         self._last_step_end = time.perf_counter()
-        step_s = self._last_step_end - start
-        metrics.update({f"timing/{k}": v for k, v in timer.wall.items()})
-        metrics.update({f"timing/{k}": timer.compute.get(k, 0.0) for k in ("reward", "reference")})  # the workers' own
-        metrics.update({f"timing/compute/{k}": v for k, v in timer.compute.items()})
-        metrics["timing/step"] = step_s
-        metrics["timing/orchestration"] = step_s - timer.critical
-        metrics["throughput/tokens_per_s"] = float(samples["response_mask"].sum()) / step_s
-        return metrics
+        return metrics | step_timing(timer, self._last_step_end - start, float(samples["response_mask"].sum()))
+
+    def start_scored_update(self, samples: Batch, pairs, pending_reference, step: int):
+        """Start the update on the pairs the scores gave; with no reference started yet (best-vs-worst, n > 2),
+        start it on the paired samples first. Returns (the update call, the reference call, the sequences the
+        reference scores)."""
+        chosen, rejected = pairs.chosen, pairs.rejected
+        if pending_reference is None:
+            samples, chosen, rejected = paired_samples(samples, pairs)
+            samples = self.with_shared_lengths(samples, chosen, rejected)
+            pending_reference = self.reference_async(samples)
+        rows = self.layout(gather_pairs(samples, chosen, rejected), step)
+        return self.start_update(rows, Deferred(pending_reference), None, step), pending_reference, len(samples)
 
     def start_update(self, rows: Batch, reference: Deferred, late: Optional[LatePairing], step: int):
         """Start the actor's update; with a colocated actor, queue the next step's sampling right behind it."""
         pending = self.groups.actor.call_async("update", rows, reference, late)
-        if self.groups.rollout is None and step < self.c.training.train_iters:
+        # not on a refresh step: the refresh streams from the actor right after the update (the reference waits)
+        if self.groups.rollout is None and step < self.c.training.train_iters and not self.ref_refresh.due(step):
             self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
         return pending
 
@@ -267,8 +284,7 @@ class OnlineDPOTrainer(TrainingLoop):
         """Start the reference's summed response log-probs of ``samples`` (``sequence_logps`` [S]; LD-DPO's with
         ``algorithm.ld_alpha``)."""
         group, method = self.groups.reference
-        ld_alpha = self.c.algorithm.ld_alpha
-        return group.call_async(method, samples, **({} if ld_alpha is None else {"ld_alpha": ld_alpha}))
+        return group.call_async(method, samples, **logprob_options(self.c.algorithm.ld_alpha))
 
     def with_shared_lengths(self, samples: Batch, first: torch.Tensor, second: torch.Tensor) -> Batch:
         """With ``algorithm.ld_alpha``, ``samples`` with each one's pair's shorter response length (LD-DPO)."""

@@ -23,7 +23,8 @@ from dpo_rl.config.model import ModelConfig
 from dpo_rl.config.schema import RoleConfig
 from dpo_rl.data.formats import META_SUFFIX
 from dpo_rl.data.indexed import TokenizedDataset
-from dpo_rl.trainer.offline import logprob_options, pair_logps, pairs_batch
+from dpo_rl.trainer.common import logprob_options
+from dpo_rl.trainer.offline import pair_logps, pairs_batch
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from dpo_rl.runtime.worker_group import wait_for
 class ReferenceRefresh:
     """When and how a run's reference takes the actor's weights."""
 
-    def __init__(self, settings: RefUpdateConfig, actor, ref, *, bucket_mb: float, senders: int) -> None:
-        """``actor`` / ``ref``: the worker groups; ``senders``: the actor's pipeline stages (one sync group each)."""
+    def __init__(self, settings: RefUpdateConfig, actor, ref, *, senders: int, verify: bool = False) -> None:
+        """``actor`` / ``ref``: the worker groups; ``senders``: the actor's pipeline stages (one sync group each);
+        ``verify``: compare the checksums of what was sent and received (Ray)."""
         self.settings, self.actor, self.ref = settings, actor, ref
-        self.bucket_mb, self.senders = bucket_mb, senders
+        self.senders, self.verify = senders, verify
         #: the actor updates the reference's weights took in at the last refresh (0: the initial reference)
         self.version = 0
 
@@ -53,10 +54,11 @@ class ReferenceRefresh:
         if self.ref.in_process:
             self.ref.load_weight_stream(self.actor.local_weight_stream(), self.mix)
         else:
-            pending = [self.actor.call_async("send_weights", self.bucket_mb, False, "ref"),
-                       self.ref.call_async("receive_weights", False, version, self.mix)]
-            for p in pending:
-                wait_for(p)
+            sent, received = (wait_for(p) for p in [
+                self.actor.call_async("send_weights", self.settings.bucket_mb, self.verify, "ref"),
+                self.ref.call_async("receive_weights", self.verify, version, self.mix)])
+            if sent != received:
+                raise RuntimeError(f"reference refresh check failed: sent {sent[:12]} but received {received[:12]}")
         self.version = version
 
     def metrics(self) -> dict[str, float]:

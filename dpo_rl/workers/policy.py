@@ -113,7 +113,8 @@ class PolicyWorker(MegatronWorker):
             self.vllm = None
 
     def _own_weight_stream(self):
-        """This (TP = PP = 1) rank's Megatron-core weights as HF buckets, for its own vLLM engine."""
+        """This (TP = PP = 1) rank's Megatron-core weights as HF buckets, for its own vLLM engine (or an in-process
+        reference refresh)."""
         groups = stage_hf_groups(self.model, self.model_config, tp_group=None, tp_rank=0, tp_size=1, pp_rank=0,
                                  pp_size=1, tensors=self.export_tensors())
         return buckets(groups, int(self.role.weight_sync_bucket_mb * 2**20))
@@ -165,8 +166,8 @@ class PolicyWorker(MegatronWorker):
         :meth:`~dpo_rl.workers.megatron.logprobs.SequenceLogprobs.wpo_logps`); with ``ld_alpha`` the sums are
         LD-DPO's, each sequence's first ``samples["shared_response_tokens"]`` response tokens in full.
 
-        Computed once per sample (pairs index into it), so the reference can run while the
-        reward model scores the same samples.
+        Computed once per sample (pairs index into it), so with two samples per prompt the reference runs while
+        the reward model scores the same samples.
         """
         extras = {"response_mask": "response_mask"}
         if ld_alpha is not None:
@@ -189,7 +190,7 @@ class PolicyWorker(MegatronWorker):
         result.meta["compute_s"] = watch.seconds
         return result
 
-    # -- weight sync, receiving side (a split actor's rollout ranks) ------------------------------
+    # -- weight sync, receiving side (a split actor's rollout ranks; a refreshed reference's ranks) -------
     @register(Dispatch.ALL)
     def join_weight_sync_as_receiver(self, address: str, port: int, senders: int, channel: str = "rollout") -> bool:
         """Join ``channel``'s sync groups of the ``senders`` trainer pipeline stages (rank 1 + this rank in each)."""
@@ -226,7 +227,8 @@ class PolicyWorker(MegatronWorker):
 
     @register(Dispatch.ALL)
     def load_weight_stream(self, stream, mix: float = 1.0) -> bool:
-        """:meth:`receive_weights` from a stream in this process (an in-process run's reference refresh)."""
+        """:meth:`receive_weights` from a stream in this process (an in-process run's reference refresh; a Ray
+        call cannot pass a generator)."""
         self._load_weight_stream(stream, mix)
         return True
 
@@ -426,30 +428,11 @@ class ActorWorker(PolicyWorker, TrainableWorker):
 
         def compute(output, micro):
 
-            weighting, ld_alpha = spec.options.use_weighting, spec.options.ld_alpha
-            lp = microbatch_logprobs(output, micro, with_entropy=True, with_sum_sq=weighting)
-            chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
-            if ld_alpha is None:
-                chosen, rejected = split_pair_halves(lp.summed)
-            else:  # LD-DPO: each pair's tokens beyond its shorter response weigh ld_alpha
-                chosen, rejected = split_pair_halves(lp.ld_summed(torch.minimum(chosen_tokens, rejected_tokens)
-                                                                  .repeat(2), ld_alpha))
-            chosen_wpo, rejected_wpo = split_pair_halves(lp.wpo_logps()) if weighting else (None, None)
-            weight = micro.extras["weight"]
-            ref_chosen, ref_rejected = self._reference_logps(micro)
-            if self._late_pairing is not None:  # the rows are (first, second) samples: the scores orient them
-                swapped, weight = self._late_pairing.rows(micro.extras["chosen_sample"], micro.extras["minibatch"],
-                                                          weight)
-                chosen, rejected = _swap(swapped, chosen, rejected)
-                chosen_tokens, rejected_tokens = _swap(swapped, chosen_tokens, rejected_tokens)
-                if ref_chosen is not None:
-                    ref_chosen, ref_rejected = _swap(swapped, ref_chosen, ref_rejected)
-                if weighting:
-                    chosen_wpo, rejected_wpo = _swap(swapped, chosen_wpo, rejected_wpo)
+            lp = microbatch_logprobs(output, micro, with_entropy=True, with_sum_sq=spec.options.use_weighting)
+            logps, weight = self._oriented_pair_logps(lp, micro)
+            chosen, rejected, chosen_tokens, rejected_tokens = (logps.chosen, logps.rejected, logps.chosen_tokens,
+                                                                logps.rejected_tokens)
             real = weight > 0
-            logps = PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens,
-                              rejected_tokens=rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
-                              chosen_wpo=chosen_wpo, rejected_wpo=rejected_wpo)
             out = real_rows_loss(logps, spec, real)
             gap = {}
             if "rollout_logps" in micro.extras:
@@ -486,6 +469,27 @@ class ActorWorker(PolicyWorker, TrainableWorker):
             return loss, detached
 
         return compute
+
+    def _oriented_pair_logps(self, lp, micro) -> tuple[PairLogps, torch.Tensor]:
+        """The micro-batch's pairs as the loss reads them, and the rows' weights: the policy's sums (LD-DPO's with
+        ``ld_alpha``: each pair's tokens beyond its shorter response weigh ``ld_alpha``), token counts, WPO
+        log-probs and the reference's; with a late pairing, each row oriented (and weighed) by the scores."""
+        options = self.loss_spec.options
+        chosen_tokens, rejected_tokens = split_pair_halves(lp.num_tokens)
+        summed = lp.summed if options.ld_alpha is None else lp.ld_summed(
+            torch.minimum(chosen_tokens, rejected_tokens).repeat(2), options.ld_alpha)
+        chosen, rejected = split_pair_halves(summed)
+        wpo = split_pair_halves(lp.wpo_logps()) if options.use_weighting else (None, None)
+        ref = self._reference_logps(micro)
+        weight = micro.extras["weight"]
+        if self._late_pairing is not None:  # the rows are (first, second) samples: the scores orient them
+            swapped, weight = self._late_pairing.rows(micro.extras["chosen_sample"], micro.extras["minibatch"], weight)
+            chosen, rejected = _swap(swapped, chosen, rejected)
+            chosen_tokens, rejected_tokens = _swap(swapped, chosen_tokens, rejected_tokens)
+            wpo = wpo if wpo[0] is None else _swap(swapped, *wpo)
+            ref = ref if ref[0] is None else _swap(swapped, *ref)
+        return PairLogps(chosen=chosen, rejected=rejected, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+                         ref_chosen=ref[0], ref_rejected=ref[1], chosen_wpo=wpo[0], rejected_wpo=wpo[1]), weight
 
     def _reference_logps(self, micro) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The micro-batch's reference log-probs (chosen, rejected): carried by its rows, read from the

@@ -103,6 +103,8 @@ RULE_CASES = [
     (["+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=0"],
      "algorithm.ref_update.interval=0 must be >= 1"),
     (["+algorithm.ref_update.mode=soft", "+algorithm.ref_update.alpha=0"], "algorithm.ref_update.alpha=0.0 must be in (0, 1]"),
+    (["+algorithm.ref_update.mode=hard", "algorithm.loss_type=simpo"],
+     "algorithm.ref_update.mode='hard' refreshes the reference, but algorithm.loss_type 'simpo' reads none"),
     (["+algorithm.ref_update.mode=hard", "training.lora.enabled=true"],
      "with LoRA the reference is the actor's own base"),
     (["+algorithm.ld_alpha=0.5", "algorithm.pairing_strategy=all_pairs"],

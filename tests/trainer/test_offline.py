@@ -106,9 +106,11 @@ def test_tr_dpo_offline_refreshes_before_the_next_reference_forward_and_refuses_
     weights yet, so resuming such a run is refused with the reason."""
     extra = ("training.train_iters=3", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=1",
              "training.save_interval=2")
-    run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra), use_ray=False)
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra), use_ray=False)
     history = rows(tmp_path / "metrics.jsonl")
     assert [h["loss"] for h in history] == pytest.approx([math.log(2)] * 3, rel=1e-5)
+    # the final evaluation scores against the reference refreshed after the last step: the final policy itself
+    assert summary["eval/loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert [h["reference/version"] for h in history] == [1.0, 2.0, 3.0]
     with pytest.raises(ConfigError, match="checkpoints do not hold the reference's weights"):
         run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra, "training.resume=auto",

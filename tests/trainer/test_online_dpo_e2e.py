@@ -183,10 +183,13 @@ def test_ld_dpo_with_two_samples_sums_the_reference_like_the_policy(runs):
     """ld_alpha with n = 2 (the reference scores every sample before the scores; each one's pair is its prompt's
     other sample): step 1's KL is 0 and its loss log 2, as the policy's LD sums equal the reference's, with
     responses long enough that some pair's lengths differ (EOS sampled), so the shared-length split matters."""
-    out, _ = runs("ld_dpo", "+algorithm.ld_alpha=0.3", "actor_rollout_ref.actor_rollout.max_new_tokens=40",
-                  use_ray=False)
+    longer = "actor_rollout_ref.actor_rollout.max_new_tokens=40"
+    out, _ = runs("ld_dpo", "+algorithm.ld_alpha=0.3", longer, use_ray=False)
+    plain, _ = runs("ld_dpo_plain", longer, use_ray=False)
     first, beta = rows(out / "metrics.jsonl")[0], compose("online_dpo_trainer_tiny", []).algorithm.beta
     assert first["pairs/chosen_length"] != first["pairs/rejected_length"], first  # a pair of unequal lengths
+    base = rows(plain / "metrics.jsonl")[0]  # the same samples at step 1, summed plainly: the longer tails count
+    assert first["logps/chosen"] + first["logps/rejected"] > base["logps/chosen"] + base["logps/rejected"]
     assert_close(first["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(first), what="KL, LD-DPO sums")
     assert_close(first["loss"], math.log(2), rtol=RTOL_LOGPS, scale=logps_scale(first, beta=beta),
                  what="DPO loss at margin 0, LD-DPO sums")
@@ -214,7 +217,8 @@ def test_a_hard_reference_refresh_every_step_keeps_the_reference_at_the_sampling
 def test_a_reference_refresh_on_ray_streams_over_its_own_sync_channel(runs):
     """TR-DPO hard every 2 steps on Ray: the actor streams to the reference's ranks over the ``ref`` channel
     after step 2, so step 3 starts at KL 0 again while step 2 (a fixed reference, one update on) does not."""
-    out, _ = runs("tr_dpo_ray", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=2")
+    out, _ = runs("tr_dpo_ray", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=2",
+                  "actor_rollout_ref.actor_rollout.verify_weight_sync=true")  # sent == received, checked
     metrics = rows(out / "metrics.jsonl")
     kl = [m["objective/kl"] for m in metrics]
     assert_close(kl[0], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[0]), what="KL, step 1")
@@ -222,3 +226,14 @@ def test_a_reference_refresh_on_ray_streams_over_its_own_sync_channel(runs):
     assert_close(kl[2], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[2]), what="KL, step 3 (refreshed)")
     assert [m["reference/version"] for m in metrics] == [0.0, 2.0, 2.0]
     assert all("timing/ref_refresh" in t for t in rows(out / "timing.jsonl")[1::2])
+
+
+def test_all_pairs_with_four_samples_has_the_reference_score_every_sample_beside_the_reward_model(runs):
+    """all_pairs pairs nearly every sample: the reference scores them all while the reward model scores (no
+    wait for the scores), and step 1's KL is 0 (its pairs in one mini-batch, so no update comes before them)."""
+    out, _ = runs("four_all_pairs", "algorithm.num_responses_per_prompt=4", "algorithm.pairing_strategy=all_pairs",
+                  "actor_rollout_ref.actor_rollout.ppo_mini_batch_size=24", use_ray=False)
+    metrics = rows(out / "metrics.jsonl")
+    assert all(m["reference/sequences"] == 16 for m in metrics)  # 4 prompts x 4 samples
+    assert all(m["pairs/count"] + m["pairs/dropped"] == 4 * 6 for m in metrics)  # C(4, 2) per prompt
+    assert_close(metrics[0]["objective/kl"], 0.0, rtol=RTOL_LOGPS, scale=logps_scale(metrics[0]), what="KL")
