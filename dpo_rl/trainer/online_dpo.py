@@ -57,7 +57,7 @@ from dpo_rl.trainer.common import (
     tokenizer_key,
 )
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
-from dpo_rl.trainer.ref_refresh import ReferenceRefresh
+from dpo_rl.trainer.ref_refresh import ReferenceRefresh, join_sync_channel
 from dpo_rl.trainer.stages import Stage, register_stage
 from dpo_rl.workers.policy import ActorWorker, PolicyWorker, probe_mismatch
 from dpo_rl.workers.reward import RewardWorker
@@ -326,11 +326,8 @@ class OnlineDPOTrainer(TrainingLoop):
 
     def join_weight_sync(self) -> None:
         """Build the sync groups between the training ranks and the rollout ranks (split actor, once)."""
-        actor, rollout = self.groups.actor, self.groups.rollout
-        address, port = actor.weight_sync_endpoint()
-        senders = self.c.parallel("actor_rollout").pipeline_model_parallel_size
-        wait_all([actor.call_async("join_weight_sync_as_sender", address, port, rollout.world_size),
-                  rollout.call_async("join_weight_sync_as_receiver", address, port, senders)])
+        join_sync_channel(self.groups.actor, self.groups.rollout,
+                          self.c.parallel("actor_rollout").pipeline_model_parallel_size, "rollout")
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the trained weights to the rollout ranks over their sync groups (split actor): the driver

@@ -15,6 +15,16 @@ from dpo_rl.config.schema import RefUpdateConfig
 from dpo_rl.runtime.worker_group import wait_for
 
 
+def join_sync_channel(actor, receivers, senders: int, channel: str) -> None:
+    """Build ``channel``'s sync groups between the actor's sending ranks (one per pipeline stage, ``senders``) and
+    every rank of the ``receivers`` group (a split actor's rollout ranks, or the reference's)."""
+    address, port = actor.weight_sync_endpoint(channel)
+    pending = [actor.call_async("join_weight_sync_as_sender", address, port, receivers.world_size, channel),
+               receivers.call_async("join_weight_sync_as_receiver", address, port, senders, channel)]
+    for p in pending:
+        wait_for(p)
+
+
 class ReferenceRefresh:
     """When and how a run's reference takes the actor's weights."""
 
@@ -41,13 +51,8 @@ class ReferenceRefresh:
 
     def join(self) -> None:
         """Build the ``ref`` sync channel between the actor's sending ranks and the reference's ranks (Ray, once)."""
-        if not self.enabled or self.ref.in_process:
-            return
-        address, port = self.actor.weight_sync_endpoint("ref")
-        pending = [self.actor.call_async("join_weight_sync_as_sender", address, port, self.ref.world_size, "ref"),
-                   self.ref.call_async("join_weight_sync_as_receiver", address, port, self.senders, "ref")]
-        for p in pending:
-            wait_for(p)
+        if self.enabled and not self.ref.in_process:
+            join_sync_channel(self.actor, self.ref, self.senders, "ref")
 
     def refresh(self, version: int) -> None:
         """Take the actor's weights (``version``: its updates so far) into the reference now."""
