@@ -487,6 +487,14 @@ def check_online_data(c: ResolvedConfig, check_paths: bool) -> list[str]:
         p.append(f"algorithm.length_penalty={a.length_penalty} must be >= 0 (a score cut per token; 0 disables it)")
     if a.length_penalty_target < 0:
         p.append(f"algorithm.length_penalty_target={a.length_penalty_target} must be >= 0 (tokens free of the penalty)")
+    if a.max_staleness < 0:
+        p.append(f"algorithm.max_staleness={a.max_staleness} must be >= 0 (0: synchronous sampling)")
+    elif a.max_staleness > 0 and c.colocated:
+        key = ROLE_SECTIONS["actor_rollout"]
+        p.append(f"algorithm.max_staleness={a.max_staleness} samples ahead on separate rollout ranks, but the actor is "
+                 f"colocated ({key}.num_gpus_for_infer=0: its ranks train and sample in turn); give the actor rollout "
+                 f"ranks ({key}.num_gpus_for_infer > 0 and resource_pool.actor_rollout to match) or set "
+                 "algorithm.max_staleness: 0")
     if check_paths:
         for key, value in (("data.train_path", c.data.train_path), ("data.eval_path", c.data.eval_path)):
             if value is not None and not is_preprocessed(value):

@@ -355,6 +355,11 @@ class AlgorithmConfig:
     ``objective/length_penalty`` (mean per sample) beside ``objective/rm_scores`` (the reward model's own)."""
     length_penalty_target: int = 0
     """Online DPO: response tokens free of ``length_penalty``."""
+    max_staleness: int = 0
+    """Online DPO with a split actor (``num_gpus_for_infer > 0``): sample up to this many steps ahead on the
+    rollout ranks while the training ranks update (asynchronous online DPO); a sample is never more than this
+    many actor updates older than the policy that trains on it (``async/staleness_mean``, ``async/staleness_max``).
+    0 samples each step with the latest weights (synchronous)."""
 
     ref_update: RefUpdateConfig = field(default_factory=RefUpdateConfig)
     """TR-DPO's reference refresh (``mode``, ``interval``, ``alpha``); needs a reference model of the actor's

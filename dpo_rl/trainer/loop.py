@@ -139,8 +139,13 @@ class TrainingLoop:
     def finish(self) -> dict[str, Any]:
         return self.summary
 
-    def after_restore(self) -> None:
-        """Runs after a checkpoint was loaded into the trained group."""
+    def after_restore(self, state: dict[str, Any]) -> None:
+        """Runs after a checkpoint was loaded into the trained group and the data sampler set to its position;
+        ``state``: what :meth:`trainer_state` recorded in it (absent keys in an older checkpoint)."""
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the loop beyond its step and the data sampler's position."""
+        return {}
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -150,7 +155,7 @@ class TrainingLoop:
     def save(self, step: int) -> None:
         """Every rank of the trained group writes its state into a staging directory; then it is committed."""
         role = self.c.roles[self.trained_role]
-        state = {"step": step, self.consumed_key: step * self.c.training.global_batch_size}
+        state = {"step": step, self.consumed_key: step * self.c.training.global_batch_size} | self.trainer_state()
         save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.trained_role],
                               role.tensor_model_parallel_size, role.pipeline_model_parallel_size,
                               self.c.training.keep_last_k, reward=self.trained_role == "reward",
@@ -163,8 +168,8 @@ class TrainingLoop:
         if restored is None:
             return 0
         path, state = restored
-        self.after_restore()
         self.sampler.consumed = state[self.consumed_key]
+        self.after_restore(state)
         self.tracker.resume_from(state["step"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]

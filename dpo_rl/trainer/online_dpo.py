@@ -1,6 +1,7 @@
 """The online-DPO loop (driver side).
 
-One step (``train_step``): sample ``n`` responses per prompt from the actor; score them
+One step (``train_step``): sample ``n`` responses per prompt from the actor (with a split actor and
+``algorithm.max_staleness >= 1``, sampling runs up to that many steps ahead: :mod:`dpo_rl.trainer.rollout_ahead`); score them
 with the reward model (minus the missing-EOS penalty) while the reference computes their
 log-probs; pair them; update the actor over ``ppo_epochs`` x mini-batches (starting before the
 reference has finished, and with ``n = 2`` before the scores are in: the update reads both results
@@ -58,6 +59,7 @@ from dpo_rl.trainer.common import (
 )
 from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
 from dpo_rl.trainer.ref_refresh import ReferenceRefresh, join_sync_channel
+from dpo_rl.trainer.rollout_ahead import InFlightSampling, RolloutQueue, oldest_allowed_version, staleness_metrics
 from dpo_rl.trainer.stages import Stage, register_stage
 from dpo_rl.workers.policy import ActorWorker, PolicyWorker, probe_mismatch
 from dpo_rl.workers.reward import RewardWorker
@@ -144,10 +146,15 @@ class OnlineDPOTrainer(TrainingLoop):
         self.pad_token_id, self.decode = pad_token_id, decode
         self.actor_cfg = config.roles["actor_rollout"]
         self.initial: Optional[dict[str, Any]] = None
-        self._prefetched: Optional[list] = None
+        #: sampling started for later steps (a colocated actor's next step; a split actor's max_staleness steps)
+        self.rollouts = RolloutQueue()
         self._last_step_end: Optional[float] = None
         #: actor updates applied so far (the version the sampling weights must carry)
         self.policy_version = 0
+        #: the policy version the split actor's rollout ranks hold (their last weight sync)
+        self.rollout_version = 0
+        #: a split actor samples ahead of the update (asynchronous online DPO)
+        self.samples_ahead = groups.rollout is not None and config.algorithm.max_staleness > 0
         self.ref_refresh = ReferenceRefresh(config.algorithm.ref_update, groups.actor, groups.ref,
                                             senders=config.parallel("actor_rollout").pipeline_model_parallel_size,
                                             verify=self.actor_cfg.verify_weight_sync)
@@ -177,6 +184,16 @@ class OnlineDPOTrainer(TrainingLoop):
             self.summary["samples"] = self.sample_table(self.initial, final)
         return self.summary
 
+    def trainer_state(self) -> dict[str, Any]:
+        return {"in_flight_prompts": self.rollouts.record()}
+
+    def after_restore(self, state: dict[str, Any]) -> None:
+        """The checkpoint's in-flight prompts are sampled again first (with the restored weights), and the
+        prompt sampler goes on after them: resume neither skips nor repeats a prompt."""
+        in_flight = state.get("in_flight_prompts", [])
+        self.rollouts.restore(in_flight)
+        self.sampler.consumed += sum(len(p) for p in in_flight)
+
     def restore(self) -> int:
         step = super().restore()
         if step and self.ref_refresh.enabled:
@@ -198,11 +215,12 @@ class OnlineDPOTrainer(TrainingLoop):
         """
         timer = StepTimer()
         start = self._last_step_end or time.perf_counter()
-        if self._prefetched is not None:
-            samples = timer.collect("generate", self._prefetched)
-            self._prefetched = None
-        else:
-            samples = timer.collect("generate", self.generate_async(self.next_prompts(), self.sample_seed(step)))
+        started = self.rollouts.pop(step) or self.start_sampling(step)
+        samples = timer.collect("generate", started.pending)
+        staleness = staleness_metrics(step, self.policy_version, samples["policy_version"],
+                                      self.c.algorithm.max_staleness)
+        if self.samples_ahead:  # the next steps' sampling runs on the rollout ranks beside this step's update
+            self.sample_ahead(step, timer)
         samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
         # With two samples per prompt every sample is half of its prompt's only candidate pair: the reference
         # scores them all while the reward model does, and the update starts on its forward before the scores
@@ -232,7 +250,7 @@ class OnlineDPOTrainer(TrainingLoop):
         scores = timer.collect("reward", [pending_scores], critical=pending_update is None)["scores"]
         penalized = rule.penalized(scores, samples["ended_with_eos"], lengths)
         pairs = rule.pairs(scores, samples["ended_with_eos"], samples["prompt_index"], lengths)
-        metrics = self.sample_metrics(samples, scores, penalized, pairs)
+        metrics = self.sample_metrics(samples, scores, penalized, pairs) | staleness
         referenced = 0 if paired_only else len(samples)
         if pending_update is None and len(pairs):
             pending_update, pending_reference, referenced = self.start_scored_update(samples, pairs,
@@ -243,7 +261,7 @@ class OnlineDPOTrainer(TrainingLoop):
             if len(pairs):  # the actor applied the update exactly when the scores gave a pair
                 self.policy_version += 1
                 metrics.update({k: v for k, v in update.items() if k != "compute_s"})
-                if self.groups.rollout is not None:
+                if self.groups.rollout is not None and not self.samples_ahead:  # (ahead: before the next sampling)
                     timer.run("sync", self.sync_weights)
         if pending_reference is not None:  # the update waited for it if it had pairs
             timer.collect("reference", [pending_reference], critical=False)
@@ -270,8 +288,24 @@ class OnlineDPOTrainer(TrainingLoop):
         pending = self.groups.actor.call_async("update", rows, reference, late)
         # not on a refresh step: the refresh streams from the actor right after the update (the reference waits)
         if self.groups.rollout is None and step < self.c.training.train_iters and not self.ref_refresh.due(step):
-            self._prefetched = self.generate_async(self.next_prompts(), self.sample_seed(step + 1))
+            self.rollouts.push(self.start_sampling(step + 1))
         return pending
+
+    def sample_ahead(self, step: int, timer: StepTimer) -> None:
+        """Split actor, ``max_staleness >= 1``: keep up to that many later steps' sampling in flight on the rollout
+        ranks. A batch whose step may train more than ``max_staleness`` updates after the rollout ranks' weights
+        first gets the current weights, which the ranks receive only once the sampling queued on them is done:
+        with sampling still in flight the next batch waits for a later step instead."""
+        k = self.c.algorithm.max_staleness
+        while len(self.rollouts) < k:
+            target = self.rollouts.next_target(step)
+            if target > self.c.training.train_iters:
+                return
+            if self.rollout_version < oldest_allowed_version(self.policy_version, step, target, k):
+                if len(self.rollouts):
+                    return
+                timer.run("sync", self.sync_weights)
+            self.rollouts.push(self.start_sampling(target))
 
     def pairing_rule(self, step: int) -> PairingRule:
         a = self.c.algorithm
@@ -297,9 +331,13 @@ class OnlineDPOTrainer(TrainingLoop):
         return seeds.rollout(self.c.training.seed, step)
 
     # -- phases -------------------------------------------------------------------------
-    def next_prompts(self) -> Batch:
-        indices = self.sampler.next(self.c.training.global_batch_size)
-        return prompt_batch(self.prompts, indices, self.c.algorithm.num_responses_per_prompt, self.pad_token_id)
+    def start_sampling(self, step: int) -> InFlightSampling:
+        """Start sampling step ``step``'s batch: the prompts a resumed checkpoint had in flight, else the
+        sampler's next ``global_batch_size``."""
+        resumed = self.rollouts.resumed_prompts
+        indices = resumed.popleft() if resumed else self.sampler.next(self.c.training.global_batch_size)
+        prompts = prompt_batch(self.prompts, indices, self.c.algorithm.num_responses_per_prompt, self.pad_token_id)
+        return InFlightSampling(step, indices, self.generate_async(prompts, self.sample_seed(step)))
 
     def sampling_params(self) -> dict[str, Any]:
         a = self.actor_cfg
@@ -338,6 +376,7 @@ class OnlineDPOTrainer(TrainingLoop):
         start = time.perf_counter()
         a = self.actor_cfg
         verify = a.verify_weight_sync
+        self.rollout_version = self.policy_version
         sent, received = wait_all([self.groups.actor.call_async("send_weights", a.weight_sync_bucket_mb, verify),
                                    self.groups.rollout.call_async("receive_weights", verify, self.policy_version)])
         if verify:
@@ -382,6 +421,8 @@ class OnlineDPOTrainer(TrainingLoop):
     def sample_eval(self) -> dict[str, Any]:
         """Sample one response per held-out prompt with the sampling group's current weights (fixed seed)
         and score it."""
+        if self.groups.rollout is not None and self.rollout_version < self.policy_version:
+            self.sync_weights()  # sampling ahead: the rollout ranks get the weights after their queued sampling
         count = min(self.c.training.eval_samples, len(self.eval_prompts))
         prompts = prompt_batch(self.eval_prompts, list(range(count)), 1, self.pad_token_id)
         samples = StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING))

@@ -97,6 +97,9 @@ RULE_CASES = [
     (["algorithm.num_responses_per_prompt=1"], "num_responses_per_prompt=1 must be >= 2"),
     (["+algorithm.length_penalty=-0.1"], "algorithm.length_penalty=-0.1 must be >= 0"),
     (["+algorithm.length_penalty_target=-1"], "algorithm.length_penalty_target=-1 must be >= 0"),
+    (["+algorithm.max_staleness=-1"], "algorithm.max_staleness=-1 must be >= 0"),
+    (["+algorithm.max_staleness=1"], "algorithm.max_staleness=1 samples ahead on separate rollout ranks, but the "
+     "actor is colocated (actor_rollout_ref.actor_rollout.num_gpus_for_infer=0"),
     (["+algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type='kl' is unknown"),
     (["+algorithm.ld_alpha=1.5"], "algorithm.ld_alpha=1.5 must be in [0, 1]"),
     (["+algorithm.ref_update.mode=sync"], "algorithm.ref_update.mode='sync' is unknown"),

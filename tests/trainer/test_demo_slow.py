@@ -21,9 +21,15 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 LORA = ("training.lora.enabled=true", "training.lr=5e-4")
 
 
-#: Full fine-tuning with the native engine, and LoRA with vLLM (its engine refreshed with the merged weights
-#: after every update; LoRA with the native engine where vllm is not installed): one demo run per recipe.
-DEMO_RUNS = [("megatron", False), ("vllm", True) if HAS_VLLM else ("megatron", True)]
+#: Asynchronous online DPO: a split actor (one training rank, one rollout rank) sampling a step ahead.
+ASYNC = ("resource_pool.actor_rollout=[2]", "actor_rollout_ref.actor_rollout.num_gpus_for_infer=1",
+         "+algorithm.max_staleness=1")
+
+#: Full fine-tuning with the native engine, LoRA with vLLM (its engine refreshed with the merged weights after
+#: every update; LoRA with the native engine where vllm is not installed), and full fine-tuning sampling a step
+#: ahead on Ray (max_staleness 1): one demo run per recipe.
+DEMO_RUNS = [("megatron", False, False), ("vllm", True, False) if HAS_VLLM else ("megatron", True, False),
+             ("megatron", False, True)]
 
 
 #: Measured on the locked CPU build (final win rate; mean score of the last tenth of the steps minus the first's):
@@ -32,10 +38,10 @@ DEMO_RUNS = [("megatron", False), ("vllm", True) if HAS_VLLM else ("megatron", T
 DEMO_STEPS = 80
 
 
-@pytest.mark.parametrize("engine, lora", DEMO_RUNS)
-def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora):
-    """The recipe reaches the same quality with either rollout engine, and with LoRA (whose reference is the
-    actor's base, adapters off)."""
+@pytest.mark.parametrize("engine, lora, ahead", DEMO_RUNS)
+def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora, ahead):
+    """The recipe reaches the same quality with either rollout engine, with LoRA (whose reference is the
+    actor's base, adapters off), and sampling one step ahead of the update."""
     from examples.tiny_world.build import ARTIFACTS, build
 
     info = build()
@@ -51,8 +57,8 @@ def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora):
         f"actor_rollout_ref.actor_rollout.load={ARTIFACTS / 'sft'}", f"actor_rollout_ref.ref.load={ARTIFACTS / 'sft'}",
         f"reward.load={ARTIFACTS / 'rm'}", f"data.train_path={ARTIFACTS / 'prompts_train.jsonl'}",
         f"data.eval_path={ARTIFACTS / 'prompts_eval.jsonl'}", f"actor_rollout_ref.actor_rollout.rollout_engine={engine}",
-        *(LORA if lora else ()),
-    ]), use_ray=engine == "vllm")
+        *(LORA if lora else ()), *(ASYNC if ahead else ()),
+    ]), use_ray=engine == "vllm" or ahead)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     tenth = len(rows) // 10
     first = sum(r["objective/scores"] for r in rows[:tenth]) / tenth
@@ -60,7 +66,12 @@ def test_demo_raises_reward_and_beats_the_initial_actor(tmp_path, engine, lora):
     assert last > first + 3.0, (first, last)
     assert summary["eval/win_rate"] >= 0.7
     assert rows[-1]["response/distinct_fraction"] > 0.5  # no collapse into one template
-    assert max(r["rollout/logprob_diff_mean"] for r in rows) < 1e-4  # every step sampled on-policy
+    if ahead:  # never more than one update old; one update old after every step that applied one
+        staleness = [r["async/staleness_max"] for r in rows]
+        assert max(staleness) == 1.0
+        assert staleness[1:] == [float(r["pairs/count"] > 0) for r in rows[:-1]]
+    else:
+        assert max(r["rollout/logprob_diff_mean"] for r in rows) < 1e-4  # every step sampled on-policy
 
 
 #: Offline DPO's held-out pair accuracy climbs to a plateau near 0.85 and leaves it at a step that depends on the
