@@ -5,6 +5,8 @@ and resumption (``resume: auto`` = the latest one, if any).
 <save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   model, optimizer, scheduler, RNG
 <save_dir>/iter_0000020/mp_rank_{tp:02d}[_{pp:03d}]/distrib_optim_dp{dp:03d}.pt  distributed optimizer: each
                                                                          DP rank's main params + Adam moments
+<save_dir>/iter_0000020/reference/mp_rank_{tp:02d}[_{pp:03d}]/model.pt    a TR-DPO run's refreshed reference (its
+                                                                         own TP/PP layout; weights only)
 <save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts
 <save_dir>/iter_0000020/manifest.json                                     every file's size at commit
 <save_dir>/latest_checkpointed_iteration.txt                              "20"
@@ -31,7 +33,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -151,7 +153,7 @@ def checkpoint_problems(directory: str | Path) -> list[str]:
         return problems
     try:
         readers.read_json(directory / "trainer_state.json")
-        for path in sorted(directory.glob("*/*.pt")):
+        for path in sorted(directory.rglob("*.pt")):
             readers.torch_load(path, mmap=True)
     except ConfigError as err:
         problems.extend(err.problems)
@@ -216,6 +218,26 @@ def load_training_state(path: Path, model: torch.nn.Module, *, adapters: Optiona
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state
+
+
+#: The directory of a checkpoint that holds a refreshed reference's weights (TR-DPO: ``algorithm.ref_update``).
+REFERENCE_DIR = "reference"
+
+
+def reference_file(directory: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    return Path(directory) / REFERENCE_DIR / rank_dir_name(tp_rank, pp_rank, pp_size) / "model.pt"
+
+
+def save_model_shard(path: Path, model: torch.nn.Module) -> None:
+    """One model-parallel rank's weights alone (a refreshed reference: no optimizer, no RNG)."""
+    _atomic_save(path, {"model": local_mcore_state(model), "checkpoint_version": CHECKPOINT_VERSION})
+
+
+def load_model_shard(path: Path, model: torch.nn.Module) -> None:
+    """Load what :func:`save_model_shard` wrote into ``model`` (same TP/PP layout)."""
+    if not path.is_file():
+        raise ConfigError([f"{path} is missing: the reference was saved with a different TP/PP layout"])
+    load_into_model(model, safe_load(path)["model"])
 
 
 def save_optimizer_shard(path: Path, shard: Any) -> None:
@@ -284,11 +306,14 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
 
 def save_group_checkpoint(group, save_dir: str | Path, step: int, trainer_state: dict[str, Any],
                           model_config: ModelConfig, tp: int, pp: int, keep_last_k: int, reward: bool = False,
-                          lora: Optional[dict[str, Any]] = None) -> Path:
-    """Every rank of a trained worker group writes into a staging directory; then it is committed."""
+                          lora: Optional[dict[str, Any]] = None, extra: Optional[Callable[[Path], Any]] = None) -> Path:
+    """Every rank of a trained worker group writes into a staging directory (and ``extra`` with it, e.g. a
+    refreshed reference's weights); then it is committed."""
     staging = staging_dir(save_dir, step)
     shutil.rmtree(staging, ignore_errors=True)
     group.save_checkpoint(str(staging))
+    if extra is not None:
+        extra(staging)
     return commit(save_dir, step, trainer_state, model_config, tp, pp, keep_last_k, reward, lora)
 
 

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -139,13 +140,16 @@ class TrainingLoop:
     def finish(self) -> dict[str, Any]:
         return self.summary
 
-    def after_restore(self, state: dict[str, Any]) -> None:
-        """Runs after a checkpoint was loaded into the trained group and the data sampler set to its position;
-        ``state``: what :meth:`trainer_state` recorded in it (absent keys in an older checkpoint)."""
+    def after_restore(self, directory: Path, state: dict[str, Any]) -> None:
+        """Runs after the checkpoint ``directory`` was loaded into the trained group and the data sampler set to
+        its position; ``state``: what :meth:`trainer_state` recorded in it (absent keys in an older checkpoint)."""
 
     def trainer_state(self) -> dict[str, Any]:
         """What a checkpoint records of the loop beyond its step and the data sampler's position."""
         return {}
+
+    def save_extra(self, directory: Path) -> None:
+        """Write what a checkpoint holds beyond the trained group's state into ``directory`` (being staged)."""
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -159,7 +163,7 @@ class TrainingLoop:
         save_group_checkpoint(self.trained, self.save_dir, step, state, self.c.models[self.trained_role],
                               role.tensor_model_parallel_size, role.pipeline_model_parallel_size,
                               self.c.training.keep_last_k, reward=self.trained_role == "reward",
-                              lora=lora_record(role))
+                              lora=lora_record(role), extra=self.save_extra)
         logger.info("saved checkpoint of step %d to %s", step, self.save_dir)
 
     def restore(self) -> int:
@@ -169,18 +173,10 @@ class TrainingLoop:
             return 0
         path, state = restored
         self.sampler.consumed = state[self.consumed_key]
-        self.after_restore(state)
+        self.after_restore(path, state)
         self.tracker.resume_from(state["step"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
-
-
-def ref_refresh_resume_problem(c) -> str:
-    """Why a run that refreshes its reference (TR-DPO) cannot resume: checkpoints hold the trained role only."""
-    return (f"training.resume: this run refreshes its reference (algorithm.ref_update.mode="
-            f"{c.algorithm.ref_update.mode!r}), and checkpoints do not hold the reference's weights yet, so a resumed "
-            "run would train against the initial reference; start it over (training.resume=none) or set "
-            "algorithm.ref_update.mode: none")
 
 
 def lora_record(role) -> Optional[dict[str, Any]]:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -24,11 +25,10 @@ from dpo_rl.config.resolution import ResolvedConfig
 from dpo_rl.config.schema import RefUpdateConfig
 from dpo_rl.data.indexed import TokenizedDataset, collate_pairs, collate_sequences
 from dpo_rl.data.prompts import PromptSampler
-from dpo_rl.errors import ConfigError
 from dpo_rl.losses import PairLogps, compute_preference_loss
 from dpo_rl.pairing import shared_response_tokens
 from dpo_rl.trainer.common import logprob_options
-from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 from dpo_rl.trainer.ref_refresh import ReferenceRefresh
 from dpo_rl.workers.reward import bradley_terry_loss
 
@@ -266,11 +266,14 @@ class OfflineTrainer(TrainingLoop):
     def before_training(self) -> None:
         self.ref_refresh.join()
 
-    def restore(self) -> int:
-        step = super().restore()
-        if step and self.ref_refresh.enabled:
-            raise ConfigError([ref_refresh_resume_problem(self.c)])
-        return step
+    def trainer_state(self) -> dict[str, Any]:
+        return self.ref_refresh.state()
+
+    def save_extra(self, directory: Path) -> None:
+        self.ref_refresh.save(directory)
+
+    def after_restore(self, directory: Path, state: dict[str, Any]) -> None:
+        self.ref_refresh.restore(directory, state)  # a refreshed reference (TR-DPO) is the checkpoint's
 
     def fetch(self) -> tuple[list[int], Batch, Any]:
         """The next batch's positions and rows, and the started live-reference call (or None)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -57,7 +58,7 @@ from dpo_rl.trainer.common import (
     special_ids,
     tokenizer_key,
 )
-from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout, ref_refresh_resume_problem
+from dpo_rl.trainer.loop import StepTimer, TrainingLoop, minibatch_layout
 from dpo_rl.trainer.ref_refresh import ReferenceRefresh, join_sync_channel
 from dpo_rl.trainer.rollout_ahead import InFlightSampling, RolloutQueue, oldest_allowed_version, staleness_metrics
 from dpo_rl.trainer.stages import Stage, register_stage
@@ -185,19 +186,22 @@ class OnlineDPOTrainer(TrainingLoop):
         return self.summary
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"in_flight_prompts": self.rollouts.record()}
+        return {"in_flight_prompts": self.rollouts.record(), **self.ref_refresh.state()}
 
-    def after_restore(self, state: dict[str, Any]) -> None:
+    def save_extra(self, directory: Path) -> None:
+        self.ref_refresh.save(directory)
+
+    def after_restore(self, directory: Path, state: dict[str, Any]) -> None:
         """The checkpoint's in-flight prompts are sampled again first (with the restored weights), and the
-        prompt sampler goes on after them: resume neither skips nor repeats a prompt."""
+        prompt sampler goes on after them: resume neither skips nor repeats a prompt. A refreshed reference
+        (TR-DPO) is the checkpoint's."""
         in_flight = state.get("in_flight_prompts", [])
         self.rollouts.restore(in_flight)
         self.sampler.consumed += sum(len(p) for p in in_flight)
+        self.ref_refresh.restore(directory, state)
 
     def restore(self) -> int:
         step = super().restore()
-        if step and self.ref_refresh.enabled:
-            raise ConfigError([ref_refresh_resume_problem(self.c)])
         if step:
             self.policy_version = step
             if self.groups.rollout is not None:
@@ -216,7 +220,8 @@ class OnlineDPOTrainer(TrainingLoop):
         timer = StepTimer()
         start = self._last_step_end or time.perf_counter()
         started = self.rollouts.pop(step) or self.start_sampling(step)
-        samples = timer.collect("generate", started.pending)
+        # sampled ahead, the rollout's compute ran beside the last update: only the wait for it is this step's
+        samples = timer.collect("generate", started.pending, critical=not self.samples_ahead)
         staleness = staleness_metrics(step, self.policy_version, samples["policy_version"],
                                       self.c.algorithm.max_staleness)
         if self.samples_ahead:  # the next steps' sampling runs on the rollout ranks beside this step's update

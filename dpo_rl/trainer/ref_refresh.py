@@ -7,12 +7,22 @@ reference rank, resharded to the reference's TP/PP layout on arrival, never thro
 actor's bucket stream is handed to the reference in the same process. TRL's names: ``sync_ref_model`` (mode
 other than ``none``), ``ref_model_mixup_alpha`` (alpha; ``hard`` is alpha 1), ``ref_model_sync_steps``
 (interval).
+
+A checkpoint of such a run holds the reference's weights (``reference/`` beside the actor's rank files, in the
+reference's own layout) and ``reference_version``: a resumed run trains against the reference it had.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpo_rl.checkpoint.training import REFERENCE_DIR
 from dpo_rl.config.schema import RefUpdateConfig
 from dpo_rl.runtime.worker_group import wait_for
+
+logger = logging.getLogger(__name__)
 
 
 def join_sync_channel(actor, receivers, senders: int, channel: str) -> None:
@@ -65,6 +75,27 @@ class ReferenceRefresh:
             if sent != received:
                 raise RuntimeError(f"reference refresh check failed: sent {sent[:12]} but received {received[:12]}")
         self.version = version
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint's trainer state records: the reference's version."""
+        return {"reference_version": self.version} if self.enabled else {}
+
+    def save(self, directory: Path) -> None:
+        """Write the reference's weights into the checkpoint being staged at ``directory``."""
+        if self.enabled:
+            self.ref.save_reference(str(directory))
+
+    def restore(self, directory: Path, state: dict[str, Any]) -> None:
+        """Load the reference a checkpoint holds. One without (its run never refreshed the reference) leaves the
+        initial reference, which is what that run trained against."""
+        if not (Path(directory) / REFERENCE_DIR).is_dir():
+            return
+        if not self.enabled:
+            logger.warning("%s holds a reference refreshed %d times (TR-DPO), but algorithm.ref_update.mode is none: "
+                           "the reference is its initial load again", directory, state.get("reference_version", 0))
+            return
+        self.ref.load_reference(str(directory))
+        self.version = state.get("reference_version", 0)
 
     def metrics(self) -> dict[str, float]:
         """``reference/version``: the actor updates the reference holds (with a refresh configured)."""

@@ -24,6 +24,7 @@ from dpo_rl.checkpoint.hf_stream import (
     stage_hf_groups,
     weights_checksum,
 )
+from dpo_rl.checkpoint.training import load_model_shard, reference_file, save_model_shard
 from dpo_rl.dispatch import Dispatch, register
 from dpo_rl.losses import (
     LossSpec,
@@ -244,6 +245,22 @@ class PolicyWorker(MegatronWorker):
         with torch.no_grad():
             for param, before in zip(params, held):  # mixed in fp32, whatever the parameters' dtype
                 param.copy_((mix * param.float() + (1.0 - mix) * before.float()).to(param.dtype))
+
+    @register(Dispatch.ALL)
+    def save_reference(self, directory: str) -> bool:
+        """Write this rank's weights into the checkpoint ``directory`` (DP rank 0 of each model-parallel rank): a
+        reference that TR-DPO refreshed is no longer its ``load``."""
+        r = self.ranks
+        if r.dp_rank == 0:
+            save_model_shard(reference_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model)
+        return True
+
+    @register(Dispatch.ALL)
+    def load_reference(self, directory: str) -> bool:
+        """Load what :meth:`save_reference` wrote (same TP/PP layout)."""
+        r = self.ranks
+        load_model_shard(reference_file(directory, r.tp_rank, r.pp_rank, r.pp_size), self.model)
+        return True
 
     @register(Dispatch.ALL)
     def checksum(self) -> str:

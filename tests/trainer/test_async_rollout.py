@@ -76,3 +76,25 @@ def test_max_staleness_1_samples_a_step_ahead_and_a_killed_run_resumes_every_pro
     assert [r["rollout/policy_version"] for r in rows] == [0.0, 0.0, 2.0, 2.0]
     assert all(r["async/staleness_mean"] <= r["async/staleness_max"] <= 1 for r in rows)
     assert rows[1]["rollout/logprob_diff_mean"] > 1e-4  # the loss scored step 2's samples under the newer policy
+
+
+def test_max_staleness_2_keeps_two_steps_in_flight_and_syncs_only_when_the_rollout_is_idle(world_dir, tmp_path):
+    """With two steps in flight the rollout ranks get new weights only once their queue is empty (a sync behind
+    queued sampling would stall the training ranks): step 1 starts steps 2 and 3 with version 0, step 3 syncs
+    version 2 and starts steps 4 and 5 with it. Staleness [0, 1, 2, 1, 2], never above 2."""
+    out = tmp_path / "run"
+    syncs = []
+    real_sync = OnlineDPOTrainer.sync_weights
+
+    def counted_sync(self):
+        syncs.append(self.policy_version)
+        return real_sync(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OnlineDPOTrainer, "sync_weights", counted_sync)
+        run(small_config(world_dir, out, *SPLIT_ACTOR, "+algorithm.max_staleness=2", "training.train_iters=5",
+                         "training.eval_interval=0"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 2.0, 1.0, 2.0]
+    assert [r["rollout/policy_version"] for r in rows] == [0.0, 0.0, 0.0, 2.0, 2.0]
+    assert syncs == [0, 2, 5]  # before training, at step 3, and before the final evaluation

@@ -101,3 +101,27 @@ def test_resume_setting_is_validated(world_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="training.resume='/nowhere' is not auto, none, or a checkpoint directory"):
         resolve(small_config(world_dir, tmp_path, "+training.resume=/nowhere"))
+
+
+def test_resume_of_a_run_that_refreshes_its_reference_gives_the_uninterrupted_run(world_dir, tmp_path, monkeypatch):
+    """TR-DPO soft, every step: the checkpoint holds the mixed reference (and its version), so the resumed steps
+    score against the reference the uninterrupted run had. Not restoring it (negative control) the resumed run
+    trains against the initial reference and its metrics differ."""
+    from dpo_rl.trainer.ref_refresh import ReferenceRefresh
+
+    refresh = ("+algorithm.ref_update.mode=soft", "+algorithm.ref_update.interval=1", "+algorithm.ref_update.alpha=0.5",
+               *COMMON)
+    straight = tmp_path / "straight"
+    run(small_config(world_dir, straight, "training.train_iters=4", *refresh), use_ray=False)
+    for name in ("resumed", "without_reference"):
+        run(small_config(world_dir, tmp_path / name, "training.train_iters=2", "+training.save_interval=2", *refresh),
+            use_ray=False)
+    checkpoint = ckpt.iteration_dir(tmp_path / "resumed" / "checkpoints", 2)
+    assert ckpt.read_trainer_state(checkpoint)["reference_version"] == 2
+    assert (checkpoint / ckpt.REFERENCE_DIR).is_dir() and not ckpt.checkpoint_problems(checkpoint)
+    run(small_config(world_dir, tmp_path / "resumed", "training.train_iters=4", *refresh), use_ray=False)
+    monkeypatch.setattr(ReferenceRefresh, "restore", lambda self, directory, state: None)
+    run(small_config(world_dir, tmp_path / "without_reference", "training.train_iters=4", *refresh), use_ray=False)
+    expected = (straight / "metrics.jsonl").read_text()
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == expected
+    assert (tmp_path / "without_reference" / "metrics.jsonl").read_text() != expected

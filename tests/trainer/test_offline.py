@@ -99,22 +99,25 @@ def test_ld_dpo_sums_policy_and_reference_alike_live_and_precomputed(world_dir, 
     assert rows(tmp_path / "cached" / "metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
 
 
-def test_tr_dpo_offline_refreshes_before_the_next_reference_forward_and_refuses_to_resume(world_dir, offline_data,
-                                                                                          tmp_path):
+def test_tr_dpo_offline_refreshes_before_the_next_reference_forward_and_resumes_with_its_reference(
+        world_dir, offline_data, tmp_path):
     """TR-DPO hard, interval 1, offline: the next step's reference forward waits for the refresh (no prefetch on a
-    refresh step), so every step starts at policy == reference: loss log 2. Checkpoints hold no reference
-    weights yet, so resuming such a run is refused with the reason."""
-    extra = ("training.train_iters=3", "+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=1",
-             "training.save_interval=2")
-    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra), use_ray=False)
+    refresh step), so every step starts at policy == reference: loss log 2. A run resumed from step 2's
+    checkpoint, which holds the refreshed reference, goes on at log 2 (the initial reference would not)."""
+    extra = ("+algorithm.ref_update.mode=hard", "+algorithm.ref_update.interval=1", "training.save_interval=2")
+    summary = run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, "training.train_iters=3", *extra),
+                  use_ray=False)
     history = rows(tmp_path / "metrics.jsonl")
     assert [h["loss"] for h in history] == pytest.approx([math.log(2)] * 3, rel=1e-5)
     # the final evaluation scores against the reference refreshed after the last step: the final policy itself
     assert summary["eval/loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert [h["reference/version"] for h in history] == [1.0, 2.0, 3.0]
-    with pytest.raises(ConfigError, match="checkpoints do not hold the reference's weights"):
-        run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra, "training.resume=auto",
-                           "training.train_iters=4"), use_ray=False)
+    run(offline_config("dpo_trainer_tiny", world_dir, tmp_path, *extra, "training.resume=auto",
+                       "training.train_iters=4"), use_ray=False)
+    resumed = rows(tmp_path / "metrics.jsonl")
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    assert [h["loss"] for h in resumed[2:]] == pytest.approx([math.log(2)] * 2, rel=1e-5)
+    assert [h["reference/version"] for h in resumed] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_reward_stage_learns_and_exports_a_loadable_reward_model(world_dir, offline_data, tmp_path):
