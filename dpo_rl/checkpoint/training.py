@@ -7,7 +7,9 @@ and resumption (``resume: auto`` = the latest one, if any).
                                                                          DP rank's main params + Adam moments
 <save_dir>/iter_0000020/reference/mp_rank_{tp:02d}[_{pp:03d}]/model.pt    a TR-DPO run's refreshed reference (its
                                                                          own TP/PP layout; weights only)
-<save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts
+<save_dir>/iter_0000020/trainer_state.json                                step, consumed prompts (online: also
+                                                                         in-flight prompts, policy version),
+                                                                         reference version
 <save_dir>/iter_0000020/manifest.json                                     every file's size at commit
 <save_dir>/latest_checkpointed_iteration.txt                              "20"
 <save_dir>/dpo_rl_checkpoint.json                                         model config (convert_ckpt reads it)

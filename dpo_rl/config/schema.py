@@ -358,8 +358,10 @@ class AlgorithmConfig:
     max_staleness: int = 0
     """Online DPO with a split actor (``num_gpus_for_infer > 0``): sample up to this many steps ahead on the
     rollout ranks while the training ranks update (asynchronous online DPO); a sample is never more than this
-    many actor updates older than the policy that trains on it (``async/staleness_mean``, ``async/staleness_max``).
-    0 samples each step with the latest weights (synchronous)."""
+    many actor updates (steps that applied one) older than the policy that trains on it (``async/staleness_mean``,
+    ``async/staleness_max``). 0 samples each step with the latest weights (synchronous); refused with a colocated
+    actor. An evaluation first gives the rollout ranks the current weights; a resumed run samples the checkpoint's
+    in-flight prompts again with the restored weights (docs/online_dpo.md)."""
 
     ref_update: RefUpdateConfig = field(default_factory=RefUpdateConfig)
     """TR-DPO's reference refresh (``mode``, ``interval``, ``alpha``); needs a reference model of the actor's

@@ -173,6 +173,11 @@ def _collected(outputs: list[Any], rows: int | None, what: str, ranks: list[int]
     return outputs[0] if rows is None else collect_dp(outputs, rows)
 
 
+def completed(pending: "_Pending | _Done") -> "_Done":
+    """A started call, waited for and kept: :func:`wait_for` then gives its result at once."""
+    return _Done(wait_for(pending))
+
+
 class _Done:
     """An in-process call's result, already computed."""
 

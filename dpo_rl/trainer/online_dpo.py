@@ -186,7 +186,8 @@ class OnlineDPOTrainer(TrainingLoop):
         return self.summary
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"in_flight_prompts": self.rollouts.record(), **self.ref_refresh.state()}
+        return {"in_flight_prompts": self.rollouts.record(), "policy_version": self.policy_version,
+                **self.ref_refresh.state()}
 
     def save_extra(self, directory: Path) -> None:
         self.ref_refresh.save(directory)
@@ -195,19 +196,23 @@ class OnlineDPOTrainer(TrainingLoop):
         """The checkpoint's in-flight prompts are sampled again first (with the restored weights), and the
         prompt sampler goes on after them: resume neither skips nor repeats a prompt. A refreshed reference
         (TR-DPO) is the checkpoint's."""
-        in_flight = state.get("in_flight_prompts", [])
+        in_flight, size = state.get("in_flight_prompts", []), self.c.training.global_batch_size
+        if any(len(p) != size for p in in_flight):
+            held = next(len(p) for p in in_flight if len(p) != size)
+            raise ConfigError([f"training.global_batch_size={size}, but the checkpoint {directory} was sampling "
+                               f"batches of {held} prompts; resume with training.global_batch_size={held}"])
         self.rollouts.restore(in_flight)
         self.sampler.consumed += sum(len(p) for p in in_flight)
+        self.policy_version = state.get("policy_version", state["step"])  # (older checkpoints: one update a step)
         self.ref_refresh.restore(directory, state)
 
     def restore(self) -> int:
         step = super().restore()
         if step:
-            self.policy_version = step
             if self.groups.rollout is not None:
                 self.sync_weights()
             else:
-                self.groups.actor.set_policy_version(step)
+                self.groups.actor.set_policy_version(self.policy_version)
         return step
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -215,18 +220,12 @@ class OnlineDPOTrainer(TrainingLoop):
 
         With a colocated actor the next step's sampling is queued on the actor right behind
         this step's update (Ray runs one actor's calls in order), so the driver's round trip
-        and bookkeeping between steps overlap with the actor's work.
+        and bookkeeping between steps overlap with the actor's work. A split actor with
+        ``max_staleness >= 1`` samples the next steps on its rollout ranks meanwhile (:meth:`sample_ahead`).
         """
         timer = StepTimer()
         start = self._last_step_end or time.perf_counter()
-        started = self.rollouts.pop(step) or self.start_sampling(step)
-        # sampled ahead, the rollout's compute ran beside the last update: only the wait for it is this step's
-        samples = timer.collect("generate", started.pending, critical=not self.samples_ahead)
-        staleness = staleness_metrics(step, self.policy_version, samples["policy_version"],
-                                      self.c.algorithm.max_staleness)
-        if self.samples_ahead:  # the next steps' sampling runs on the rollout ranks beside this step's update
-            self.sample_ahead(step, timer)
-        samples = drop_trailing_padding(samples)  # no forward below computes columns no response reaches
+        samples, staleness = self.collect_samples(step, timer)
         # With two samples per prompt every sample is half of its prompt's only candidate pair: the reference
         # scores them all while the reward model does, and the update starts on its forward before the scores
         # are in (the pair is known but for its orientation, LatePairing). With more and best-vs-worst, the
@@ -243,6 +242,8 @@ class OnlineDPOTrainer(TrainingLoop):
         if not paired_only:
             pending_reference = self.reference_async(samples)
         pending_scores = self.groups.reward.call_async("score", samples)
+        if self.samples_ahead:  # (its sync, when due, runs beside the scoring, before the update is queued)
+            self.sample_ahead(step, timer)
         rule, lengths = self.pairing_rule(step), samples["response_mask"].sum(-1)
         if two_per_prompt:
             rows = self.layout(gather_pairs(samples, first, second), step)
@@ -275,6 +276,19 @@ class OnlineDPOTrainer(TrainingLoop):
         metrics.update(self.ref_refresh.metrics())
         self._last_step_end = time.perf_counter()
         return metrics | step_timing(timer, self._last_step_end - start, float(samples["response_mask"].sum()))
+
+    def collect_samples(self, step: int, timer: StepTimer) -> tuple[Batch, dict[str, float]]:
+        """Step ``step``'s samples (started earlier, or now), without the columns after their longest response,
+        and their staleness metrics. A batch sampled ahead computed beside the last update: only the wait for it
+        is on this step's critical path."""
+        started = self.rollouts.pop(step)
+        ahead = started is not None and self.samples_ahead
+        samples = timer.collect("generate", (started or self.start_sampling(step)).pending, critical=not ahead)
+        if ahead:
+            timer.critical += timer.wall["generate"]
+        staleness = staleness_metrics(step, self.policy_version, samples["policy_version"],
+                                      self.c.algorithm.max_staleness)
+        return drop_trailing_padding(samples), staleness
 
     def start_scored_update(self, samples: Batch, pairs, pending_reference, step: int):
         """Start the update on the pairs the scores gave; with no reference started yet (best-vs-worst, n > 2),
@@ -339,8 +353,7 @@ class OnlineDPOTrainer(TrainingLoop):
     def start_sampling(self, step: int) -> InFlightSampling:
         """Start sampling step ``step``'s batch: the prompts a resumed checkpoint had in flight, else the
         sampler's next ``global_batch_size``."""
-        resumed = self.rollouts.resumed_prompts
-        indices = resumed.popleft() if resumed else self.sampler.next(self.c.training.global_batch_size)
+        indices = self.rollouts.next_resumed() or self.sampler.next(self.c.training.global_batch_size)
         prompts = prompt_batch(self.prompts, indices, self.c.algorithm.num_responses_per_prompt, self.pad_token_id)
         return InFlightSampling(step, indices, self.generate_async(prompts, self.sample_seed(step)))
 
@@ -426,8 +439,9 @@ class OnlineDPOTrainer(TrainingLoop):
     def sample_eval(self) -> dict[str, Any]:
         """Sample one response per held-out prompt with the sampling group's current weights (fixed seed)
         and score it."""
-        if self.groups.rollout is not None and self.rollout_version < self.policy_version:
-            self.sync_weights()  # sampling ahead: the rollout ranks get the weights after their queued sampling
+        if self.groups.rollout is not None and self.rollout_version < self.policy_version:  # sampling ahead
+            self.rollouts.settle()  # the rollout ranks finish their queued sampling, then take the current weights
+            self.sync_weights()
         count = min(self.c.training.eval_samples, len(self.eval_prompts))
         prompts = prompt_batch(self.eval_prompts, list(range(count)), 1, self.pad_token_id)
         samples = StepTimer().collect("generate", self.generate_async(prompts, seeds.EVALUATION_SAMPLING))

@@ -20,6 +20,7 @@ from typing import Any
 
 from dpo_rl.checkpoint.training import REFERENCE_DIR
 from dpo_rl.config.schema import RefUpdateConfig
+from dpo_rl.errors import ConfigError
 from dpo_rl.runtime.worker_group import wait_for
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class ReferenceRefresh:
         self.version = version
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint's trainer state records: the reference's version."""
-        return {"reference_version": self.version} if self.enabled else {}
+        """What a checkpoint's trainer state records: the reference's version (0: never refreshed)."""
+        return {"reference_version": self.version}
 
     def save(self, directory: Path) -> None:
         """Write the reference's weights into the checkpoint being staged at ``directory``."""
@@ -87,8 +88,15 @@ class ReferenceRefresh:
 
     def restore(self, directory: Path, state: dict[str, Any]) -> None:
         """Load the reference a checkpoint holds. One without (its run never refreshed the reference) leaves the
-        initial reference, which is what that run trained against."""
+        initial reference, which is what that run trained against; one written before checkpoints held the
+        reference (no ``reference_version``) may have refreshed it, so a refreshing run refuses to resume it."""
         if not (Path(directory) / REFERENCE_DIR).is_dir():
+            if self.enabled and "reference_version" not in state and state["step"] >= self.settings.interval:
+                raise ConfigError([f"training.resume: {directory} does not record its reference (written before "
+                                   "dpo_rl's checkpoints held a refreshed reference), and this run refreshes it "
+                                   f"(algorithm.ref_update.mode={self.settings.mode!r}), so it would train against the "
+                                   "initial reference; start over (training.resume=none) or set "
+                                   "algorithm.ref_update.mode: none"])
             return
         if not self.enabled:
             logger.warning("%s holds a reference refreshed %d times (TR-DPO), but algorithm.ref_update.mode is none: "

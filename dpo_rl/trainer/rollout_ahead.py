@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from dpo_rl.runtime.worker_group import completed
 
 
 @dataclass
@@ -71,14 +74,23 @@ class RolloutQueue:
             raise RuntimeError(f"sampling for step {sampling.step} queued after step {self.in_flight[-1].step}'s")
         self.in_flight.append(sampling)
 
-    def pop(self, step: int) -> InFlightSampling | None:
+    def pop(self, step: int) -> Optional[InFlightSampling]:
         """Step ``step``'s started sampling, or ``None`` when none was started."""
         if not self.in_flight:
             return None
-        head = self.in_flight.popleft()
-        if head.step != step:
-            raise RuntimeError(f"step {step} found the sampling started for step {head.step}")
-        return head
+        if self.in_flight[0].step != step:
+            raise RuntimeError(f"step {step} found the sampling started for step {self.in_flight[0].step}")
+        return self.in_flight.popleft()
+
+    def next_resumed(self) -> Optional[list[int]]:
+        """The oldest prompts a resumed checkpoint had in flight and no step has sampled again yet."""
+        return self.resumed_prompts.popleft() if self.resumed_prompts else None
+
+    def settle(self) -> None:
+        """Wait for every started sampling and keep the results (their steps collect them at once): the rollout
+        ranks are idle after this, so a weight sync starting now does not wait behind their queue."""
+        for sampling in self.in_flight:
+            sampling.pending = [completed(p) for p in sampling.pending]
 
     def next_target(self, step: int) -> int:
         """The step the next sampling started at step ``step`` is for."""

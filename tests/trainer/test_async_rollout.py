@@ -78,7 +78,7 @@ def test_max_staleness_1_samples_a_step_ahead_and_a_killed_run_resumes_every_pro
     assert rows[1]["rollout/logprob_diff_mean"] > 1e-4  # the loss scored step 2's samples under the newer policy
 
 
-def test_max_staleness_2_keeps_two_steps_in_flight_and_syncs_only_when_the_rollout_is_idle(world_dir, tmp_path):
+def test_max_staleness_2_keeps_at_most_two_steps_in_flight_and_syncs_only_when_the_rollout_is_idle(world_dir, tmp_path):
     """With two steps in flight the rollout ranks get new weights only once their queue is empty (a sync behind
     queued sampling would stall the training ranks): step 1 starts steps 2 and 3 with version 0, step 3 syncs
     version 2 and starts steps 4 and 5 with it. Staleness [0, 1, 2, 1, 2], never above 2."""

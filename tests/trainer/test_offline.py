@@ -150,7 +150,7 @@ def test_offline_dpo_resume_gives_the_uninterrupted_run(world_dir, offline_data,
     run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=3", *common), use_ray=False)
     assert ckpt.latest_step(resumed / "checkpoints") == 3
     assert json.loads((resumed / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text()) == {
-        "step": 3, "consumed_samples": 24}
+        "step": 3, "consumed_samples": 24, "reference_version": 0}  # (0: a reference never refreshed)
     run(offline_config("dpo_trainer_tiny", world_dir, resumed, "training.train_iters=6", *common), use_ray=False)
     # straight_out ran 6 steps without saving; the data order and the metrics are the same
     assert (resumed / "metrics.jsonl").read_text() == (straight_out / "metrics.jsonl").read_text()

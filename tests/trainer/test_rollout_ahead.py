@@ -41,7 +41,7 @@ def test_the_queue_gives_each_step_its_own_batch_and_records_what_is_in_flight()
         queue.push(InFlightSampling(5, [8], []))
     with pytest.raises(RuntimeError, match="step 3 found the sampling started for step 2"):
         queue.pop(3)
-    assert queue.pop(3).prompts == [6, 7]  # (the failed pop took step 2's)
+    assert queue.pop(2).prompts == [4, 5] and queue.pop(3).prompts == [6, 7] and queue.pop(4) is None
 
 
 def test_a_restored_queue_drops_started_sampling_and_keeps_the_recorded_prompts_first():
@@ -49,4 +49,16 @@ def test_a_restored_queue_drops_started_sampling_and_keeps_the_recorded_prompts_
     queue.push(InFlightSampling(2, [0, 1], ["call of the run that wrote the checkpoint"]))
     queue.restore([[4, 5], [6, 7]])
     assert len(queue) == 0 and queue.record() == [[4, 5], [6, 7]]
-    assert list(queue.resumed_prompts.popleft()) == [4, 5]
+    assert queue.next_resumed() == [4, 5]
+    queue.push(InFlightSampling(3, [4, 5], []))  # a save now records the started batch, then the one left
+    assert queue.record() == [[4, 5], [6, 7]]
+    assert queue.next_resumed() == [6, 7] and queue.next_resumed() is None
+
+
+def test_settled_sampling_is_collected_at_once():
+    from dpo_rl.runtime.worker_group import _Done, wait_for
+
+    queue = RolloutQueue()
+    queue.push(InFlightSampling(2, [0], [_Done("samples")]))
+    queue.settle()
+    assert [wait_for(p) for p in queue.pop(2).pending] == ["samples"]
