@@ -125,3 +125,23 @@ def test_resume_of_a_run_that_refreshes_its_reference_gives_the_uninterrupted_ru
     expected = (straight / "metrics.jsonl").read_text()
     assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == expected
     assert (tmp_path / "without_reference" / "metrics.jsonl").read_text() != expected
+
+
+def test_resume_with_another_batch_size_than_the_sampling_in_flight_is_refused(world_dir, tmp_path):
+    from dpo_rl.errors import ConfigError
+
+    out = tmp_path / "run"
+    run(small_config(world_dir, out, "training.train_iters=2", "+training.save_interval=2", *COMMON), use_ray=False)
+    assert ckpt.read_trainer_state(ckpt.iteration_dir(out / "checkpoints", 2))["in_flight_prompts"] == []  # last step
+    run(small_config(world_dir, out, "training.train_iters=4", "+training.save_interval=3", *COMMON), use_ray=False)
+    state = ckpt.read_trainer_state(ckpt.iteration_dir(out / "checkpoints", 3))
+    assert [len(p) for p in state["in_flight_prompts"]] == [4]  # step 4's, queued behind step 3's update
+    import json
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["policy_version"] == sum(r["pairs/count"] > 0 for r in rows[:3])  # the updates applied
+    with pytest.raises(ConfigError, match="global_batch_size=8, but the checkpoint .* was sampling batches of 4 "
+                                          "prompts; resume with training.global_batch_size=4"):
+        run(small_config(world_dir, out, "training.train_iters=6", "training.global_batch_size=8",
+                         "actor_rollout_ref.actor_rollout.num_samples_per_step=8",
+                         "actor_rollout_ref.actor_rollout.ppo_mini_batch_size=8",
+                         "+training.resume=" + str(ckpt.iteration_dir(out / "checkpoints", 3)), *COMMON), use_ray=False)
