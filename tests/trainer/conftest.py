@@ -150,7 +150,8 @@ def split_tp2_run(world_dir, tmp_path_factory):
     engine), once for two modules. Returns ``(out, sync_calls, seen)``:
 
     - ``sync_calls``: the weight syncs the driver started (the initial one, then one after each step); the one after
-      step 1 is skipped, so step 2 samples with stale weights (test_vllm_rollout.py's negative control);
+      step 1 silently fails (the rollout ranks keep their weights but report the new version), so step 2 samples
+      with stale weights (test_vllm_rollout.py's negative control);
     - ``seen``: after step 2, when every role, the sync groups, the engine and Ray's processes are up, the pids of
       this process and its descendants and ``ss -ltnpH`` (test_network_listeners.py; empty without ``ss``).
     """
@@ -165,7 +166,13 @@ def split_tp2_run(world_dir, tmp_path_factory):
 
     def skip_second_sync(self):
         sync_calls.append(1)
-        return {"compute_s": 0.0} if len(sync_calls) == 2 else real_sync(self)  # 1: the initial sync, 2: after step 1
+        if len(sync_calls) != 2:  # 1: the initial sync, 2: after step 1
+            return real_sync(self)
+        # a sync that silently failed: the rollout ranks keep their weights but report the new version (a version
+        # they did not report would be refused as a stale sample before the log-prob gap could show it)
+        self.groups.rollout.set_policy_version(self.policy_version)
+        self.rollout_version = self.policy_version
+        return {"compute_s": 0.0}
 
     def snapshot_after_step_2(self, step):
         metrics = real_step(self, step)

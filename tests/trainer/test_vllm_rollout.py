@@ -56,14 +56,16 @@ def test_a_second_seeded_run_is_identical_and_leaves_no_files_or_processes(runs)
 
 def test_split_actor_tp2_syncs_into_vllm_verified_and_a_skipped_sync_shows(split_tp2_run):
     """Trainer TP 2 -> one vLLM infer rank, ``verify_weight_sync`` on every sync that happens; the sync after
-    step 1 is skipped (negative control, in conftest's ``split_tp2_run``, the run test_network_listeners.py also
-    reads), so step 2 samples with stale weights and the gap jumps, and the sync after step 2 brings it back."""
+    step 1 silently fails (negative control, in conftest's ``split_tp2_run``, the run test_network_listeners.py also
+    reads: the rollout rank keeps its weights but reports the new version, which the staleness check cannot see),
+    so step 2 samples with stale weights and the gap jumps, and the sync after step 2 brings it back."""
     out, calls, _ = split_tp2_run
     metrics = rows(out / "metrics.jsonl")
     gap = [m["rollout/logprob_diff_mean"] for m in metrics]
     assert len(calls) == 4  # initial + after each of the 3 steps
-    # the samples carry the version of the weights that drew them: step 2's are still the initial ones
-    assert [m["rollout/policy_version"] for m in metrics] == [0, 0, 2]
+    # the samples carry the version the rollout rank reports: step 2's claims the update it never received
+    assert [m["rollout/policy_version"] for m in metrics] == [0, 1, 2]
+    assert all(m["async/staleness_max"] == 0 for m in metrics)
     assert gap[0] < GAP_IN_SYNC and gap[2] < GAP_IN_SYNC, gap
     assert gap[1] > 100 * max(gap[0], 1e-7), gap
 
